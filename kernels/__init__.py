@@ -1,0 +1,1 @@
+"""Compute kernels: each Triton kernel sits beside a plain-torch reference of the same function."""

@@ -1,0 +1,145 @@
+"""Building blocks: RMSNorm, (FP8-capable, shardable) Linear, vocab-parallel embedding and head, YaRN RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from specdec.kernels.backend import Backend
+from torch import nn
+
+from .config import ModelConfig
+from .parallel import DistInfo, all_gather_last, all_reduce
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T. W is [out, in] in the compute dtype, or FP8 e4m3 with `weight_scale_inv` per block.
+
+    `shard_dim` tells the loader how tensor parallelism splits the checkpoint tensor (0: column-parallel, output
+    features; 1: row-parallel, input features; None: replicated). `in_features`/`out_features` are this rank's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, backend: Backend,
+                 fp8_block: tuple[int, int] | None = None, shard_dim: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.shard_dim = backend, shard_dim
+        self.fp8_block = fp8_block  # set when the weight stays FP8 at run time
+        wdtype = torch.float8_e4m3fn if fp8_block else dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
+        if fp8_block:
+            bn, bk = fp8_block
+            self.weight_scale_inv = nn.Parameter(
+                torch.empty(-(-out_features // bn), -(-in_features // bk), dtype=torch.float32), requires_grad=False)
+        else:
+            self.weight_scale_inv = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale_inv is None:
+            return F.linear(x, self.weight)
+        return self.backend.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block)
+
+
+def make_linear(cfg: ModelConfig, in_f: int, out_f: int, *, dtype: torch.dtype, backend: Backend,
+                keep_fp8: bool, shard_dim: int | None = None, dist: DistInfo | None = None,
+                quantized: bool = True, what: str = "linear") -> Linear:
+    """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks."""
+    if dist is not None and shard_dim is not None and dist.world_size > 1:
+        block = (cfg.fp8.block_n if shard_dim == 0 else cfg.fp8.block_k) if (cfg.fp8 and quantized) else 1
+        n = out_f if shard_dim == 0 else in_f
+        start, end = dist.shard(n, what)
+        if start % block:
+            raise ValueError(f"{what}: a {dist.world_size}-way split of {n} cuts FP8 {block}-blocks")
+        if shard_dim == 0:
+            out_f = end - start
+        else:
+            in_f = end - start
+    fp8_block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and quantized and keep_fp8) else None
+    return Linear(in_f, out_f, dtype=dtype, backend=backend, fp8_block=fp8_block, shard_dim=shard_dim)
+
+
+class VocabEmbedding(nn.Module):
+    """Embedding whose rows are split across ranks; each rank looks up its rows and the results are summed."""
+
+    def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
+        super().__init__()
+        self.start, self.end = dist.shard(vocab, "embed_tokens (vocab_size)")
+        self.world = dist.world_size
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, dim, dtype=dtype), requires_grad=False)
+        self.weight.shard_dim = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        y = y.masked_fill(outside[..., None], 0)
+        return all_reduce(y)
+
+
+class VocabHead(nn.Module):
+    """Output projection split by vocabulary rows; logits are gathered in float32."""
+
+    def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
+        super().__init__()
+        start, end = dist.shard(vocab, "lm_head (vocab_size)")
+        self.weight = nn.Parameter(torch.empty(end - start, dim, dtype=dtype), requires_grad=False)
+        self.weight.shard_dim = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(F.linear(h, self.weight).float())
+
+
+class Rope(nn.Module):
+    """YaRN rotary embedding for the rope part of q/k (DeepSeek's interleaved pairs)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
+        self.attention_factor = cfg.rope_attention_factor
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, ..., R] with interleaved pairs (x0, x1), (x2, x3)...; positions [T]. Returns the rotated x.
+
+        The output keeps the pairs de-interleaved as [real parts | imaginary parts]; q and k go through the same
+        map, so dot products equal those of the interleaved form.
+        """
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
+        shape = (freqs.shape[0],) + (1,) * (x.dim() - 2) + (freqs.shape[1],)
+        cos = (freqs.cos() * self.attention_factor).view(shape)
+        sin = (freqs.sin() * self.attention_factor).view(shape)
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    y = cfg.yarn
+    if y is None:
+        return inv
+
+    def corr_dim(rot: float) -> float:
+        return dim * math.log(y.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(y.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(y.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+    return inv / y.factor * (1 - extrapolate) + inv * extrapolate

@@ -1,0 +1,201 @@
+"""Checkpoint loader: safetensors only (never unpickle), lazy, validated against the manifest before reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from specdec.kernels.backend import Backend
+from specdec.kernels.fp8 import weight_dequant_ref
+from tqdm import tqdm
+
+from .checkpoint import TensorSpec, checkpoint_manifest
+from .config import ConfigError, ModelConfig
+from .layers import Linear
+from .parallel import DistInfo
+from .transformer import DeepseekV3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is malformed, truncated, incomplete or disagrees with its config."""
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    file: Path
+    spec: TensorSpec
+
+
+def _read_header(path: Path) -> dict[str, TensorSpec]:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path}: corrupt safetensors header length {n} (file is {size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            out[name] = TensorSpec(tuple(int(s) for s in info["shape"]), str(info["dtype"]))
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    return out
+
+
+class Checkpoint:
+    """A checkpoint directory (config.json + model.safetensors or a sharded index), read lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+        try:
+            self.config = ModelConfig.from_file(self.path / "config.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        self.raw_config = json.loads((self.path / "config.json").read_text())
+        self.entries = self._scan()
+        self._files: dict[Path, object] = {}
+
+    def _scan(self) -> dict[str, HeaderEntry]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                raise CheckpointError(f"{index}: malformed index (needs a 'weight_map' object)") from None
+            files: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                files.setdefault(fname, []).append(name)
+        elif single.is_file():
+            files = {"model.safetensors": None}  # type: ignore[dict-item]
+        else:
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        root = self.path.resolve()
+        entries: dict[str, HeaderEntry] = {}
+        for fname, names in files.items():
+            f = (self.path / fname).resolve()
+            if os.path.commonpath([root, f]) != str(root):
+                raise CheckpointError(f"{index.name}: entry {fname!r} points outside the checkpoint directory")
+            if not f.is_file():
+                which = f" (holds {names[0]})" if names else ""
+                raise CheckpointError(f"{index.name}: names missing file {fname}{which}")
+            header = _read_header(f)
+            for name in names or header:
+                if name not in header:
+                    raise CheckpointError(f"{f.name}: index says it holds tensor {name}, its header does not")
+                entries[name] = HeaderEntry(f, header[name])
+        return entries
+
+    def validate(self, manifest: dict[str, TensorSpec] | None = None) -> None:
+        """Every manifest tensor present with its shape and dtype, else a CheckpointError naming it."""
+        manifest = manifest or checkpoint_manifest(self.config)
+        for name, spec in manifest.items():
+            e = self.entries.get(name)
+            if e is None:
+                raise CheckpointError(f"{self.path}: missing tensor {name} (config expects it)")
+            if e.spec.shape != spec.shape:
+                raise CheckpointError(f"{e.file.name}: tensor {name} has shape {list(e.spec.shape)}, "
+                                      f"config expects {list(spec.shape)}")
+            if e.spec.dtype != spec.dtype:
+                raise CheckpointError(f"{e.file.name}: tensor {name} has dtype {e.spec.dtype}, "
+                                      f"expected {spec.dtype}")
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+             ) -> torch.Tensor:
+        """The tensor (or a [rows, cols] slice of it) as stored; reads only those bytes."""
+        e = self.entries[name]
+        if e.file not in self._files:
+            self._files[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
+        try:
+            sl = self._files[e.file].get_slice(name)
+            if rows is None and cols is None:
+                return sl[:]
+            r = slice(*rows) if rows else slice(None)
+            return sl[r, slice(*cols)] if cols else sl[r]
+        except Exception as ex:  # safetensors raises its own error types
+            raise CheckpointError(f"{e.file.name}: cannot read tensor {name} ({ex})") from None
+
+
+def _shard_range(full: int, local: int, rank: int) -> tuple[int, int]:
+    return rank * local, (rank + 1) * local
+
+
+def _load_linear(ck: Checkpoint, name: str, m: Linear, dist: DistInfo) -> None:
+    spec = ck.entries[f"{name}.weight"].spec
+    n_full, k_full = spec.shape
+    rows = cols = None
+    if m.shard_dim == 0 and m.out_features != n_full:
+        rows = _shard_range(n_full, m.out_features, dist.rank)
+    if m.shard_dim == 1 and m.in_features != k_full:
+        cols = _shard_range(k_full, m.in_features, dist.rank)
+    w = ck.read(f"{name}.weight", rows, cols)
+    if spec.dtype == "F8_E4M3":
+        bn, bk = ck.config.fp8.block_n, ck.config.fp8.block_k
+        srows = (rows[0] // bn, -(-rows[1] // bn)) if rows else None
+        scols = (cols[0] // bk, -(-cols[1] // bk)) if cols else None
+        s = ck.read(f"{name}.weight_scale_inv", srows, scols)
+        if m.weight_scale_inv is not None:
+            m.weight.data.copy_(w)
+            m.weight_scale_inv.data.copy_(s)
+            return
+        w = weight_dequant_ref(w, s, bn, bk, dtype=torch.float32)
+    m.weight.data.copy_(w.to(m.weight.dtype))
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               backend: Backend | None = None, keep_fp8: bool = False, dist: DistInfo | None = None,
+               mla_mode: str = "auto", progress: bool = True) -> DeepseekV3:
+    """Build DeepSeek-V3 (+ MTP) for `path` and load this rank's share of its weights.
+
+    FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths), else they are dequantized at load to dtype.
+    Raises CheckpointError (a ValueError) naming the tensor and file for any defect.
+    """
+    ck = Checkpoint(path)
+    ck.validate()
+    dist = dist or DistInfo()
+    device = torch.device(device)
+    keep_fp8 = keep_fp8 and ck.config.fp8 is not None
+    with torch.device(device):
+        model = DeepseekV3(ck.config, dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist, mla_mode=mla_mode)
+    todo = []
+    for mname, mod in model.named_modules(remove_duplicate=True):
+        for pname, p in mod.named_parameters(recurse=False):
+            if pname != "weight_scale_inv":
+                todo.append((mname, mod, pname, p))
+    for mname, mod, pname, p in tqdm(todo, desc=f"loading {ck.path.name}", unit="tensor", disable=not progress,
+                                     leave=False):
+        if isinstance(mod, Linear):
+            _load_linear(ck, mname, mod, dist)
+            continue
+        name = f"{mname}.{pname}"
+        shard = getattr(p, "shard_dim", None)
+        full = ck.entries[name].spec.shape
+        rows = _shard_range(full[0], p.shape[0], dist.rank) if shard == 0 and p.shape[0] != full[0] else None
+        p.data.copy_(ck.read(name, rows).to(p.dtype))
+    model.finalize()
+    return model.eval()
+

@@ -1,0 +1,113 @@
+"""DeepSeekMoE: sigmoid router with group-limited, bias-corrected top-k; routed + shared experts; dense MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from specdec.kernels.backend import Backend
+from torch import nn
+
+from .config import ModelConfig
+from .layers import make_linear
+from .parallel import DistInfo, all_reduce
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP, tensor-parallel (gate/up column, down row). Returns this rank's partial sum (no reduce)."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, inter: int, dtype: torch.dtype, backend: Backend,
+                 keep_fp8: bool, dist: DistInfo | None, what: str):
+        super().__init__()
+        lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist)
+        self.gate_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.gate_proj", **lin)
+        self.up_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.up_proj", **lin)
+        self.down_proj = make_linear(cfg, inter, hidden, shard_dim=1, what=f"{what}.down_proj", **lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DenseMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(super().forward(x))
+
+
+class Gate(nn.Module):
+    """Router. Scores are sigmoids; `e_score_correction_bias` only chooses experts, never weighs them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # routing runs in float32 whatever the model dtype (the checkpoint stores the weight in BF16)
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K] float32, expert ids [T, K] int64)."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            t = x.shape[0]
+            grouped = choice.view(t, cfg.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]: sum of each group's top-2
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, -1)
+        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * cfg.routed_scaling_factor, ids
+
+
+class Expert(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.moe_intermediate_size
+        lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8)
+        self.gate_proj = make_linear(cfg, d, i, **lin)
+        self.up_proj = make_linear(cfg, d, i, **lin)
+        self.down_proj = make_linear(cfg, i, d, **lin)
+
+
+class MoE(nn.Module):
+    """Routed experts are split across ranks (expert parallel); shared experts are tensor-parallel.
+
+    Experts load as `experts.{global id}` modules (the checkpoint's names); `finalize()` then stacks them into
+    w13 [E_local, 2I, D] and w2 [E_local, D, I] (+ block scales when FP8) for the grouped kernels.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool, dist: DistInfo):
+        super().__init__()
+        self.cfg, self.backend = cfg, backend
+        self.e0, e1 = dist.shard(cfg.n_routed_experts, "n_routed_experts (expert parallel)")
+        self.n_local = e1 - self.e0
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleDict({str(e): Expert(cfg, dtype, backend, keep_fp8) for e in range(self.e0, e1)})
+        self.shared_experts = (
+            MLP(cfg, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, backend, keep_fp8,
+                dist, "shared_experts") if cfg.n_shared_experts else None)
+        self.block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and keep_fp8) else (128, 128)
+        self.w13 = self.w2 = self.s13 = self.s2 = None
+
+    def finalize(self) -> None:
+        """Stack the loaded per-expert weights; drops the per-expert modules."""
+        ex = [self.experts[str(e)] for e in range(self.e0, self.e0 + self.n_local)]
+        p = lambda t: nn.Parameter(t, requires_grad=False)  # parameters, so training can unfreeze them
+        self.w13 = p(torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in ex]))
+        self.w2 = p(torch.stack([m.down_proj.weight for m in ex]))
+        if ex[0].gate_proj.weight_scale_inv is not None:
+            self.s13 = p(torch.stack([torch.cat([m.gate_proj.weight_scale_inv, m.up_proj.weight_scale_inv])
+                                      for m in ex]))
+            self.s2 = p(torch.stack([m.down_proj.weight_scale_inv for m in ex]))
+        del self.experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = self.gate(x)
+        local = ids - self.e0
+        local = torch.where((local >= 0) & (local < self.n_local), local, -1)
+        y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return all_reduce(y)
