@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
+from .engine import Engine
 from .kernels.backend import Backend
 from .kernels.mla import AttnMeta, causal_tree_mask
 from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
-from .params import SpecConfig
+from .outputs import RequestOutput
+from .params import SamplingParams, SpecConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
@@ -29,7 +33,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
-                 backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto",
+                 backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
                  progress: bool = False):
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -45,6 +49,9 @@ class LLM:
         if speculative is not None and self.config.num_nextn_predict_layers == 0:
             raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0); "
                              "pass speculative=None")
+        tok = self.path / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(tok)) if tok.is_file() else None
+        self.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
 
     def _check_ids(self, token_ids: list[int], what: str = "token_ids") -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -59,6 +66,49 @@ class LLM:
         cache = LatentCache(self.config.num_hidden_layers, t, self.config.kv_cache_dim, self.dtype, self.device)
         meta = AttnMeta.build(torch.arange(t, device=self.device)[None], [0], [t], causal_tree_mask([t]))
         return self.model(ids, torch.arange(t, device=self.device), meta, cache), cache
+
+    def _encode(self, prompt: str | list[int], i: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path}: no tokenizer.json, so prompts must be token id lists")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            bos = self.config.bos_token_id
+            return ([bos] if bos is not None else []) + ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt {i} must be a string or a list of token ids")
+        return list(prompt)
+
+    def _decode(self, ids: list[int], stop: frozenset[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([t for t in ids if t not in stop])
+
+    def _run(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]):
+        if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of strings or a list of token-id lists")
+        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(ids)
+        if len(params) != len(ids):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
+        return self.engine.run(ids, list(params))
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt together (speculatively unless speculative=None); one RequestOutput per prompt."""
+        reqs: dict[int, object] = {}
+        for step in self._run(prompts, params or SamplingParams()):
+            for r, _ in step:
+                reqs[r.index] = r
+        return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
+                              self._decode(r.generated, r.stop_ids)) for r in (reqs[i] for i in sorted(reqs))]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """Yield one request's tokens as they are accepted (several per step when drafts are accepted)."""
+        for step in self._run([prompt], [params or SamplingParams()]):
+            for _, new in step:
+                yield from new
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""The MTP drafter: extends the MTP's latent cache with committed tokens, then drafts a chain or a dynamic tree.
+
+Each draft step applies the MTP layer to its own previous output hidden state and the token just drafted (the
+released model has D=1 MTP layer, reused at every step as the peers' "MTP Eagle" mode does; with D>1 the extra
+layers are loaded and scored by LLM.mtp_logits, but drafting reuses layer 0, whose cache the engine keeps).
+Tree mode expands the `topk` best frontier nodes by cumulative draft log-probability, each into its `topk`
+children, then keeps the best `num_draft_tokens` (EAGLE-2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.mla import AttnMeta
+from .model import LatentCache
+from .model.transformer import DeepseekV3
+from .params import SpecConfig
+from .sampling import gumbel_topk, process_logits
+from .tree import Candidates, TokenTree, monotone_scores, select_tree
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-request sampling settings of the active batch, as tensors on the model's device."""
+
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64
+    top_p: torch.Tensor  # [B] float32
+    any_sampled: bool
+    uniform: Callable[[tuple[int, ...]], torch.Tensor]  # shape -> [B, *shape] from each request's generator
+
+    def probs(self, logits: torch.Tensor, rows_per_request: int = 1) -> torch.Tensor:
+        """logits [B * r, V] -> processed probabilities (row i belongs to request i // r)."""
+        rep = lambda t: t.repeat_interleave(rows_per_request)
+        return process_logits(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))
+
+
+@dataclass(frozen=True)
+class Draft:
+    tree: TokenTree
+    q: torch.Tensor | None  # [B, R, V] draft distributions (rows indexed by tree.q_row); None if all greedy
+
+
+class Drafter:
+    def __init__(self, model: DeepseekV3, spec: SpecConfig):
+        self.model, self.spec = model, spec
+
+    @property
+    def num_expansions(self) -> int:
+        """MTP cache rows a step's drafting needs beyond the committed ones."""
+        return (self.spec.num_speculative_tokens - 1) * self.spec.topk
+
+    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
+               cache: LatentCache) -> torch.Tensor:
+        """Commit MTP rows: row t pairs tokens[t] (token i+1) with the main model's hidden[t] (at i).
+        Writes the layer-0 cache at meta.slots; returns the layer-0 outputs [T, D]."""
+        return self.model.mtp_forward(0, tokens, hidden, positions, meta, cache)
+
+    def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
+              draft_base: torch.Tensor, cache: LatentCache, sb: SamplingBatch) -> Draft:
+        """root [B] last committed tokens (not yet verified); g [B, D] MTP output of each request's last committed
+        row (it predicts the root's child); n_rows[b] committed MTP rows (slots mtp_base[b] + i); expanded
+        draft node e of request b writes its row at slot draft_base[b] + e."""
+        k, w = self.spec.num_speculative_tokens, self.spec.topk
+        b = root.shape[0]
+        dev = root.device
+        q_rows: list[torch.Tensor] = []
+        tokens, lq = self._children(self.model.logits(g), sb, w, q_rows)
+        cand_t = [tokens]
+        cand_p = [torch.full((b, w), -1, dtype=torch.long, device=dev)]
+        cand_s = [monotone_scores(lq, torch.zeros(b, device=dev))]
+        exp_row = torch.full((b, w), -1, dtype=torch.long, device=dev)  # grows with the candidates
+        level_start, level_n = 0, w
+        hid = g[:, None, :].expand(b, w, g.shape[-1])  # [B, level_n, D]: hidden each candidate is paired with
+        anc = torch.zeros(b, w, 0, dtype=torch.long, device=dev)  # ancestor draft slots per candidate
+        n_t = torch.tensor(n_rows, device=dev)
+        for j in range(1, k):
+            f = min(w, level_n)
+            lvl_score = torch.cat(cand_s, 1)[:, level_start:level_start + level_n]
+            pick = lvl_score.topk(f, dim=-1).indices.sort(-1).values  # [B, F] frontier within the level
+            front = level_start + pick  # candidate indices
+            all_t = torch.cat(cand_t, 1)
+            x = all_t.gather(1, front)  # [B, F]
+            h = hid.gather(1, pick[..., None].expand(b, f, hid.shape[-1]))
+            e_idx = (j - 1) * w + torch.arange(f, device=dev)  # expansion ids of this level
+            own = draft_base[:, None] + e_idx[None, :]  # [B, F] slots
+            a = anc.gather(1, pick[..., None].expand(b, f, anc.shape[-1]))
+            path_slots = torch.cat([a, own[..., None]], dim=-1).reshape(b * f, j)
+            meta = self._node_meta(n_rows, n_t, mtp_base, path_slots, f, j)
+            pos = (n_t[:, None] + j).expand(b, f).reshape(-1)
+            out = self.model.mtp_forward(0, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
+            exp_row = exp_row.scatter(1, front, 1 + e_idx[None, :].expand(b, f))  # q row of its children
+            child_t, child_lq = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f)
+            child_t, child_lq = child_t.view(b, f * w), child_lq.view(b, f, w)
+            parent_score = torch.cat(cand_s, 1).gather(1, front)  # [B, F]
+            child_s = monotone_scores(parent_score[..., None] + child_lq, parent_score).reshape(b, f * w)
+            level_start = sum(t.shape[1] for t in cand_t)
+            level_n = f * w
+            cand_t.append(child_t)
+            cand_p.append(front.repeat_interleave(w, dim=1))
+            cand_s.append(child_s)
+            exp_row = torch.cat([exp_row, torch.full((b, f * w), -1, dtype=torch.long, device=dev)], 1)
+            hid = out.view(b, f, -1).repeat_interleave(w, dim=1)
+            anc = path_slots.view(b, f, j).repeat_interleave(w, dim=1)
+        cands = Candidates(torch.cat(cand_t, 1), torch.cat(cand_p, 1), torch.cat(cand_s, 1), exp_row)
+        tree = select_tree(root, cands, self.spec.budget, max_depth=k, width=w)
+        return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
+
+    def _children(self, logits: torch.Tensor, sb: SamplingBatch, w: int, q_rows: list[torch.Tensor],
+                  rows_per_request: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B * r, V] -> children ids [B, r * w] in draw order and their log q [B, r * w].
+        Greedy rows take the top-w of the raw distribution; sampled rows draw w without replacement from the
+        processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r)."""
+        b = sb.greedy.shape[0]
+        lq, ids = logits.log_softmax(-1).topk(w, dim=-1)
+        if sb.any_sampled:
+            qp = sb.probs(logits, rows_per_request)
+            logq_s = qp.log()
+            u = sb.uniform((rows_per_request, logits.shape[-1])).reshape(b * rows_per_request, -1)
+            ids_s, lq_s = gumbel_topk(logq_s, u, w)
+            g = sb.greedy.repeat_interleave(rows_per_request)[:, None]
+            ids, lq = torch.where(g, ids, ids_s), torch.where(g, lq, lq_s)
+            q_rows.extend(qp.view(b, rows_per_request, -1).unbind(1))
+        return ids.reshape(b, -1), lq.reshape(b, -1)
+
+    @staticmethod
+    def _node_meta(n_rows: list[int], n_t: torch.Tensor, mtp_base: torch.Tensor, path_slots: torch.Tensor,
+                   f: int, j: int) -> AttnMeta:
+        """Each frontier node is its own sequence: the committed MTP rows, its ancestors' draft rows, itself."""
+        bf = path_slots.shape[0]
+        width = max(n_rows) + j
+        base = mtp_base.repeat_interleave(f)
+        bt = base[:, None] + torch.arange(width, device=base.device)[None, :]
+        cols = n_t.repeat_interleave(f)[:, None] + torch.arange(j, device=base.device)[None, :]
+        bt.scatter_(1, cols, path_slots)
+        ctx = [n + j - 1 for n in n_rows for _ in range(f)]
+        return AttnMeta.build(bt, ctx, [1] * bf, torch.ones(bf, 1, dtype=torch.bool, device=base.device))

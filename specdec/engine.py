@@ -1,0 +1,275 @@
+"""One engine for plain and speculative decoding, batched over requests with ragged accepted lengths.
+
+Per request r, a step: (1) the MTP drafts a token tree from its last committed row; (2) the main model verifies
+every node in one forward (ancestor-only attention among nodes, full attention to the cached prefix); (3) the
+longest accepted path plus a bonus token is committed: its latent rows are compacted into contiguous slots and
+the MTP cache is extended with the main model's hidden states of the accepted tokens. Plain decoding is the same
+step with a root-only tree. One host sync per step (the accepted tokens).
+
+Slots: request r owns main-cache slots [r * R, (r + 1) * R) (token i at r * R + i; tree node j of a step at
+r * R + n + j) and MTP-cache slots [r * Q, (r + 1) * Q) (committed row i at r * Q + i; draft expansions after
+max_len).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafter import Drafter, SamplingBatch
+from .kernels.mla import AttnMeta, causal_tree_mask
+from .model import LatentCache
+from .model.transformer import DeepseekV3
+from .outputs import Metrics
+from .params import SamplingParams, SpecConfig
+from .sampling import sample_from
+from .tree import TokenTree
+from .verify import Relaxed, accept
+
+
+@dataclass
+class Request:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # committed: prompt + generated (last = the next root)
+    n_main: int = 0  # tokens in the main cache
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def emit(self, new: list[int]) -> list[int]:
+        """Append accepted tokens, stopping at a stop token or max_tokens; returns what was emitted."""
+        out = []
+        for t in new:
+            out.append(t)
+            self.generated.append(t)
+            if t in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            if len(self.generated) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        self.tokens.extend(out)
+        self.metrics.num_generated += len(out)
+        return out
+
+
+class Engine:
+    def __init__(self, model: DeepseekV3, spec: SpecConfig | None, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0):
+        self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
+        self.cfg = model.cfg
+        self.drafter = Drafter(model, spec) if spec is not None else None
+        self.seed_rng = torch.Generator().manual_seed(seed)
+        self.relaxed = Relaxed(spec.relaxed_topk, spec.relaxed_delta) if spec and spec.acceptance == "relaxed" \
+            else None
+
+    @property
+    def tree_nodes(self) -> int:
+        return 1 + (self.spec.budget if self.spec else 0)
+
+    def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
+        reqs = []
+        limit = self.cfg.max_position_embeddings
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt {i}: token ids must lie in [0, {self.cfg.vocab_size})")
+            need = len(p) + sp.max_tokens + self.tree_nodes
+            if need > limit:
+                raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_tokens {sp.max_tokens} + "
+                                 f"{self.tree_nodes} draft slots exceed the context of {limit} "
+                                 "(max_position_embeddings)")
+            stop = set(sp.stop_token_ids or ())
+            if not sp.ignore_eos:
+                stop |= set(self.cfg.eos_token_ids)
+            seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, (1,), generator=self.seed_rng))
+            gen = torch.Generator(self.device).manual_seed(seed)
+            k = self.spec.num_speculative_tokens if self.spec else 0
+            reqs.append(Request(i, list(p), sp, frozenset(stop), gen, tokens=list(p),
+                                metrics=Metrics(accepted_per_position=[0] * k)))
+        return reqs
+
+    def _sampling(self, active: list[Request]) -> SamplingBatch:
+        dev = self.device
+        ps = [r.params for r in active]
+
+        def uniform(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.stack([torch.rand(shape, generator=r.gen, device=dev) for r in active])
+
+        return SamplingBatch(
+            greedy=torch.tensor([p.greedy for p in ps], device=dev),
+            temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([p.top_k for p in ps], device=dev),
+            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
+            any_sampled=not all(p.greedy for p in ps), uniform=uniform)
+
+    def _meta(self, base: torch.Tensor, ctx: list[int], n_new: list[int], tree_mask: torch.Tensor) -> AttnMeta:
+        width = max(c + n for c, n in zip(ctx, n_new))
+        bt = base[:, None] + torch.arange(width, device=self.device)[None, :]
+        return AttnMeta.build(bt, ctx, n_new, tree_mask)
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[Request, list[int]]]]:
+        """Generate for every prompt together; yields, after each step, (request, newly emitted tokens) pairs.
+        Requests end with finish_reason set; the caller reads request.generated and request.metrics."""
+        reqs = self._requests(prompts, params)
+        dev, cfg = self.device, self.cfg
+        t_start = time.perf_counter()
+        max_len = max(len(r.prompt) + r.params.max_tokens for r in reqs) + 1
+        s = Slots(max_len, max_len + self.tree_nodes,
+                  max_len + (self.drafter.num_expansions if self.drafter else 0))
+        main_cache = LatentCache(cfg.num_hidden_layers, len(reqs) * s.region, cfg.kv_cache_dim, self.dtype, dev)
+        mtp_cache = (LatentCache(1, len(reqs) * s.mtp_region, cfg.kv_cache_dim, self.dtype, dev)
+                     if self.drafter else None)
+
+        # prefill: the whole prompts, causal; the first token comes from the last prompt position
+        t0 = time.perf_counter()
+        lens = [len(r.prompt) for r in reqs]
+        ids = torch.tensor([t for r in reqs for t in r.prompt], device=dev)
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])
+        meta = self._meta(s.main_base(reqs, dev), [0] * len(reqs), lens, causal_tree_mask(lens, dev))
+        hidden = self.model(ids, pos, meta, main_cache)
+        last = torch.tensor(lens, device=dev).cumsum(0) - 1
+        sb = self._sampling(reqs)
+        first = self._sample_first(self.model.logits(hidden[last]), sb).tolist()  # sync
+        t1 = time.perf_counter()
+        emitted = []
+        for r, tok, n in zip(reqs, first, lens):
+            r.n_main = n
+            r.metrics.num_steps += 1
+            r.metrics.verify_time += t1 - t0
+            r.metrics.first_token_time = t1 - t_start
+            emitted.append((r, r.emit([tok])))
+        yield emitted
+        active = [r for r in reqs if r.finish_reason is None]
+        g = None
+        if self.drafter and active:
+            starts = [0] + list(torch.tensor(lens).cumsum(0).tolist())
+            g = self._extend(active, [0] * len(active),
+                             [hidden[starts[r.index]:starts[r.index + 1]] for r in active], s, mtp_cache)
+            for r in active:
+                r.metrics.draft_time += time.perf_counter() - t1
+        while active:
+            emitted, g = self._step(active, g, s, main_cache, mtp_cache)
+            yield emitted
+            active = [r for r in active if r.finish_reason is None]
+        for r in reqs:
+            m = r.metrics
+            m.other_time = max(0.0, time.perf_counter() - t_start - m.draft_time - m.verify_time)
+
+    def _sample_first(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+        top1 = logits.argmax(-1)
+        if not sb.any_sampled:
+            return top1
+        return torch.where(sb.greedy, top1, sample_from(sb.probs(logits), sb.uniform(())))
+
+    def _extend(self, active: list[Request], n_rows: list[int], hidden: list[torch.Tensor], s: Slots,
+                cache: LatentCache) -> torch.Tensor:
+        """MTP rows n_rows[b].. pair each newly committed token with the main hidden state before it.
+        Returns each request's last-row MTP output [B, D] (it predicts the next root's first child)."""
+        dev = self.device
+        news = [h.shape[0] for h in hidden]
+        toks = torch.tensor([t for r, n, k in zip(active, n_rows, news) for t in r.tokens[n + 1:n + 1 + k]],
+                            device=dev)
+        pos = torch.cat([torch.arange(n + 1, n + 1 + k, device=dev) for n, k in zip(n_rows, news)])
+        meta = self._meta(s.mtp_base(active, dev), n_rows, news, causal_tree_mask(news, dev))
+        out = self.drafter.extend(toks, torch.cat(hidden), pos, meta, cache)
+        return out[torch.tensor(news, device=dev).cumsum(0) - 1]
+
+    def _step(self, active: list[Request], g: torch.Tensor | None, s: Slots, main_cache: LatentCache,
+              mtp_cache: LatentCache | None) -> tuple[list[tuple[Request, list[int]]], torch.Tensor | None]:
+        """One draft + verify + commit step for the active requests; returns the emitted tokens and the next g."""
+        dev = self.device
+        b = len(active)
+        n_main = [r.n_main for r in active]
+        root = torch.tensor([r.tokens[-1] for r in active], device=dev)
+        sb = self._sampling(active)
+        t0 = time.perf_counter()
+        if self.drafter:
+            mtp_base = s.mtp_base(active, dev)
+            draft = self.drafter.draft(root, g, n_main, mtp_base, mtp_base + s.max_len, mtp_cache, sb)
+            tree, q = draft.tree, draft.q
+            k, w = self.spec.num_speculative_tokens, self.spec.topk
+        else:
+            tree, q, k, w = root_tree(root), None, 0, 1
+        t1 = time.perf_counter()
+
+        n = tree.num_nodes
+        pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
+        meta = self._meta(s.main_base(active, dev), n_main, [n] * b, tree.mask.reshape(b * n, n))
+        hidden = self.model(tree.tokens.reshape(-1), pos, meta, main_cache).view(b, n, -1)
+        logits = self.model.logits(hidden.view(b * n, -1))
+        p = sb.probs(logits, n).view(b, n, -1) if sb.any_sampled else None
+        u_acc = sb.uniform((max(k, 1), w)) if sb.any_sampled else torch.zeros(b, max(k, 1), w, device=dev)
+        u_bonus = sb.uniform(()) if sb.any_sampled else torch.zeros(b, device=dev)
+        acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
+        path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
+        host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None]], 1).tolist()  # sync
+        t2 = time.perf_counter()
+
+        emitted, src, dst, cont, ext_hidden, n_rows = [], [], [], [], [], []
+        for i, (r, row) in enumerate(zip(active, host)):
+            a = row[0]
+            path = row[1:2 + a]
+            new = row[2 + k + 1:2 + k + 1 + a] + [row[-1]]
+            m = r.metrics
+            m.num_steps += 1
+            m.num_drafted += n - 1
+            m.num_accepted += a
+            for d in range(a):
+                m.accepted_per_position[d] += 1
+            m.draft_time += t1 - t0
+            m.verify_time += t2 - t1
+            n_before = r.n_main
+            emitted.append((r, r.emit(new)))
+            if r.finish_reason is not None:
+                continue
+            base = r.index * s.region + n_before
+            src += [base + j for j in path]
+            dst += [base + j for j in range(a + 1)]
+            r.n_main = n_before + a + 1
+            cont.append(r)
+            n_rows.append(n_before)
+            ext_hidden.append(hidden[i, path])
+        if src:  # the accepted path's rows move to contiguous slots right after the prefix
+            main_cache.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+        if not self.drafter or not cont:
+            return emitted, None
+        t3 = time.perf_counter()
+        g = self._extend(cont, n_rows, ext_hidden, s, mtp_cache)
+        for r in cont:
+            r.metrics.draft_time += time.perf_counter() - t3
+        return emitted, g
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Slot layout of one generate call: request r owns main slots [r * region, ...) and MTP slots
+    [r * mtp_region, ...) whose rows past max_len hold the step's draft expansions."""
+
+    max_len: int
+    region: int
+    mtp_region: int
+
+    def main_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
+        return torch.tensor([r.index * self.region for r in reqs], device=device)
+
+    def mtp_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
+        return torch.tensor([r.index * self.mtp_region for r in reqs], device=device)
+
+
+def root_tree(root: torch.Tensor) -> TokenTree:
+    """The root-only tree of plain decoding."""
+    b = root.shape[0]
+    dev = root.device
+    z = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    return TokenTree(tokens=root[:, None], parents=z - 1, depth=z, mask=torch.ones(b, 1, 1, dtype=torch.bool,
+                     device=dev), paths=z[..., None], children=torch.full((b, 1, 1), -1, device=dev), q_row=z)

@@ -1,0 +1,52 @@
+"""What generate returns: RequestOutput with its speculative-decoding metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Metrics:
+    """Per-request counters. A step is one main-model forward that emits tokens (the prefill counts as one)."""
+
+    num_steps: int = 0
+    num_drafted: int = 0  # draft nodes verified
+    num_accepted: int = 0  # draft tokens accepted
+    accepted_per_position: list[int] = field(default_factory=list)  # [k]: steps whose depth-d draft was accepted
+    num_generated: int = 0
+    draft_time: float = 0.0  # seconds in MTP forwards and tree building
+    verify_time: float = 0.0  # seconds in main-model forwards and acceptance
+    other_time: float = 0.0
+    first_token_time: float = 0.0  # seconds from start to the first emitted token
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Generated tokens per step (1.0 without speculation)."""
+        return self.num_generated / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    @property
+    def total_time(self) -> float:
+        return self.draft_time + self.verify_time + self.other_time
+
+    def as_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps, "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
+            "accepted_per_position": list(self.accepted_per_position), "num_generated": self.num_generated,
+            "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
+            "draft_time": self.draft_time, "verify_time": self.verify_time, "other_time": self.other_time,
+            "first_token_time": self.first_token_time,
+        }
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only (a stop token that ended the request included)
+    finish_reason: str  # "stop" (a stop or EOS token) or "length" (max_tokens)
+    metrics: Metrics
+    text: str | None = None  # when the checkpoint ships a tokenizer (stop tokens not rendered)

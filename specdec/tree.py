@@ -1,0 +1,102 @@
+"""Token trees as tensors (the EAGLE representation), built from ranked draft candidates.
+
+Node 0 is the root (the last committed token, not yet in the main cache); nodes are in topological order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Every drafted token of a step, for B requests with the same count C each, in generation order
+    (a parent always precedes its children; siblings are consecutive, in draw order)."""
+
+    tokens: torch.Tensor  # [B, C] int64
+    parent: torch.Tensor  # [B, C] int64 candidate index of the parent, -1 = the root
+    score: torch.Tensor  # [B, C] float64 ranking score: below its parent's and its earlier siblings'
+    exp_row: torch.Tensor  # [B, C] int64 row of the draft distribution of its children, -1 = not expanded
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    tokens: torch.Tensor  # [B, N] int64, node 0 = root
+    parents: torch.Tensor  # [B, N] int64, -1 for the root
+    depth: torch.Tensor  # [B, N] int64, root 0: position = committed length + depth
+    mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j]: j is i or an ancestor of i
+    paths: torch.Tensor  # [B, N, D+1] int64 root-to-leaf node indices, one row per leaf, padded with -1
+    children: torch.Tensor  # [B, N, W] int64 child nodes in draw order, padded with -1
+    q_row: torch.Tensor  # [B, N] int64 draft distribution row of each node's children, -1 = none
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+
+def monotone_scores(raw: torch.Tensor, parent_score: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """raw [..., W] cumulative log-probs of W siblings in draw order; parent_score [...].
+
+    Returns float64 scores strictly below the parent's and each earlier sibling's, so that any top-n selection
+    keeps every selected node's parent and earlier siblings (a tree, whose sibling sets are draw-order prefixes).
+    Impossible drafts (log q = -inf) get a finite floor so that the order stays strict."""
+    raw = raw.double().clamp(min=-1e6)
+    out = torch.minimum(raw, parent_score.double()[..., None] - eps)
+    out = torch.cummin(out - eps * torch.arange(raw.shape[-1], device=raw.device), dim=-1).values
+    return out
+
+
+def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> TokenTree:
+    """A chain root -> d1 -> ... -> dk: root [B], drafts [B, K]."""
+    b, k = drafts.shape
+    dev = drafts.device
+    cands = Candidates(tokens=drafts, parent=torch.arange(-1, k - 1, device=dev).expand(b, k),
+                       score=-torch.arange(1, k + 1, device=dev, dtype=torch.float64).expand(b, k),
+                       exp_row=torch.arange(1, k + 1, device=dev).expand(b, k))
+    return select_tree(root, cands, k, max_depth=k, width=1)
+
+
+def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: int, width: int) -> TokenTree:
+    """Keep the `budget` best-scored candidates (EAGLE-2's reranking) and lay them out as a TokenTree.
+
+    root [B] root tokens; max_depth bounds the candidates' depth, width their number of siblings."""
+    b, c = cands.tokens.shape
+    dev = root.device
+    budget = min(budget, c)
+    idx = cands.score.topk(budget, dim=-1).indices.sort(dim=-1).values  # [B, n] topological order
+    n = budget + 1
+    node_of = torch.full((b, c), -1, dtype=torch.long, device=dev)
+    node_of.scatter_(1, idx, torch.arange(1, n, device=dev).expand(b, budget))
+    pc = cands.parent.gather(1, idx)
+    parents = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long),
+                         torch.where(pc < 0, 0, node_of.gather(1, pc.clamp(min=0)))], dim=1)
+    tokens = torch.cat([root[:, None], cands.tokens.gather(1, idx)], dim=1)
+    q_row = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cands.exp_row.gather(1, idx)], dim=1)
+
+    # ancestor-or-self mask by repeated parent hops
+    hop = torch.zeros(b, n, n, device=dev)
+    hop[:, 1:].scatter_(2, parents[:, 1:, None], 1.0)  # hop[b, i, parent(i)] = 1
+    mask = torch.eye(n, device=dev).expand(b, n, n).clone()
+    reach = mask.clone()
+    for _ in range(max_depth):
+        reach = torch.bmm(reach, hop)
+        mask = mask + reach
+    mask = mask > 0
+    depth = mask.sum(-1) - 1
+
+    is_child = hop.transpose(1, 2) > 0  # [B, parent, child]
+    rank = is_child.long().cumsum(-1) - 1  # child's rank among its siblings, in node (= draw) order
+    children = torch.full((b, n, width + 1), -1, dtype=torch.long, device=dev)
+    slot = torch.where(is_child, rank, width)  # non-children go to a spill column
+    children.scatter_(2, slot, torch.arange(n, device=dev).expand(b, n, n).contiguous())
+    children = children[..., :width]
+
+    leaf = ~is_child.any(-1)  # [B, N]
+    d = torch.arange(max_depth + 1, device=dev)
+    on_path = mask[:, :, None, :] & (depth[:, None, None, :] == d[None, None, :, None])  # [B, leaf, D+1, node]
+    paths = torch.where(on_path.any(-1), on_path.float().argmax(-1), -1)
+    order = torch.argsort((~leaf).long(), dim=1, stable=True)  # leaves first
+    paths = torch.where(leaf[..., None], paths, -1).gather(1, order[..., None].expand_as(paths))
+    return TokenTree(tokens, parents, depth, mask, paths, children, q_row)
