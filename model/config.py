@@ -29,6 +29,11 @@ class Fp8Config:
     block_k: int = 128  # columns (input features) per scale block
 
 
+# annotation (a string under `from __future__ import annotations`) -> accepted JSON value types
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "int | None": (int, type(None)), "float": (int, float),
+                                            "bool": (bool,)}
+
+
 def _mscale(scale: float, m: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
@@ -119,6 +124,9 @@ class ModelConfig:
 
         if not isinstance(d, dict):
             raise err("top level must be a JSON object")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if k not in d:
+                raise err(f"missing required key {k!r}")
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
             raise err(f"model_type {mt!r} is not deepseek_v3")
@@ -136,9 +144,6 @@ class ModelConfig:
 
         names = {f.name for f in fields(cls)}
         kw: dict[str, Any] = {k: d[k] for k in names if k in d and k not in ("yarn", "fp8", "eos_token_ids")}
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if k not in d:
-                raise err(f"missing required key {k!r}")
         if kw.get("n_group") is None:
             kw["n_group"] = 1
         if kw.get("topk_group") is None:
@@ -147,7 +152,10 @@ class ModelConfig:
             kw["first_k_dense_replace"] = 0
         kw["num_nextn_predict_layers"] = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
         eos = d.get("eos_token_id", 1)
-        kw["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+            raise err(f"eos_token_id {eos!r} must be an integer, a list of integers or null")
+        kw["eos_token_ids"] = tuple(eos_list)
 
         rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope is not None and not isinstance(rope, dict):
@@ -174,6 +182,8 @@ class ModelConfig:
                 raise err(f"rope type {kind!r} unsupported (yarn or default)")
 
         q = d.get("quantization_config")
+        if q is not None and not isinstance(q, dict):
+            raise err("quantization_config must be an object or null")
         if q:
             if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
                 raise err(f"quantization_config {q} unsupported (fp8 e4m3 block quantization only)")
@@ -209,6 +219,11 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"{source}: {msg}")
 
+        for f in fields(self):  # JSON can hold any type: check before any arithmetic on the values
+            ok = _JSON_TYPES.get(f.type)
+            v = getattr(self, f.name)
+            need(ok is None or (isinstance(v, ok) and (bool in ok or not isinstance(v, bool))),
+                 f"{f.name} must be {f.type}, got {v!r}")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                   "qk_rope_head_dim", "v_head_dim"):
             v = getattr(self, f)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_dequant_ref
 from tqdm import tqdm
 
-from .checkpoint import TensorSpec, checkpoint_manifest
+from .checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest
 from .config import ConfigError, ModelConfig
 from .layers import Linear
 from .parallel import DistInfo
@@ -54,10 +55,14 @@ def _read_header(path: Path) -> dict[str, TensorSpec]:
         if name == "__metadata__":
             continue
         try:
-            out[name] = TensorSpec(tuple(int(s) for s in info["shape"]), str(info["dtype"]))
-            end = max(end, int(info["data_offsets"][1]))
+            spec = TensorSpec(tuple(int(s) for s in info["shape"]), str(info["dtype"]))
+            begin, stop = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError, IndexError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from None
+        if spec.dtype in ST_DTYPES and stop - begin != math.prod(spec.shape) * ST_DTYPES[spec.dtype].itemsize:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name} spans {stop - begin} bytes, "
+                                  f"not those of {spec.dtype} {list(spec.shape)}")
+        out[name], end = spec, max(end, stop)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
     return out
@@ -128,9 +133,9 @@ class Checkpoint:
              ) -> torch.Tensor:
         """The tensor (or a [rows, cols] slice of it) as stored; reads only those bytes."""
         e = self.entries[name]
-        if e.file not in self._files:
-            self._files[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
         try:
+            if e.file not in self._files:
+                self._files[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
             sl = self._files[e.file].get_slice(name)
             if rows is None and cols is None:
                 return sl[:]

@@ -1,0 +1,167 @@
+"""`specdec inspect`: the released layout's numbers, per-rank bytes equal to the runtime's own parameters, header-only
+checking of a checkpoint, and one-line errors for broken ones."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from specdec.model import loader
+from specdec.model.checkpoint import checkpoint_manifest, tiny_config
+from specdec.model.config import ModelConfig
+from specdec.model.parallel import DistInfo
+from specdec.model.transformer import DeepseekV3
+
+from specdec.cli import main
+from specdec.cli_inspect import RESERVE, weight_bytes_per_rank
+
+V3 = "/work/shared/reference/deepseek-v3-config.json"
+V3_ROUTED_PER_EXPERT = 3 * 2048 * 7168  # gate, up, down of one routed expert
+V3_EMBED = 129280 * 7168
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert main(["inspect", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def v3() -> dict:
+    """`specdec inspect <released config.json> --tp 8 --gpu-mem-gb 141 --json`, parsed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", V3, "--tp", "8", "--gpu-mem-gb", "141", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_released_config_json(v3: dict) -> None:
+    s = v3
+    cfg = ModelConfig.from_file(V3)
+    manifest = checkpoint_manifest(cfg)  # equal to the reference listing: test_manifest.py
+    assert len(s["tensors"]) == s["tensor_count"] == 91_991
+    assert s["tensors"] == {n: {"shape": list(t.shape), "dtype": t.dtype} for n, t in manifest.items()}
+    assert s["element_count"] == 684_531_386_000 and s["checkpoint_bytes"] == 688_574_839_360
+    p = s["params"]
+    assert p["main"] == 671_026_419_200  # DeepSeek's "671B"
+    assert p["mtp_shared_copies"] == 2 * V3_EMBED
+    scales = sum(t.shape[0] * t.shape[1] for n, t in manifest.items() if n.endswith("_scale_inv"))
+    assert p["main"] + p["mtp"] + scales == s["element_count"]
+    # 58 MoE layers (61 - 3 dense) keep 8 of their 256 routed experts: DeepSeek's "37B activated"
+    assert p["activated_per_token"] == p["main"] - 58 * (256 - 8) * V3_ROUTED_PER_EXPERT == 37_552_297_472
+    assert s["kv_cache_bytes_per_token"] == {"main": 61 * 576 * 2, "mtp": 576 * 2, "total": 62 * 576 * 2}
+    w, kv, n = s["weight_bytes_per_rank"], s["kv_cache_bytes_per_token"]["total"], s["max_context_tokens"]
+    budget = 141 * 2**30 * (1 - RESERVE)
+    assert s["reserve_fraction"] == RESERVE and w + n * kv <= budget < w + (n + 1) * kv
+    # one rank: every stored byte except the MTP's BF16 copies of embed_tokens and lm_head
+    assert weight_bytes_per_rank(cfg, manifest, 1) == 688_574_839_360 - 2 * V3_EMBED * 2
+
+
+def test_released_config_table(v3: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", V3, "--gpu-mem-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    for want in ("91,991 tensors", "671,026,419,200", "37,552,297,472", "tp=1", "71,424 B", "10% of 80 GiB",
+                 "0 tok", "weights do not fit"):
+        assert want in out, want
+    rows = out.splitlines()[1:]
+    number_ends = {r.index(num) + len(num) for r in rows for num in [re.split(r"\s{2,}", r.strip())[1]]}
+    assert len(rows) == 6 and len(number_ends) == 1, out  # one right-aligned column of numbers
+
+
+FP8_8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+
+
+@pytest.mark.parametrize("config", [tiny_config(quantization_config=FP8_8),
+                                    tiny_config(q_lora_rank=None, n_shared_experts=2, first_k_dense_replace=2)],
+                         ids=["fp8+q_lora", "bf16+q_proj"])
+@pytest.mark.parametrize("tp", [1, 2, 4, 3, 8])
+def test_rank_bytes_equal_the_runtime_model(config: dict, tp: int) -> None:
+    """Per-rank bytes equal the parameters of the model the runtime builds for rank 0 of tp,
+    and inspect refuses exactly the tp values the runtime refuses."""
+    cfg = ModelConfig.from_dict(config)
+    try:
+        model = DeepseekV3(cfg, dtype=torch.bfloat16, keep_fp8=True, dist=DistInfo(0, tp))  # uninitialized, tiny
+    except ValueError:
+        with pytest.raises(ValueError, match=f"--tp {tp}"):
+            weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), tp)
+        return
+    # the runtime keeps the router in float32; the checkpoint (and so inspect) stores it in BF16
+    runtime = sum(p.numel() * (2 if n.endswith("mlp.gate.weight") else p.element_size())
+                  for n, p in model.named_parameters())
+    assert weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), tp) == runtime
+
+
+def test_checkpoint_dir_is_checked_from_headers_only(make_checkpoint, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = make_checkpoint(tiny_config(quantization_config=FP8_8))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(loader, "safe_open", no_data)
+    s = run_json(capsys, str(ck), "--tp", "2", "--gpu-mem-gb", "0.001")
+    assert s["source"] == "checkpoint" and s["headers_validated"] and s["tp"] == 2
+    assert s["tensors"] == {n: {"shape": list(e.spec.shape), "dtype": e.spec.dtype}
+                            for n, e in loader.Checkpoint(ck).entries.items()}
+    assert s["max_context_tokens"] > 0
+    assert run_json(capsys, str(ck / "config.json"))["source"] == "config"
+
+
+def _missing_tensor(ck: Path) -> str:
+    index = ck / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"]["model.layers.1.mlp.gate.weight"] = "gone.safetensors"
+    index.write_text(json.dumps(d))
+    return "gone.safetensors"
+
+
+def _truncated(ck: Path) -> str:
+    f = ck / "model-00003-of-00003.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])
+    return f.name
+
+
+def _bad_config(ck: Path) -> str:
+    (ck / "config.json").write_text("{")
+    return "config.json"
+
+
+@pytest.mark.parametrize("breaker", [_missing_tensor, _truncated, _bad_config])
+def test_broken_checkpoint_exits_nonzero_with_one_line(breaker, make_checkpoint,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    ck = make_checkpoint()
+    culprit = breaker(ck)
+    assert main(["inspect", str(ck)]) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and culprit in err and err.startswith("specdec inspect: error:"), err
+
+
+@pytest.mark.parametrize("argv", [["/nonexistent/ckpt"], ["--tp", "0"], ["--tp", "3"], ["--gpu-mem-gb", "-1"]])
+def test_bad_arguments_exit_nonzero(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    if argv[0].startswith("--"):
+        argv = [str(tmp_path / "config.json"), *argv]
+    assert main(["inspect", *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and argv[-1] in err, err
+
+
+def test_subprocess_broken_checkpoint_has_no_traceback(make_checkpoint) -> None:
+    ck = make_checkpoint()
+    culprit = _truncated(ck)
+    r = subprocess.run([sys.executable, "-m", "specdec", "inspect", str(ck)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and culprit in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--help"])
+    assert e.value.code == 0 and "(10% reserved)" in capsys.readouterr().out
