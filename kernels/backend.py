@@ -1,15 +1,24 @@
-"""Backend choice: which implementation runs each kernel. Chosen once and passed down explicitly."""
+"""Backend choice: which implementation runs each kernel. Chosen once and passed down explicitly.
+
+torch: the plain-torch references (FP8 weights are dequantized at load, so fp8_linear is rarely reached).
+triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
+    Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it.
+flashinfer: as triton, but MLA attention runs flashinfer's BatchMLAPagedAttentionWrapper (page size 1 over our slot
+    pool) where it fits: causal masks (decode, chain verification), kv_lora_rank 512 + rope 64, 16-bit dtypes. Token
+    trees need a custom mask that kernel does not take, so they (and anything else) fall back to the Triton kernel.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .fp8 import weight_dequant_ref
-from .mla import AttnMeta, mla_attention_ref
-from .moe import moe_ref
+from . import fp8, mla, moe
+from .mla import AttnMeta
+from .triton_util import interpreting
 
 BACKENDS = ("torch", "triton", "flashinfer")
 
@@ -17,26 +26,47 @@ BACKENDS = ("torch", "triton", "flashinfer")
 @dataclass(frozen=True)
 class Backend:
     name: str = "torch"
+    flashinfer_mla: Any = field(default=None, compare=False, repr=False)  # FlashinferMLA (plans per AttnMeta)
 
     @classmethod
     def resolve(cls, name: str, device: torch.device) -> Backend:
+        """auto: triton on CUDA, torch elsewhere. Raises ValueError for a backend the device cannot run."""
+        device = torch.device(device)
         if name == "auto":
             name = "triton" if device.type == "cuda" else "torch"
         if name not in BACKENDS:
             raise ValueError(f"backend={name!r}: choose one of auto, {', '.join(BACKENDS)}")
         if name == "flashinfer" and device.type != "cuda":
             raise ValueError("backend='flashinfer' needs a CUDA device (flashinfer has no CPU kernels)")
+        if name == "triton" and device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' on {device.type} runs only in Triton's interpreter: set "
+                             "TRITON_INTERPRET=1 before anything imports triton, or use backend='torch'")
+        if name == "flashinfer":
+            from .flashinfer_mla import FlashinferMLA
+
+            return cls(name, FlashinferMLA(device))
         return cls(name)
 
     def fp8_linear(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-        """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype."""
-        return F.linear(x, weight_dequant_ref(w, s, *block, dtype=x.dtype))
+        """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype (W8A8 on the Triton backends)."""
+        if self.name == "torch":
+            return F.linear(x, fp8.weight_dequant_ref(w, s, *block, dtype=x.dtype))
+        a, a_s = fp8.act_quant(x.reshape(-1, x.shape[-1]), block[1])
+        return fp8.fp8_gemm(a, a_s, w, s, *block, out_dtype=x.dtype).view(*x.shape[:-1], w.shape[0])
 
     def mla_attention(self, q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
                       scale: float) -> torch.Tensor:
-        return mla_attention_ref(q_lat, q_pe, kv_cache, meta, scale)
+        """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
+        if self.name == "torch":
+            return mla.mla_attention_ref(q_lat, q_pe, kv_cache, meta, scale)
+        if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, meta):
+            return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
+        return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)
 
     def moe(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None,
             block: tuple[int, int]) -> torch.Tensor:
-        return moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+        """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
+        if self.name == "torch":
+            return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+        return moe.moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)

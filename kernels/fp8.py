@@ -1,11 +1,13 @@
 """FP8 (e4m3) block quantization: activation quant (1 x block), weight dequant (block x block), W8A8 GEMM.
 
-Plain-torch references; Triton kernels of the same functions live beside them.
+Each function has a plain-torch reference (`*_ref`) and a Triton kernel with a thin launcher of the same signature.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .triton_util import cdiv, check_device, config, interpreting, lazy_jit, pow2, tl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -57,3 +59,150 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     m, k = a.shape
     a_full = a.float() * a_s.float().repeat_interleave(block_k, 1)[:, :k]
     return (a_full @ weight_dequant_ref(b, b_s, block_n, block_k).T).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton
+
+
+@lazy_jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, INTERP: tl.constexpr):
+    # x [M, K] -> q [M, K] fp8, s [M, ceil(K/GROUP)]; program (i, g): rows i*BLOCK_M.., group g
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.program_id(1)
+    lk = tl.arange(0, BLOCK_G)
+    rk = g * GROUP + lk
+    mask = (rm[:, None] < M) & ((lk < GROUP) & (rk < K))[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    # IEEE division (Triton's default f32 divide is approximate) so scales and codes match the reference bitwise
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)  # [BLOCK_M]
+    y = tl.math.div_rn(x, s[:, None])
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if INTERP:
+        # the interpreter's f32 -> fp8 cast drops the carry into the exponent (31.3 -> 16, not 32): round to the
+        # e4m3 grid in f32 first (ulp = 2^(e-3), subnormals share 2^-9) so the cast is exact
+        ulp = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(y), 0.015625))) - 3.0)
+        y = ((y / ulp + 12582912.0) - 12582912.0) * ulp
+    tl.store(q_ptr + rm[:, None] * stride_qm + rk[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rm * stride_sm + g, s, mask=rm < M)
+
+
+def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], scale f32 [M, ceil(K/block)]) with one scale per 1 x block group (= act_quant_ref)."""
+    if x.dim() != 2:
+        raise ValueError(f"act_quant: x must be [M, K], got {tuple(x.shape)}")
+    check_device(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    kb = cdiv(k, block)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, kb, dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    block_m = 8
+    _act_quant_kernel[(cdiv(m, block_m), kb)](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), GROUP=block,
+                                              BLOCK_M=block_m, BLOCK_G=pow2(block), INTERP=interpreting())
+    return q, s
+
+
+@lazy_jit
+def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, stride_yn,
+                           BN: tl.constexpr, BK: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr):
+    # w [N, K] fp8, s [ceil(N/BN), ceil(K/BK)] -> y [N, K]; one program per scale block
+    pn, pk = tl.program_id(0), tl.program_id(1)
+    ln, lk = tl.arange(0, TILE_N), tl.arange(0, TILE_K)
+    rn, rk = pn * BN + ln, pk * BK + lk
+    mask = ((ln < BN) & (rn < N))[:, None] & ((lk < BK) & (rk < K))[None, :]
+    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + pn * stride_sn + pk)
+    tl.store(y_ptr + rn[:, None] * stride_yn + rk[None, :], (w * s).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_n: int = 128, block_k: int = 128,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w [N, K] fp8, s [ceil(N/bn), ceil(K/bk)] f32 -> w * s per block, [N, K] in `dtype` (= weight_dequant_ref)."""
+    n, k = w.shape
+    if s.shape != (cdiv(n, block_n), cdiv(k, block_k)):
+        raise ValueError(f"weight scale shape {tuple(s.shape)} does not match weight {tuple(w.shape)} "
+                         f"with {block_n}x{block_k} blocks")
+    check_device(w, s)
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    s = s.float()
+    y = torch.empty(n, k, dtype=dtype, device=w.device)
+    if n and k:
+        _weight_dequant_kernel[tuple(s.shape)](w, s, y, n, k, w.stride(0), s.stride(0), y.stride(0), BN=block_n,
+                                        BK=block_k, TILE_N=pow2(block_n), TILE_K=pow2(block_k))
+    return y
+
+
+def _gemm_configs() -> list:
+    # (BLOCK_M, BLOCK_N, warps, stages); the first one is also the interpreter's
+    shapes = [(64, 128, 4, 4), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 5), (32, 128, 4, 4), (64, 64, 4, 4),
+              (128, 128, 8, 3), (128, 64, 4, 4), (64, 256, 8, 3)]
+    return [config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in shapes]
+
+
+@lazy_jit(configs=_gemm_configs, key=["M_BUCKET", "N", "K"])
+def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
+                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # a [M, K] fp8 with as [M, ceil(K/GROUP_K)]; b [N, K] fp8 with bs [ceil(N/GROUP_N), ceil(K/GROUP_K)];
+    # c [M, N] = sum over k tiles of (a_tile @ b_tile.T) * as * bs. BLOCK_K divides GROUP_K, so one scale per tile.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None]  # [BLOCK_K, BLOCK_N]: b.T, K-major
+    as_ptrs = as_ptr + rm * stride_asm
+    bs_ptrs = bs_ptr + (rn // GROUP_N) * stride_bsn
+    mmask, nmask = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = k * BLOCK_K
+        kmask = rk < K - k0
+        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        sa = tl.load(as_ptrs + k0 // GROUP_K, mask=mmask, other=0.0)
+        sb = tl.load(bs_ptrs + k0 // GROUP_K, mask=nmask, other=0.0)
+        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def gemm_block_k(block_k: int) -> int:
+    """The K tile of the FP8 kernels: the largest power of two <= 128 dividing the scale block (>= 16 for tl.dot)."""
+    bk = block_k & -block_k
+    bk = min(bk, 128)
+    if bk < 16:
+        raise ValueError(f"FP8 block_k={block_k}: the Triton kernels need a multiple of 16")
+    return bk
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             block_n: int = 128, block_k: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W8A8 block-scaled GEMM (= fp8_gemm_ref): a [M, K] fp8 with a_s [M, ceil(K/bk)], b [N, K] fp8 with
+    b_s [ceil(N/bn), ceil(K/bk)] -> a @ b.T [M, N] in out_dtype, accumulated in float32."""
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or a_s.shape != (m, cdiv(k, block_k)) or b_s.shape != (cdiv(n, block_n), cdiv(k, block_k)):
+        raise ValueError(f"fp8_gemm: shapes a {tuple(a.shape)}, a_s {tuple(a_s.shape)}, b {tuple(b.shape)}, "
+                         f"b_s {tuple(b_s.shape)} do not fit {block_n}x{block_k} blocks")
+    if a.dtype != FP8 or b.dtype != FP8:
+        raise ValueError(f"fp8_gemm: operands must be {FP8}, got {a.dtype} and {b.dtype}")
+    check_device(a, b)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    a_s, b_s = a_s.float().contiguous(), b_s.float().contiguous()
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        return c.zero_()
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))
+    _fp8_gemm_kernel[grid](a, a_s, b, b_s, c, m, n, k, pow2(m, 16), a.stride(0), a_s.stride(0), b.stride(0),
+                           b_s.stride(0), c.stride(0), GROUP_N=block_n, GROUP_K=block_k, BLOCK_K=gemm_block_k(block_k))
+    return c

@@ -2,13 +2,19 @@
 
 Queries are already absorbed: q_lat = q_nope @ W_UK lives in the latent space [.., kv_lora_rank]. Every cached row
 is [latent (C) | rotated k_pe (R)]; the latent is both the key (with q_lat) and the value. The caller applies W_UV.
+
+`mla_attention_ref` is the plain-torch reference; `mla_attention` is the Triton kernel (split-KV, log-sum-exp merge).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+from .triton_util import cdiv, check_device, interpreting, lazy_jit, pow2, tl, upcast
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,20 @@ class AttnMeta:
     def seq_slots(self, b: int) -> torch.Tensor:
         return self.block_table[b, : self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]
 
+    @property
+    def max_new(self) -> int:
+        return max((e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])), default=0)
+
+    @cached_property
+    def is_causal(self) -> bool:
+        """Whether every sequence's new tokens attend causally (decode, chains): kernels without custom masks fit.
+        Costs one device sync per AttnMeta when some sequence has more than one new token (then cached)."""
+        if self.max_new <= 1:
+            return True
+        n_new = [e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])]
+        want = causal_tree_mask(n_new, self.tree_mask.device)
+        return bool(torch.equal(self.tree_mask[:, : want.shape[1]], want))
+
 
 def causal_tree_mask(n_new: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """[sum(n_new), max(n_new)] lower-triangular masks: plain causal attention among each sequence's new tokens."""
@@ -79,4 +99,148 @@ def mla_attention_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         scores += torch.einsum("thr,sr->ths", q_pe[s:e].float(), kv[:, c:])
         scores = (scores * scale).masked_fill(~meta.seq_mask(b)[:, None, :], float("-inf"))
         out[s:e] = torch.einsum("ths,sc->thc", scores.softmax(-1), kv[:, :c])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton
+
+
+@lazy_jit
+def _mla_kernel(q_ptr, qpe_ptr, kv_ptr, bt_ptr, ctx_ptr, cuq_ptr, tm_ptr, o_ptr, lse_ptr, H, C, R, CHUNK, scale_log2,
+                stride_qt, stride_qh, stride_pt, stride_ph, stride_kv, stride_bt, stride_tmt, stride_tmj,
+                stride_os, stride_ls,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    # program (m, b, s): query rows m*BLOCK_M.. of sequence b's n_b*H (token, head) rows, keys s*CHUNK..+CHUNK.
+    # m varies fastest so the row blocks reading the same keys run together and share them through L2.
+    # q [T, H, C], qpe [T, H, R], kv [slots, C+R], bt [B, S], tm [T, N] uint8. Output rows are t*H + h.
+    # SPLIT: o [S, T*H, C] f32 partials (normalized) and lse [S, T*H] (log2 domain); else o [T*H, C] final.
+    m, b, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q0 = tl.load(cuq_ptr + b)
+    n_new = tl.load(cuq_ptr + b + 1) - q0
+    if m * BLOCK_M >= n_new * H:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_new * H
+    t = q0 + rows // H  # [BLOCK_M] global query token
+    h = rows % H
+    rc, rr = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
+    cmask, pmask = rc < C, rr < R
+    q = tl.load(q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + rc[None, :],
+                mask=rmask[:, None] & cmask[None, :], other=0.0)
+    qpe = tl.load(qpe_ptr + t[:, None] * stride_pt + h[:, None] * stride_ph + rr[None, :],
+                  mask=rmask[:, None] & pmask[None, :], other=0.0)
+    if UPCAST:
+        q, qpe = q.to(tl.float32), qpe.to(tl.float32)
+    start = s * CHUNK
+    end = tl.minimum(start + CHUNK, ctx + n_new)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        kmask = keys < end
+        slot = tl.load(bt_ptr + b * stride_bt + keys, mask=kmask, other=0)
+        kv = tl.load(kv_ptr + slot[:, None] * stride_kv + rc[None, :], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0)  # [BLOCK_N, BLOCK_C]: keys and values
+        kpe = tl.load(kv_ptr + slot[:, None] * stride_kv + C + rr[None, :], mask=kmask[:, None] & pmask[None, :],
+                      other=0.0)
+        if UPCAST:
+            kv, kpe = kv.to(tl.float32), kpe.to(tl.float32)
+        sc = tl.dot(q, tl.trans(kv), input_precision="ieee")
+        sc = tl.dot(qpe, tl.trans(kpe), sc, input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+        j = keys - ctx  # index among the new keys
+        new = kmask & (j >= 0)
+        tree = tl.load(tm_ptr + t[:, None] * stride_tmt + j[None, :] * stride_tmj, mask=rmask[:, None] & new[None, :],
+                       other=0)
+        visible = (kmask & (j < 0))[None, :] | (tree != 0)
+        sc = tl.where(visible, sc * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        p = tl.exp2(sc - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision="ieee")
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    orow = t * H + h
+    tl.store(o_ptr + s * stride_os + orow[:, None] * C + rc[None, :], out,
+             mask=rmask[:, None] & cmask[None, :])
+    if SPLIT:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(lse_ptr + s * stride_ls + orow, lse, mask=rmask)
+
+
+@lazy_jit
+def _mla_merge_kernel(po_ptr, lse_ptr, o_ptr, S, C, stride_ps, stride_ls,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    # po [S, rows, C] f32 partials, lse [S, rows] log2 -> o [rows, C]; one program per row
+    r = tl.program_id(0)
+    rs, rc = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
+    lse = tl.load(lse_ptr + rs * stride_ls + r, mask=rs < S, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    denom = tl.maximum(tl.sum(tl.exp2(lse - mx), axis=0), 1e-30)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(0, S):  # one [C] partial at a time keeps registers small at 64 splits x 512
+        w = tl.exp2(tl.load(lse_ptr + s * stride_ls + r) - mx) / denom
+        acc += w * tl.load(po_ptr + s * stride_ps + r * C + rc, mask=rc < C, other=0.0)
+    tl.store(o_ptr + r * C + rc, acc, mask=rc < C)
+
+
+def mla_splits(meta: AttnMeta, rows_blocks: int, device: torch.device) -> int:
+    """How many KV splits: enough programs to fill the GPU twice, chunks of at least 256 keys."""
+    longest = max((c + e - s for c, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:])), default=0)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = cdiv(2 * sms, max(1, meta.num_seqs * rows_blocks))
+    return max(1, min(want, cdiv(longest, 256), 64))
+
+
+def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta, scale: float,
+                  num_splits: int | None = None) -> torch.Tensor:
+    """Triton MLA over the latent cache, same contract as mla_attention_ref: q_lat [T, H, C], q_pe [T, H, R],
+    kv_cache [slots, C + R] -> [T, H, C] float32. Each sequence's keys are cut into num_splits chunks (default:
+    chosen from the batch and the GPU) whose partial results merge by log-sum-exp. Float32 inputs multiply in full
+    IEEE precision; 16-bit inputs on tensor cores with float32 accumulation."""
+    t, h, c = q_lat.shape
+    r = q_pe.shape[-1]
+    if q_pe.shape[:2] != (t, h) or kv_cache.shape[-1] != c + r or meta.tree_mask.shape[0] != t:
+        raise ValueError(f"mla_attention: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, kv_cache "
+                         f"{tuple(kv_cache.shape)}, tree_mask {tuple(meta.tree_mask.shape)} do not fit together")
+    check_device(q_lat, q_pe, kv_cache)
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        q_lat, q_pe, kv_cache = q_lat.contiguous(), q_pe.contiguous(), kv_cache.contiguous()
+    if q_pe.dtype != q_lat.dtype or kv_cache.dtype != q_lat.dtype:
+        raise ValueError(f"mla_attention: q_lat, q_pe, kv_cache dtypes differ ({q_lat.dtype}, {q_pe.dtype}, "
+                         f"{kv_cache.dtype})")
+    out = torch.empty(t, h, c, dtype=torch.float32, device=q_lat.device)
+    max_rows = meta.max_new * h
+    if t == 0 or max_rows == 0:
+        return out
+    block_m = min(pow2(max_rows, 16), 64 if interpreting() else (16 if max_rows <= 16 else 32))
+    block_n = 32 if interpreting() or c < 256 else 64
+    m_blocks = cdiv(max_rows, block_m)
+    splits = num_splits or mla_splits(meta, m_blocks, q_lat.device)
+    longest = max(cl + e - s for cl, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:]))
+    chunk = cdiv(cdiv(longest, splits), block_n) * block_n
+    tm = meta.tree_mask.view(torch.uint8) if meta.tree_mask.dtype == torch.bool else meta.tree_mask.to(torch.uint8)
+    bt = meta.block_table
+    if splits > 1:
+        po = torch.empty(splits, t * h, c, dtype=torch.float32, device=q_lat.device)
+        lse = torch.empty(splits, t * h, dtype=torch.float32, device=q_lat.device)
+    else:
+        po, lse = out, out  # lse unused
+    _mla_kernel[(m_blocks, meta.num_seqs, splits)](
+        q_lat, q_pe, kv_cache, bt, meta.ctx_lens, meta.cu_q, tm, po, lse, h, c, r, chunk, scale * math.log2(math.e),
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), bt.stride(0),
+        tm.stride(0), tm.stride(1), po.stride(0) if splits > 1 else 0, lse.stride(0) if splits > 1 else 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=pow2(c, 16), BLOCK_R=pow2(r, 16), SPLIT=splits > 1,
+        UPCAST=upcast(q_lat.dtype), num_warps=4 if block_m <= 16 else 8, num_stages=2)
+    if splits > 1:
+        _mla_merge_kernel[(t * h,)](po, lse, out, splits, c, po.stride(0), lse.stride(0), BLOCK_S=pow2(splits),
+                                    BLOCK_C=pow2(c))
     return out
