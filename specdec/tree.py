@@ -44,8 +44,7 @@ def monotone_scores(raw: torch.Tensor, parent_score: torch.Tensor, eps: float = 
     Impossible drafts (log q = -inf) get a finite floor so that the order stays strict."""
     raw = raw.double().clamp(min=-1e6)
     out = torch.minimum(raw, parent_score.double()[..., None] - eps)
-    out = torch.cummin(out - eps * torch.arange(raw.shape[-1], device=raw.device), dim=-1).values
-    return out
+    return torch.cummin(out, dim=-1).values - eps * torch.arange(raw.shape[-1], device=raw.device)
 
 
 def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> TokenTree:

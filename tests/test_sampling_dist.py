@@ -1,0 +1,70 @@
+"""Speculative sampling keeps the main model's distribution: the 2nd and 3rd generated tokens, sampled many
+times with and without MTP (chain and tree), against the exact distribution enumerated from the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import agreeable_checkpoint
+from stats import assert_matches
+
+from specdec import LLM, SamplingParams, SpecConfig
+from specdec.sampling import process_logits
+
+V = 16
+PROMPT = [3, 7, 2]
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return agreeable_checkpoint(tmp_path_factory.mktemp("smallvocab"), seed=3, noise=0.12, head_scale=0.25,
+                                vocab_size=V, eos_token_id=None, bos_token_id=None)
+
+
+def _probs(llm: LLM, ids: list[int], temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    logits = llm.logits(ids)[-1:]
+    return process_logits(logits, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]))[0]
+
+
+def exact_marginals(llm: LLM, sp: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(2nd token) and P(3rd token), enumerating every (1st, 2nd) prefix."""
+    kw = dict(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
+    p1 = _probs(llm, PROMPT, **kw).double()
+    p2 = torch.zeros(V, dtype=torch.float64)
+    p3 = torch.zeros(V, dtype=torch.float64)
+    for a in range(V):
+        if p1[a] == 0:
+            continue
+        pa = _probs(llm, PROMPT + [a], **kw).double()
+        p2 += p1[a] * pa
+        for b in range(V):
+            if pa[b] > 0:
+                p3 += p1[a] * pa[b] * _probs(llm, PROMPT + [a, b], **kw).double()
+    return p2, p3
+
+
+SETTINGS = [SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True),
+            SamplingParams(max_tokens=3, temperature=0.7, top_k=6, top_p=0.9, ignore_eos=True)]
+SPECS = [None, SpecConfig(num_speculative_tokens=2), SpecConfig(num_speculative_tokens=2, topk=2),
+         SpecConfig(num_speculative_tokens=3, topk=3, num_draft_tokens=5)]
+
+
+@pytest.mark.parametrize("si", range(len(SETTINGS)))
+def test_second_and_third_token_distribution(ckpt, si):
+    sp = SETTINGS[si]
+    plain = LLM(ckpt, dtype="float32", speculative=None)
+    p2, p3 = exact_marginals(plain, sp)
+    base_seed = torch.randint(1 << 30, (1,)).item()  # fresh samples every run
+    for spec in SPECS:
+        llm = plain if spec is None else LLM(ckpt, dtype="float32", speculative=spec)
+        params = [SamplingParams(max_tokens=3, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                                 seed=base_seed + i, ignore_eos=True) for i in range(N)]
+        out = llm.generate([PROMPT] * N, params)
+        toks = torch.tensor([o.token_ids for o in out])
+        assert toks.shape == (N, 3)
+        assert_matches(torch.bincount(toks[:, 1], minlength=V), p2)
+        assert_matches(torch.bincount(toks[:, 2], minlength=V), p3)
+        if spec is not None:
+            accepted = sum(o.metrics.num_accepted for o in out)
+            assert accepted > N // 10, "drafts are rarely accepted: the check above would not exercise acceptance"
