@@ -38,8 +38,12 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_topk(logq: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k draws without replacement from q (log-probs logq [N, V]) using uniforms u [N, V]:
-    the top-k of logq + Gumbel noise, in draw order. Returns (ids [N, k], logq of those ids [N, k])."""
+    """k draws without replacement from q (log-probs logq [N, V]) using uniforms u [N, V]: the top-k of
+    logq + Gumbel noise, in draw order. Returns (ids [N, k], rank scores [N, k]).
+
+    The rank score of the j-th draw is the j-th largest log q, not the drawn token's own log q: a tree built from
+    these scores decides whether to keep a sibling without looking at its value, which keeps recursive rejection
+    sampling over the kept siblings lossless (keeping a draw because its probability is high would bias it)."""
     g = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     ids = (logq + g).topk(k, dim=-1).indices
-    return ids, logq.gather(-1, ids)
+    return ids, logq.topk(k, dim=-1).values
