@@ -1,0 +1,52 @@
+"""The MTP cache kept by the engine (draft extend after each step) equals one rebuilt from scratch: after N steps,
+drafts from the running cache equal drafts from a fresh prefill of the same committed tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import agreeable_checkpoint
+
+from specdec import LLM, SamplingParams, SpecConfig
+from specdec.drafter import Drafter
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return agreeable_checkpoint(tmp_path_factory.mktemp("drafter"), seed=5, noise=0.14)
+
+
+def _record(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    orig = Drafter.draft
+
+    def spy(self, root, g, n_rows, *args, **kwargs):
+        d = orig(self, root, g, n_rows, *args, **kwargs)
+        calls.append({"g": g.clone(), "n": list(n_rows), "tokens": d.tree.tokens.clone()})
+        return d
+
+    monkeypatch.setattr(Drafter, "draft", spy)
+    return calls
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_drafts_after_n_steps_equal_fresh_drafts(ckpt, monkeypatch, topk):
+    spec = SpecConfig(num_speculative_tokens=3, topk=topk)
+    llm = LLM(ckpt, dtype="float32", speculative=spec)
+    calls = _record(monkeypatch)
+    prompts = [[5, 6, 7], [100]]
+    out = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    full = [i for i, c in enumerate(calls) if c["tokens"].shape[0] == len(prompts)]  # both requests active
+    assert len(full) >= 4
+    for step in (full[2], full[-1]):
+        c = calls[step]
+        for b, (p, o) in enumerate(zip(prompts, out)):
+            n = c["n"][b]  # committed tokens in the main cache; the root is token n
+            committed = (p + o.token_ids)[:n]
+            calls_before = len(calls)
+            fresh = llm.generate([committed], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+            f = calls[calls_before]  # the fresh run's first draft: its MTP cache was built in one prefill
+            assert fresh[0].token_ids[0] == c["tokens"][b, 0].item()  # same root
+            g_run, g_fresh = c["g"][b], f["g"][0]
+            assert ((g_run - g_fresh).norm() / g_fresh.norm()).item() < 1e-5
+            assert torch.equal(c["tokens"][b], f["tokens"][0])
