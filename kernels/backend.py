@@ -1,6 +1,7 @@
 """Backend choice: which implementation runs each kernel. Chosen once and passed down explicitly.
 
-torch: the plain-torch references (FP8 weights are dequantized at load, so fp8_linear is rarely reached).
+torch: plain torch (FP8 weights are dequantized at load, so fp8_linear is rarely reached); MLA and MoE take the
+    batched paths of kernels/cpu.py, which are tested against the references.
 triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
     Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it.
 flashinfer: as triton, but MLA attention runs flashinfer's BatchMLAPagedAttentionWrapper (page size 1 over our slot
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import fp8, mla, moe
+from . import cpu, fp8, mla, moe
 from .mla import AttnMeta
 from .triton_util import interpreting
 
@@ -58,7 +59,7 @@ class Backend:
                       scale: float) -> torch.Tensor:
         """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
         if self.name == "torch":
-            return mla.mla_attention_ref(q_lat, q_pe, kv_cache, meta, scale)
+            return cpu.mla_attention_sdpa(q_lat, q_pe, kv_cache, meta, scale)
         if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, meta):
             return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
         return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)
@@ -68,5 +69,5 @@ class Backend:
             block: tuple[int, int]) -> torch.Tensor:
         """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
         if self.name == "torch":
-            return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+            return cpu.moe_dense(x, topk_ids, topk_w, w13, w2, s13, s2, block)
         return moe.moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)

@@ -111,6 +111,7 @@ class Rope(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
         self.attention_factor = cfg.rope_attention_factor
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, ..., R] with interleaved pairs (x0, x1), (x2, x3)...; positions [T]. Returns the rotated x.
@@ -118,10 +119,12 @@ class Rope(nn.Module):
         The output keeps the pairs de-interleaved as [real parts | imaginary parts]; q and k go through the same
         map, so dot products equal those of the interleaved form.
         """
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
-        shape = (freqs.shape[0],) + (1,) * (x.dim() - 2) + (freqs.shape[1],)
-        cos = (freqs.cos() * self.attention_factor).view(shape)
-        sin = (freqs.sin() * self.attention_factor).view(shape)
+        if positions is not self._last[0]:  # every layer of a forward passes the same positions tensor
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
+            self._last = (positions, freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor)
+        _, cos, sin = self._last
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+        cos, sin = cos.view(shape), sin.view(shape)
         x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
