@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from specdec.kernels.cpu import mla_attention_sdpa, moe_dense
 from specdec.kernels.mla import AttnMeta, causal_tree_mask, mla_attention_ref
 from specdec.kernels.moe import moe_ref
