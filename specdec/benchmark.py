@@ -1,0 +1,172 @@
+"""Measurements behind `specdec bench` and `specdec demo`: timed runs, interleaved A/B latency, acceptance
+statistics per draft position, and a sweep over draft shapes. Results are plain JSON-able dicts.
+
+Every configuration decodes with its own Engine over one loaded model (`with_speculative`), so an A/B comparison
+or a sweep loads the checkpoint once and every configuration runs on the same weights, warm caches included.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from .api import LLM
+from .engine import Engine
+from .outputs import Metrics
+from .params import SamplingParams, SpecConfig
+
+# `bench acceptance --sweep`: chains of depth 1-4, then trees at a few node budgets
+SWEEP_GRID: tuple[SpecConfig, ...] = (
+    SpecConfig(1), SpecConfig(2), SpecConfig(3), SpecConfig(4),
+    SpecConfig(2, topk=2), SpecConfig(3, topk=2, num_draft_tokens=4), SpecConfig(3, topk=2),
+    SpecConfig(4, topk=2, num_draft_tokens=6),
+)
+
+
+def with_speculative(llm: LLM, spec: SpecConfig | None, seed: int = 0) -> LLM:
+    """A view of `llm` sharing its weights and tokenizer that decodes with `spec` (None: plain) in an engine of its
+    own. Raises ValueError for MTP on a checkpoint without an MTP layer, and in the rank 0 of a tensor-parallel group
+    that this process spawned: its workers replay LLM's own calls on their LLM, so they would keep the old engine
+    (under torchrun every rank makes this same view, which works)."""
+    if spec == llm.speculative:
+        return llm
+    if spec is not None and llm.config.num_nextn_predict_layers == 0:
+        raise ValueError(f"{llm.path}: the checkpoint has no MTP layer; use --no-mtp")
+    if getattr(llm, "_driver", None) is not None:
+        raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, which "
+                         "spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
+    other = copy.copy(llm)
+    other.speculative = spec
+    other.engine = Engine(llm.model, spec, llm.device, llm.dtype, seed)
+    return other
+
+
+def spec_dict(spec: SpecConfig | None) -> dict:
+    if spec is None:
+        return {"mtp": False}
+    return {"mtp": True, "num_speculative_tokens": spec.num_speculative_tokens, "topk": spec.topk,
+            "num_draft_tokens": spec.budget}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One generate call: its requests' metrics and its wall time (a batch's requests share it)."""
+
+    metrics: list[Metrics]
+    seconds: float
+
+
+def timed(llm: LLM, prompts: list[str | list[int]], params: SamplingParams) -> Run:
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return Run([o.metrics for o in outs], time.perf_counter() - t0)
+
+
+def batches(prompts: list, size: int) -> list[list]:
+    if size < 1:
+        raise ValueError(f"--batch-size {size}: must be a positive integer")
+    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
+
+def summarize(runs: list[Run]) -> dict:
+    """tokens_per_s: generated tokens / wall time; ms_per_token: per request, (wall - time to first token) per token
+    after the first, averaged; ttft_ms: mean time to first token; mean_accepted_length: tokens per main-model step
+    (the prefill counts as one, as in Metrics); acceptance_rate: accepted / drafted (None without MTP)."""
+    ms = [m for r in runs for m in r.metrics]
+    seconds = sum(r.seconds for r in runs)
+    tokens = sum(m.num_generated for m in ms)
+    tpot = [(r.seconds - m.first_token_time) / (m.num_generated - 1)
+            for r in runs for m in r.metrics if m.num_generated > 1]
+    drafted = sum(m.num_drafted for m in ms)
+    return {
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "ms_per_token": 1e3 * sum(tpot) / len(tpot) if tpot else None,
+        "ttft_ms": 1e3 * sum(m.first_token_time for m in ms) / len(ms),
+        "mean_accepted_length": tokens / max(1, sum(m.num_steps for m in ms)),
+        "acceptance_rate": sum(m.num_accepted for m in ms) / drafted if drafted else None,
+        "num_requests": len(ms), "num_tokens": tokens, "time_s": seconds,
+    }
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)  # silent when not a terminal
+
+
+def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]], params: SamplingParams, runs: int = 3,
+               warmup: int = 1, batch_size: int = 1) -> dict:
+    """The same requests with and without MTP, after `warmup` untimed passes of the first batch on each; within a
+    run the two alternate batch by batch, who goes first swapping every batch (ABBA), so drift hits both alike.
+
+    Returns {"speedup", "speedup_per_run", "mean_accepted_length", "with_mtp", "without_mtp"}: speedup is the
+    ratio of tokens/s measured in this same call; with_mtp is summarize + acceptance_stats, without_mtp summarize."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"--runs {runs} / warm-up {warmup}: need runs >= 1 and warm-up >= 0")
+    groups = batches(prompts, batch_size)
+    for _ in range(warmup):
+        timed(mtp, groups[0], params)
+        timed(plain, groups[0], params)
+    a: list[Run] = []
+    b: list[Run] = []
+    per_run = []
+    with _bar(2 * runs * len(groups), "bench latency") as bar:
+        for r in range(runs):
+            ra, rb = [], []
+            for i, g in enumerate(groups):
+                for which in ((0, 1) if (r * len(groups) + i) % 2 == 0 else (1, 0)):
+                    (ra if which == 0 else rb).append(timed(mtp if which == 0 else plain, g, params))
+                    bar.update()
+            per_run.append(summarize(ra)["tokens_per_s"] / max(summarize(rb)["tokens_per_s"], 1e-12))
+            a += ra
+            b += rb
+    with_mtp = summarize(a) | acceptance_stats([m for run in a for m in run.metrics])
+    without = summarize(b)
+    return {"speedup": with_mtp["tokens_per_s"] / max(without["tokens_per_s"], 1e-12), "speedup_per_run": per_run,
+            "mean_accepted_length": with_mtp["mean_accepted_length"],
+            "with_mtp": with_mtp | spec_dict(mtp.speculative), "without_mtp": without | spec_dict(None)}
+
+
+def acceptance_stats(metrics: list[Metrics]) -> dict:
+    """Acceptance per draft depth over every verify step (the prefill verifies nothing and is left out).
+
+    acceptance_rate_per_position[d]: share of verify steps whose depth-d draft was accepted (acceptance is a prefix,
+    so the curve never rises); conditional_acceptance_rate_per_position[d]: the same given depth d-1 was accepted;
+    accepted_length_histogram[L]: verify steps that emitted L tokens (L - 1 accepted drafts plus the bonus)."""
+    k = max((len(m.accepted_per_position) for m in metrics), default=0)
+    steps = sum(max(m.num_steps - 1, 0) for m in metrics)
+    at_least = [steps] + [sum(m.accepted_per_position[d] for m in metrics if d < len(m.accepted_per_position))
+                          for d in range(k)]
+    drafted = sum(m.num_drafted for m in metrics)
+    tokens = sum(m.num_generated for m in metrics)
+    return {
+        "mean_accepted_length": tokens / max(1, sum(m.num_steps for m in metrics)),
+        "acceptance_rate": sum(m.num_accepted for m in metrics) / drafted if drafted else None,
+        "acceptance_rate_per_position": [n / steps if steps else 0.0 for n in at_least[1:]],
+        "conditional_acceptance_rate_per_position": [n / p if p else 0.0 for p, n in zip(at_least, at_least[1:])],
+        "accepted_length_histogram": {str(a + 1): at_least[a] - (at_least[a + 1] if a < k else 0)
+                                      for a in range(k + 1)},
+        "num_verify_steps": steps, "num_tokens": tokens, "num_requests": len(metrics),
+    }
+
+
+def sweep(llm: LLM, specs: list[SpecConfig | None], prompts: list[str | list[int]], params: SamplingParams,
+          seed: int = 0, batch_size: int = 1, runs: int = 1) -> list[dict]:
+    """Every configuration over the same requests (each warmed up on the first batch; configurations take turns
+    batch by batch, the order rotating). One dict per configuration: spec_dict + summarize + acceptance_stats."""
+    llms = [with_speculative(llm, s, seed) for s in specs]
+    groups = batches(prompts, batch_size)
+    for x in llms:
+        timed(x, groups[0], params)
+    results: list[list[Run]] = [[] for _ in llms]
+    with _bar(runs * len(groups) * len(llms), "bench sweep") as bar:
+        for r in range(runs):
+            for i, g in enumerate(groups):
+                shift = (r * len(groups) + i) % len(llms)
+                for j in list(range(shift, len(llms))) + list(range(shift)):
+                    results[j].append(timed(llms[j], g, params))
+                    bar.update()
+    return [spec_dict(s) | acceptance_stats([m for run in res for m in run.metrics]) | summarize(res)
+            for s, res in zip(specs, results)]

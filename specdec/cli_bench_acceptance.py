@@ -1,0 +1,132 @@
+"""`specdec bench acceptance`: how far MTP drafts get: the acceptance rate at each draft position, the histogram of
+tokens emitted per verify step, and the mean accepted length; --sweep measures a small grid of draft shapes
+(depth k, topk, node budget) and names the fastest; --plot draws the per-position curves (needs matplotlib).
+
+Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (EOS ignored), greedy unless
+--temperature is set. Without --input-file, the built-in held-out prompts (specdec.prompts) are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import cli_common as common
+from .benchmark import SWEEP_GRID, spec_dict, sweep
+
+
+def _name(row: dict) -> str:
+    if not row["mtp"]:
+        return "no MTP"
+    return f"k={row['num_speculative_tokens']} topk={row['topk']} budget={row['num_draft_tokens']}"
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def format_positions(row: dict) -> str:
+    rows = [[str(d + 1), f"{a:.1%}", f"{c:.1%}"] for d, (a, c) in
+            enumerate(zip(row["acceptance_rate_per_position"], row["conditional_acceptance_rate_per_position"]))]
+    return common.format_table(["draft position", "accepted", "given previous accepted"], rows)
+
+
+def format_histogram(row: dict) -> str:
+    hist = row["accepted_length_histogram"]
+    total = max(1, sum(hist.values()))
+    rows = [[n, str(c), f"{c / total:.1%}", "#" * round(40 * c / total)] for n, c in hist.items()]
+    return common.format_table(["tokens per verify step", "steps", "share", ""], rows, align="lrrl")
+
+
+def format_sweep(rows: list[dict], best: dict) -> str:
+    table = [[_name(r) + (" *" if r is best else ""), f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+              f"{r['mean_accepted_length']:.2f}", _rate(r["acceptance_rate"])]
+             for r in sorted(rows, key=lambda r: -r["tokens_per_s"])]
+    head = ["configuration", "tokens/s", "vs no MTP", "mean accepted length", "acceptance rate"]
+    return (f"{common.format_table(head, table)}\nfastest: {_name(best)}, {best['tokens_per_s']:.1f} tokens/s, "
+            f"{best['speedup']:.2f}x over no MTP")
+
+
+def check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'specdec[plot]'") from None
+
+
+def plot(rows: list[dict], out: str, title: str) -> None:
+    """Acceptance rate per draft position, one line per MTP configuration, written to `out` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["mtp"]:
+            y = r["acceptance_rate_per_position"]
+            ax.plot(range(1, len(y) + 1), y, marker="o", label=_name(r))
+    ax.set(xlabel="draft position", ylabel="share of verify steps accepted", ylim=(0, 1), title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_output(args.json, "--json")
+    common.check_output(args.plot, "--plot")
+    if args.plot:
+        check_matplotlib()
+    prompts = common.load_prompts(args)
+    params = common.sampling_params(args)
+    spec = common.spec_config(args)
+    llm = common.load_llm(args, spec)
+    common.check_prompts(prompts, llm)
+    specs = [spec, None, *(s for s in SWEEP_GRID if spec_dict(s) != spec_dict(spec))] if args.sweep else [spec]
+    rows = sweep(llm, specs, [p.prompt for p in prompts], params, args.seed, args.batch_size)
+    main = rows[0]
+    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+    print(f"bench acceptance: {len(prompts)} requests ({args.input_file or 'built-in held-out prompts'}), "
+          f"{args.max_tokens} tokens each, {mode}, {common.describe(spec)}")
+    print(format_positions(main))
+    print(format_histogram(main))
+    print(f"mean accepted length {main['mean_accepted_length']:.2f} | acceptance rate "
+          f"{_rate(main['acceptance_rate'])} | {main['tokens_per_s']:.1f} tokens/s")
+    result = {"mean_accepted_length": main["mean_accepted_length"],
+              "acceptance_rate_per_position": main["acceptance_rate_per_position"], "config": spec_dict(spec),
+              **{k: v for k, v in main.items() if k not in ("mtp", "num_speculative_tokens", "topk",
+                                                              "num_draft_tokens")},
+              "max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.sweep:
+        plain = rows[1]["tokens_per_s"]
+        for r in rows:
+            r["speedup"] = r["tokens_per_s"] / max(plain, 1e-12)
+        best = max((r for r in rows if r["mtp"]), key=lambda r: r["tokens_per_s"])
+        print(format_sweep(rows, best))
+        result |= {"sweep": rows, "best": best}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot, f"MTP acceptance, {len(prompts)} requests, {mode}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("acceptance", help="acceptance per draft position, accepted lengths, --sweep of draft shapes",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    common.add_input_args(p)
+    common.add_sampling_args(p, max_tokens=128, ignore_eos=True)
+    common.add_spec_args(p, no_mtp=False)
+    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"also measure no MTP and {len(SWEEP_GRID)} draft shapes (chains k=1..4, trees of topk 2); "
+                        "report the fastest")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the results as JSON: mean_accepted_length, acceptance_rate_per_position, ...")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw acceptance per draft position (matplotlib)")
+    p.set_defaults(func=run)

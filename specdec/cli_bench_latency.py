@@ -1,0 +1,72 @@
+"""`specdec bench latency`: the same requests with and without MTP on one loaded model, warmed up, interleaved
+batch by batch over --runs runs; reports tokens/s, ms/token, time to first token, mean accepted length and the
+speedup measured in this same run.
+
+Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (EOS ignored), greedy unless
+--temperature is set. Without --input-file, the built-in held-out prompts (specdec.prompts) are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import cli_common as common
+from .benchmark import latency_ab, with_speculative
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(r: dict, header: str | None = None) -> str:
+    rows = [[name, _fmt(s["tokens_per_s"], ".1f"), _fmt(s["ms_per_token"], ".2f"), _fmt(s["ttft_ms"], ".1f"),
+             _fmt(s["mean_accepted_length"], ".2f"), _fmt(s["acceptance_rate"], ".1%")]
+            for name, s in (("with MTP", r["with_mtp"]), ("without MTP", r["without_mtp"]))]
+    table = common.format_table(["", "tokens/s", "ms/token", "TTFT ms", "mean accepted length", "acceptance rate"],
+                                rows)
+    runs = " ".join(f"{x:.2f}x" for x in r["speedup_per_run"])
+    return "\n".join(filter(None, [header, table, f"speedup {r['speedup']:.2f}x (per run: {runs})"]))
+
+
+def describe_run(args: argparse.Namespace, n: int, spec_desc: str) -> str:
+    src = args.input_file or "built-in held-out prompts"
+    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+    return (f"bench latency: {n} requests ({src}), batch {args.batch_size}, {args.max_tokens} tokens each, {mode}, "
+            f"{args.runs} run(s), {spec_desc}")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_output(args.json, "--json")
+    prompts = common.load_prompts(args)
+    params = common.sampling_params(args)
+    spec = common.spec_config(args)
+    llm = common.load_llm(args, spec)
+    common.check_prompts(prompts, llm)
+    plain = with_speculative(llm, None, args.seed)
+    r = latency_ab(llm, plain, [p.prompt for p in prompts], params, runs=args.runs, warmup=args.num_iters_warmup,
+                   batch_size=args.batch_size)
+    r = {"speedup": r.pop("speedup"), "mean_accepted_length": r.pop("mean_accepted_length"), **r,
+         "num_prompts": len(prompts), "max_tokens": args.max_tokens, "temperature": args.temperature,
+         "batch_size": args.batch_size, "runs": args.runs}
+    print(format_report(r, describe_run(args, len(prompts), common.describe(spec))))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="tokens/s, ms/token, TTFT with and without MTP, and the speedup",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    common.add_input_args(p)
+    common.add_sampling_args(p, max_tokens=128, ignore_eos=True)
+    common.add_spec_args(p, no_mtp=False)
+    p.add_argument("--runs", type=int, default=3, help="timed passes over the requests (default 3)")
+    p.add_argument("--num-iters-warmup", type=int, default=1, metavar="N",
+                   help="untimed passes of the first batch per configuration (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the results as JSON: speedup, mean_accepted_length, with_mtp, without_mtp")
+    p.set_defaults(func=run)

@@ -1,0 +1,160 @@
+"""`specdec generate`: stream one prompt's text as the engine accepts tokens, or run a JSONL file of requests as one
+batch; either ends with a line of speculative-decoding statistics.
+
+    specdec generate --prompt "def fib(n):" --max-tokens 64
+    specdec generate --input-file requests.jsonl --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import TextIO
+
+from . import cli_common as common
+from .api import LLM
+from .outputs import Metrics, RequestOutput
+from .params import SamplingParams
+
+
+class Detokenizer:
+    """Incremental decoding (vLLM's prefix/read offsets): each push returns the text its tokens add, holding back an
+    incomplete UTF-8 sequence until a later token completes it. Without a tokenizer, token ids are the text."""
+
+    def __init__(self, tokenizer: object | None, skip: frozenset[int] = frozenset()):
+        self.tokenizer, self.skip = tokenizer, skip
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, new: list[int]) -> str:
+        new = [t for t in new if t not in self.skip]
+        if self.tokenizer is None:
+            return "".join(f" {t}" for t in new)
+        self.ids += new
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """The text held back so far (at the end of a stream an incomplete sequence renders as U+FFFD)."""
+        if self.tokenizer is None or self.read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
+
+def stream_steps(llm: LLM, prompt: str | list[int], params: SamplingParams) -> Iterator[tuple[list[int], Metrics]]:
+    """LLM.stream with the step boundaries kept: yields each step's new tokens and the request's running Metrics
+    (final once the iterator ends). In the rank 0 of a tensor-parallel group this process spawned, only LLM's own
+    calls reach the workers, so the whole output comes as one step from LLM.generate."""
+    if getattr(llm, "_driver", None) is not None:
+        out = llm.generate([prompt], params)[0]
+        yield out.token_ids, out.metrics
+        return
+    for step in llm._run([prompt], [params]):
+        for r, new in step:
+            yield new, r.metrics
+
+
+def hidden_ids(llm: LLM, params: SamplingParams) -> frozenset[int]:
+    """Tokens not rendered as text: the stop tokens that end a request (as RequestOutput.text leaves them out)."""
+    stop = set(params.stop_token_ids or ())
+    if not params.ignore_eos:
+        stop |= set(llm.config.eos_token_ids)
+    return frozenset(stop)
+
+
+def stream_text(llm: LLM, prompt: str | list[int], params: SamplingParams,
+                out: TextIO | None = None) -> tuple[list[int], Metrics, float]:
+    """Write the generated text to `out` (default: sys.stdout) as it is accepted; returns (token ids, metrics,
+    seconds)."""
+    out = out or sys.stdout
+    detok = Detokenizer(llm.tokenizer, hidden_ids(llm, params))
+    ids: list[int] = []
+    metrics = Metrics()
+    t0 = time.perf_counter()
+    for new, m in stream_steps(llm, prompt, params):
+        metrics = m
+        ids += new
+        text = detok.push(new)
+        if text:
+            out.write(text)
+            out.flush()
+    seconds = time.perf_counter() - t0
+    out.write(detok.flush())
+    return ids, metrics, seconds
+
+
+def stats_line(spec_desc: str, metrics: list[Metrics], seconds: float) -> str:
+    """'[MTP k=3 topk=1 budget=3] 64 tokens in 0.52 s, 123.1 tokens/s | mean accepted length 2.46 | ...'."""
+    tokens = sum(m.num_generated for m in metrics)
+    steps = sum(m.num_steps for m in metrics)
+    drafted, accepted = sum(m.num_drafted for m in metrics), sum(m.num_accepted for m in metrics)
+    parts = [f"[{spec_desc}] {tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s",
+             f"mean accepted length {tokens / max(steps, 1):.2f}"]
+    if drafted:
+        parts.append(f"acceptance rate {accepted / drafted:.1%}")
+    if len(metrics) > 1:
+        parts.append(f"{len(metrics)} requests")
+    return " | ".join(parts)
+
+
+def output_json(o: RequestOutput) -> dict:
+    return {"request_id": o.request_id, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+            "prompt_token_ids": o.prompt_token_ids, "metrics": o.metrics.as_dict()}
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.input_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --input-file F")
+    if args.prompt == "":
+        raise ValueError("--prompt: the prompt is empty")
+    if args.prompt is not None:
+        prompts = [common.Prompt(args.prompt, "--prompt")]
+    else:
+        prompts = common.read_requests(args.input_file)
+    params = common.sampling_params(args)
+    spec = common.spec_config(args)
+    llm = common.load_llm(args, spec)
+    common.check_prompts(prompts, llm)
+    if args.prompt is not None and not args.json:
+        ids, metrics, seconds = stream_text(llm, args.prompt, params)
+        print()
+        print(stats_line(common.describe(spec), [metrics], seconds))
+        return 0
+    t0 = time.perf_counter()
+    outs = llm.generate([p.prompt for p in prompts], params)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        for o in outs:
+            print(json.dumps(output_json(o)))
+        return 0
+    for o, p in zip(outs, prompts):
+        print(f"=== request {o.request_id} ({p.source}, {o.finish_reason})")
+        print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
+    print(stats_line(common.describe(spec), [o.metrics for o in outs], seconds))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text, speculatively with the MTP drafter unless --no-mtp",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, metavar="TEXT", help="one prompt, streamed as it is generated")
+    src.add_argument("--input-file", default=None, metavar="F",
+                     help='JSONL, one request a line: {"prompt": "..."} or {"prompt_token_ids": [...]}; run as '
+                          "one batch")
+    common.add_model_args(p)
+    common.add_sampling_args(p, max_tokens=64)
+    common.add_spec_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line per request: text, token_ids, finish_reason, metrics")
+    p.set_defaults(func=run)

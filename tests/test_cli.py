@@ -1,0 +1,248 @@
+"""`specdec generate / bench latency / bench acceptance / demo`: output shapes, streaming equal to batch output,
+one-line errors for bad flags and malformed JSONL, and the held-out prompt set. Tiny agreeable checkpoints (with a
+byte-level BPE tokenizer where text prompts are needed) and a handful of tokens keep it fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from models import agreeable_checkpoint
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from specdec.cli import main
+from specdec.cli_generate import Detokenizer
+from specdec.prompts import HELD_OUT, held_out_prompts
+
+VOCAB = 300  # 256 byte symbols + 2 specials + a few merges
+
+
+def _tokenizer(texts: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agreeable tiny checkpoint with a tokenizer, so text prompts and the built-in prompts work."""
+    path = agreeable_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", vocab_size=VOCAB)
+    _tokenizer(held_out_prompts()).save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Without a tokenizer: prompts must be token ids."""
+    return agreeable_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", seed=3)
+
+
+def jsonl(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
+    """Run main(argv), expecting a user error: exit code 2 (returned or raised by argparse) and one stderr line."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# --- generate ------------------------------------------------------------------------------------------------------
+
+def test_generate_json(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(ckpt), "--prompt", "def f(x):\n", "--max-tokens", "6", "--ignore-eos",
+                 "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert isinstance(r["text"], str) and len(r["token_ids"]) == 6 and r["finish_reason"] == "length"
+    m = r["metrics"]
+    assert m["num_generated"] == 6 and len(m["accepted_per_position"]) == 3
+    assert {"mean_accepted_length", "acceptance_rate", "first_token_time"} <= set(m)
+
+
+def test_generate_stream_equals_batch_and_plain(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The streamed text is the batch output's text; greedy MTP and --no-mtp agree; a stats line ends it."""
+    base = ["generate", "--model", str(ckpt), "--prompt", "import os\n", "--max-tokens", "12", "--ignore-eos"]
+    assert main([*base, "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    for extra, tag in (([], "[MTP k=2 topk=2 budget=3]"), (["--no-mtp"], "[no MTP]")):
+        spec = ["--num-speculative-tokens", "2", "--topk", "2", "--num-draft-tokens", "3"] if not extra else extra
+        assert main([*base, *spec]) == 0
+        out = capsys.readouterr().out
+        streamed, stats = out.removesuffix("\n").rsplit("\n", 1)
+        assert streamed == text
+        assert stats.startswith(tag) and "tokens/s" in stats and "mean accepted length" in stats
+        assert ("acceptance rate" in stats) == (not extra)
+
+
+def test_generate_input_file(ckpt_ids: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 5, 9, 200]}', "", '{"prompt_token_ids": [0, 7]}')
+    assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "4", "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["request_id"] for r in rows] == [0, 1]
+    assert rows[0]["prompt_token_ids"] == [0, 5, 9, 200] and rows[0]["text"] is None
+    assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "line 3" in out and "2 requests" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("lines, needles", [
+    (['{"prompt": "a"}', '{"prompt": "b"'], ["line 2", "not valid JSON"]),
+    (['{"prompt": "a"}', "", '{"text": "b"}'], ["line 3", "exactly one of"]),
+    (['{"prompt": "a", "prompt_token_ids": [1]}'], ["line 1", "exactly one of"]),
+    (['["a"]'], ["line 1", "exactly one of"]),
+    (['{"prompt_token_ids": [1, "2"]}'], ["line 1", "prompt_token_ids"]),
+    (['{"prompt_token_ids": []}'], ["line 1", "prompt_token_ids"]),
+    (['{"prompt": ""}'], ["line 1", "non-empty string"]),
+    ([""], ["no requests"]),
+])
+def test_jsonl_errors(lines: list[str], needles: list[str], ckpt_ids: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    f = jsonl(tmp_path / "bad.jsonl", *lines)
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], str(f), *needles)
+
+
+def test_input_errors_after_load(ckpt_ids: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Requests the model cannot take are named by line: text without a tokenizer, ids past the vocabulary."""
+    f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 1]}', '{"prompt_token_ids": [0, 999]}')
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], "line 2", "999")
+    f = jsonl(tmp_path / "t.jsonl", '{"prompt": "hello"}')
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], "line 1", "tokenizer")
+    one_line_error(capsys, ["bench", "latency", "--model", str(ckpt_ids)], "held-out prompt 0", "tokenizer")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--prompt", "x", "--input-file", "f"], "not allowed with"),
+    (["generate"], "exactly one of --prompt"),
+    (["generate", "--prompt", "x", "--bogus"], "unrecognized arguments"),
+    (["generate", "--prompt", "x", "--max-tokens", "two"], "invalid int value"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["generate", "--prompt", "x", "--topk", "0"], "topk"),
+    (["generate", "--prompt", "x", "--num-draft-tokens", "9"], "num_draft_tokens"),
+    (["generate", "--input-file", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+    (["generate", "--prompt", "x", "--model", "/nonexistent-ckpt"], "/nonexistent-ckpt"),
+    (["bench", "latency", "--json", "/no/such/dir/out.json"], "/no/such/dir"),
+    (["bench", "acceptance", "--model", "/nonexistent-ckpt"], "specdec bench acceptance: error"),
+    (["demo", "--model", "/nonexistent-ckpt"], "no checkpoint"),
+])
+def test_argument_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_error(capsys, argv, needle)
+
+
+def test_tp_passes_through(ckpt: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tp reaches LLM(tensor_parallel_size=...), which decides what it supports."""
+    one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--tp", "0"], "--tp 0")
+    seen = {}
+
+    def fake_llm(path: Path, **kw: object) -> None:
+        seen.update(kw)
+        raise ValueError("stopped")
+
+    monkeypatch.setattr("specdec.cli_common.LLM", fake_llm)
+    one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--tp", "2"], "stopped")
+    assert seen["tensor_parallel_size"] == 2
+
+
+def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
+    f = jsonl(tmp_path / "bad.jsonl", '{"prompt": "a"}', "{oops")
+    r = subprocess.run([sys.executable, "-m", "specdec", "generate", "--input-file", str(f)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "line 2" in r.stderr, r.stderr
+
+
+# --- bench ---------------------------------------------------------------------------------------------------------
+
+def test_bench_latency_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--model", str(ckpt), "--num-prompts", "2", "--max-tokens", "5", "--runs", "2",
+                 "--temperature", "0.7", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "with MTP" in table and "without MTP" in table and "speedup" in table
+    r = json.loads(out.read_text())
+    assert r["speedup"] > 0 and len(r["speedup_per_run"]) == 2
+    assert r["mean_accepted_length"] == r["with_mtp"]["mean_accepted_length"] >= 1
+    for side in ("with_mtp", "without_mtp"):
+        s = r[side]
+        assert s["num_requests"] == 4 and s["num_tokens"] == 20  # EOS ignored: exactly --max-tokens each
+        assert s["tokens_per_s"] > 0 and s["ms_per_token"] > 0 and s["ttft_ms"] > 0
+    assert r["without_mtp"]["mean_accepted_length"] == 1.0 and r["without_mtp"]["acceptance_rate"] is None
+    assert len(r["with_mtp"]["acceptance_rate_per_position"]) == 3
+
+
+def test_bench_acceptance_sweep_json(ckpt_ids: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 5, 9, 200, 17]}')
+    out = tmp_path / "acc.json"
+    assert main(["bench", "acceptance", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "8",
+                 "--sweep", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "draft position" in text and "tokens per verify step" in text and "fastest:" in text
+    r = json.loads(out.read_text())
+    rates = r["acceptance_rate_per_position"]
+    assert len(rates) == 3 and all(0 <= b <= a <= 1 for a, b in zip(rates, rates[1:]))
+    hist = r["accepted_length_histogram"]
+    assert list(hist) == ["1", "2", "3", "4"] and sum(hist.values()) == r["num_verify_steps"] > 0
+    accepted = sum((int(n) - 1) * c for n, c in hist.items())
+    assert accepted == round(r["acceptance_rate"] * 3 * r["num_verify_steps"])  # chain: 3 drafts per step
+    assert r["mean_accepted_length"] >= 1
+    assert len(r["sweep"]) == 9 and sum(not row["mtp"] for row in r["sweep"]) == 1
+    assert r["best"]["mtp"] and r["best"]["tokens_per_s"] == max(x["tokens_per_s"] for x in r["sweep"] if x["mtp"])
+
+
+def test_bench_acceptance_plot(ckpt_ids: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 5, 9]}')
+    argv = ["bench", "acceptance", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "4",
+            "--plot", str(tmp_path / "acc.png")]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # as if not installed
+        one_line_error(capsys, argv, "pip install 'specdec[plot]'")
+    pytest.importorskip("matplotlib")
+    assert main(argv) == 0
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- demo, prompts, detokenizer ------------------------------------------------------------------------------------
+
+def test_demo(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--model", str(ckpt), "--max-tokens", "6", "--num-prompts", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "textwrap.py" in out and "identical tokens with and without MTP: yes" in out
+    assert "speedup" in out and "mean accepted length" in out
+
+
+def test_held_out_prompts() -> None:
+    a, b = held_out_prompts(17), held_out_prompts(17)
+    assert a == b and len(a) == 17 and len(set(a)) == 17
+    assert all(200 <= len(p) <= 400 for p in a)
+    assert len(HELD_OUT) == 15 and a[:15] == held_out_prompts()
+    with pytest.raises(ValueError):
+        held_out_prompts(0)
+
+
+def test_detokenizer_holds_back_partial_utf8() -> None:
+    tok = _tokenizer(["plain ascii only"])  # so multi-byte characters split over byte tokens
+    text = "déjà vu ✓ — naïve 🙂 end"
+    ids = tok.encode(text).ids
+    d = Detokenizer(tok)
+    pieces = [d.push([t]) for t in ids]
+    assert "".join(pieces) + d.flush() == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
