@@ -39,6 +39,31 @@ def accept(tree: TokenTree, target_logits: torch.Tensor, p: torch.Tensor | None,
     """target_logits [B, N, V] main-model logits at each node; p [B, N, V] processed target probabilities
     (None if every row is greedy); q [B, R, V] draft distributions indexed by tree.q_row (None if all greedy);
     greedy [B] bool; u_accept [B, D, W] and u_bonus [B] uniforms in [0, 1)."""
+    if p is None and relaxed is None:
+        return accept_greedy(tree, target_logits, max_depth)
+    return accept_walk(tree, target_logits, p, q, greedy, u_accept, u_bonus, max_depth, relaxed)
+
+
+def accept_greedy(tree: TokenTree, target_logits: torch.Tensor, max_depth: int) -> Acceptance:
+    """All rows greedy, vectorized: a node is accepted iff it and each of its ancestors equals the target's
+    argmax at its parent; the deepest accepted node ends the path (siblings differ, so it is unique)."""
+    top1 = target_logits.argmax(-1)  # [B, N]
+    match = tree.tokens == top1.gather(1, tree.parents.clamp(min=0))
+    match[:, 0] = True
+    ok = ~(tree.mask & ~match[:, None, :]).any(-1)  # [B, N] the whole root-to-node path matches
+    best = torch.where(ok, tree.depth, -1).argmax(-1)  # [B]
+    rows = torch.arange(best.shape[0], device=best.device)
+    on_path = tree.mask[rows, best]  # [B, N]
+    d = torch.arange(max_depth + 1, device=best.device)
+    hit = on_path[:, None, :] & (tree.depth[:, None, :] == d[None, :, None])  # [B, D+1, N]
+    path = torch.where(hit.any(-1), hit.float().argmax(-1), -1)
+    return Acceptance(path, tree.depth[rows, best], top1[rows, best])
+
+
+def accept_walk(tree: TokenTree, target_logits: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None,
+                greedy: torch.Tensor, u_accept: torch.Tensor, u_bonus: torch.Tensor, max_depth: int,
+                relaxed: Relaxed | None = None) -> Acceptance:
+    """The general walk, level by level and sibling by sibling (sampling, mixed and relaxed batches)."""
     b, n = tree.tokens.shape
     dev = tree.tokens.device
     rows = torch.arange(b, device=dev)

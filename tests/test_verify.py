@@ -92,3 +92,23 @@ def test_relaxed_acceptance_is_opt_in_and_lossy():
     assert accept(tree, logits, *args, relaxed=Relaxed(topk=2, delta=0.5)).num_accepted.item() == 1
     assert accept(tree, logits, *args, relaxed=Relaxed(topk=2, delta=0.1)).num_accepted.item() == 0
     assert accept(tree, logits, *args, relaxed=Relaxed(topk=1, delta=5.0)).num_accepted.item() == 0
+
+
+def test_vectorized_greedy_equals_the_walk():
+    from specdec.verify import accept_greedy, accept_walk
+
+    g = torch.Generator().manual_seed(torch.randint(1 << 30, (1,)).item())
+    for w, budget in [(1, 2), (2, 3), (3, 5), (4, 6)]:
+        b = 64
+        q = _random_dists(b, 2, g, sharp=3.0)
+        tree, _ = _tree_from_q(q[:, 0], q[:, 1], w, budget, g)
+        # targets that often agree with the drafts: sharpen towards the drafted tokens
+        n = tree.num_nodes
+        logits = torch.randn(b, n, V, generator=g)
+        logits.scatter_add_(2, tree.tokens[:, None, :].expand(b, n, n), 2 * torch.rand(b, n, n, generator=g))
+        fast = accept_greedy(tree, logits, 2)
+        slow = accept_walk(tree, logits, None, None, torch.ones(b, dtype=torch.bool), torch.zeros(b, 2, w),
+                           torch.zeros(b), 2)
+        assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus)
+        assert torch.equal(fast.num_accepted, slow.num_accepted)
+        assert 0 < fast.num_accepted.sum() < 2 * b
