@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="which held-out prompt (needs tokenizer.json; else 48 seeded random ids)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration, best taken (default 3)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch decides)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     n = args.max_tokens

@@ -114,10 +114,12 @@ def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]], params: Sam
     per_run = []
     with _bar(2 * runs * len(groups), "bench latency") as bar:
         for r in range(runs):
-            ra, rb = [], []
+            ra: list[Run] = []
+            rb: list[Run] = []
+            pair = ((mtp, ra), (plain, rb))
             for i, g in enumerate(groups):
-                for which in ((0, 1) if (r * len(groups) + i) % 2 == 0 else (1, 0)):
-                    (ra if which == 0 else rb).append(timed(mtp if which == 0 else plain, g, params))
+                for x, out in pair if (r * len(groups) + i) % 2 == 0 else pair[::-1]:
+                    out.append(timed(x, g, params))
                     bar.update()
             per_run.append(summarize(ra)["tokens_per_s"] / max(summarize(rb)["tokens_per_s"], 1e-12))
             a += ra

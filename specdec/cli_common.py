@@ -18,7 +18,7 @@ from .params import SamplingParams, SpecConfig
 from .prompts import HELD_OUT, held_out_prompts
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL),
                    help="checkpoint directory in the released layout (default: the bundled demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -28,8 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel ranks (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="kernel backend (default auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; small models on a busy CPU run fastest on 1)")
+    p.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help=f"CPU threads for torch (default: {threads or 'torch decides'}; a small model on a busy CPU "
+                        "runs fastest on 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, ignore_eos: bool = False) -> None:

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="stream a held-out prompt with and without MTP, then the speedup",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_args(p)
+    # one thread: the bundled model is too small to gain from intra-op threads, and on a busy CPU they cost ~10x
+    common.add_model_args(p, threads=1)
     p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate per prompt (default 96)")
     p.add_argument("--num-speculative-tokens", type=int, default=SpecConfig().num_speculative_tokens, metavar="K",
                    help=f"MTP draft steps per verify step (default {SpecConfig().num_speculative_tokens})")
