@@ -10,7 +10,7 @@ from specdec.kernels.backend import Backend
 from torch import nn
 
 from .config import ModelConfig
-from .parallel import DistInfo, all_gather_last, all_reduce
+from .parallel import DistInfo
 
 
 class RMSNorm(nn.Module):
@@ -56,13 +56,15 @@ class Linear(nn.Module):
 def make_linear(cfg: ModelConfig, in_f: int, out_f: int, *, dtype: torch.dtype, backend: Backend,
                 keep_fp8: bool, shard_dim: int | None = None, dist: DistInfo | None = None,
                 quantized: bool = True, what: str = "linear") -> Linear:
-    """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks."""
+    """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks.
+    Raises ValueError naming `what` when the split is uneven or would cut an FP8 scale block."""
     if dist is not None and shard_dim is not None and dist.world_size > 1:
         block = (cfg.fp8.block_n if shard_dim == 0 else cfg.fp8.block_k) if (cfg.fp8 and quantized) else 1
         n = out_f if shard_dim == 0 else in_f
         start, end = dist.shard(n, what)
-        if start % block:
-            raise ValueError(f"{what}: a {dist.world_size}-way split of {n} cuts FP8 {block}-blocks")
+        if (end - start) % block:  # the same test on every rank: each share starts on a block boundary
+            raise ValueError(f"{what}: a {dist.world_size}-way split of {n} into parts of {end - start} cuts "
+                             f"FP8 {block}-blocks")
         if shard_dim == 0:
             out_f = end - start
         else:
@@ -77,18 +79,18 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
         super().__init__()
         self.start, self.end = dist.shard(vocab, "embed_tokens (vocab_size)")
-        self.world = dist.world_size
+        self.dist = dist
         self.weight = nn.Parameter(torch.empty(self.end - self.start, dim, dtype=dtype), requires_grad=False)
         self.weight.shard_dim = 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
+        if self.dist.world_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
         y = y.masked_fill(outside[..., None], 0)
-        return all_reduce(y)
+        return self.dist.all_reduce(y)
 
 
 class VocabHead(nn.Module):
@@ -97,11 +99,12 @@ class VocabHead(nn.Module):
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
         super().__init__()
         start, end = dist.shard(vocab, "lm_head (vocab_size)")
+        self.dist = dist
         self.weight = nn.Parameter(torch.empty(end - start, dim, dtype=dtype), requires_grad=False)
         self.weight.shard_dim = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return all_gather_last(F.linear(h, self.weight).float())
+        return self.dist.all_gather_last(F.linear(h, self.weight).float())
 
 
 class Rope(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm, Rope, make_linear
-from .parallel import DistInfo, all_reduce
+from .parallel import DistInfo
 
 MLA_MODES = ("auto", "naive", "absorbed")
 
@@ -24,7 +24,7 @@ class MLA(nn.Module):
         super().__init__()
         if mode not in MLA_MODES:
             raise ValueError(f"mla_mode={mode!r}: choose one of {MLA_MODES}")
-        self.cfg, self.backend, self.rope, self.mode = cfg, backend, rope, mode
+        self.cfg, self.backend, self.rope, self.mode, self.dist = cfg, backend, rope, mode, dist
         h0, h1 = dist.shard(cfg.num_attention_heads, "num_attention_heads")
         self.n_heads = h1 - h0
         lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist)
@@ -75,7 +75,7 @@ class MLA(nn.Module):
 
         naive = self.mode == "naive" or (self.mode == "auto" and not any(meta.host_ctx_lens))
         o = self._naive(q_nope, q_pe, kv_cache, meta) if naive else self._absorbed(q_nope, q_pe, kv_cache, meta)
-        return all_reduce(self.o_proj(o.reshape(t, -1).to(x.dtype)))
+        return self.dist.all_reduce(self.o_proj(o.reshape(t, -1).to(x.dtype)))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                meta: AttnMeta) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import make_linear
-from .parallel import DistInfo, all_reduce
+from .parallel import DistInfo
 
 
 class MLP(nn.Module):
@@ -18,6 +18,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int, inter: int, dtype: torch.dtype, backend: Backend,
                  keep_fp8: bool, dist: DistInfo | None, what: str):
         super().__init__()
+        self.dist = dist or DistInfo()
         lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist)
         self.gate_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.gate_proj", **lin)
         self.up_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.up_proj", **lin)
@@ -29,7 +30,7 @@ class MLP(nn.Module):
 
 class DenseMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(super().forward(x))
+        return self.dist.all_reduce(super().forward(x))
 
 
 class Gate(nn.Module):
@@ -80,7 +81,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool, dist: DistInfo):
         super().__init__()
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend, self.dist = cfg, backend, dist
         self.e0, e1 = dist.shard(cfg.n_routed_experts, "n_routed_experts (expert parallel)")
         self.n_local = e1 - self.e0
         self.gate = Gate(cfg)
@@ -110,4 +111,4 @@ class MoE(nn.Module):
         y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return all_reduce(y)
+        return self.dist.all_reduce(y)  # the one all-reduce of the layer: routed and shared together

@@ -1,8 +1,16 @@
-"""Tensor/expert parallel state: set once, read through `get_dist()`; collectives are no-ops on one rank."""
+"""Tensor/expert parallel state and its collectives.
+
+A process joins a group once, through `init_distributed` (which sets torch.distributed and the DistInfo
+together), and reads its place through `get_dist()`. Layers are built with a DistInfo and call its collectives
+(`dist.all_reduce(x)`, ...), which are no-ops on one rank, so a single-rank model never touches torch.distributed
+even in a process that also hosts a tensor-parallel one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,41 +18,100 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in a tensor-parallel group (rank 0 of 1 outside any)."""
+
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # its device index on this node (CUDA)
+    group: Any = field(default=None, compare=False, repr=False)  # torch.distributed ProcessGroup; None = WORLD
 
     def shard(self, n: int, what: str) -> tuple[int, int]:
-        """[start, end) of this rank's equal share of n items; raises if n does not divide."""
+        """[start, end) of this rank's equal share of n items; raises ValueError naming `what` if n does not
+        divide evenly."""
         if n % self.world_size:
             raise ValueError(f"{what}: {n} does not divide evenly over tensor_parallel_size={self.world_size}")
         k = n // self.world_size
         return self.rank * k, (self.rank + 1) * k
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks, in place; returns x (every rank gets the same bits)."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dim, in rank order (vocab-parallel logits)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite x with rank src's x, in place; returns x. Decisions made on one rank travel this way."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=src, group=self.group)
+        return x
 
 
 _DIST = DistInfo()
 
 
 def get_dist() -> DistInfo:
+    """This process's DistInfo: the group it joined, else single-rank."""
     return _DIST
 
 
 def set_dist(info: DistInfo) -> None:
-    """Called once per process by the launcher, before any model is built."""
+    """Record the group this process joined (`init_distributed` and adopting a caller's group do this), or reset
+    to single-rank. Raises RuntimeError when a group is already recorded: a process joins one group at a time."""
     global _DIST
+    if info.world_size > 1 and _DIST.world_size > 1:
+        raise RuntimeError(f"this process is already rank {_DIST.rank} of a {_DIST.world_size}-rank group")
     _DIST = info
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _DIST.world_size == 1:
-        return x
-    dist.all_reduce(x)
-    return x
+def default_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for CPU ones."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def all_gather_last(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's x along the last dim (vocab-parallel logits)."""
-    if _DIST.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_DIST.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+def init_distributed(world_size: int, rank: int, backend: str | None = None, init_method: str | None = None, *,
+                     store: dist.Store | None = None, local_rank: int | None = None,
+                     timeout: timedelta | None = None) -> DistInfo:
+    """Join a `world_size`-rank group as `rank`: torch.distributed's default process group and this process's
+    DistInfo, both at once. Returns the DistInfo (also from `get_dist()`).
+
+    backend: "nccl" or "gloo" (default: nccl when CUDA is available); NCCL ranks use cuda:local_rank (default:
+    rank). Rendezvous through `store` if given, else `init_method` (default "env://", as torchrun sets it).
+    Raises ValueError for a rank outside [0, world_size), RuntimeError when this process is already in a group.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    if dist.is_initialized() or _DIST.world_size > 1:
+        raise RuntimeError("torch.distributed is already initialized in this process: call shutdown_distributed() "
+                           "before joining another group")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = rank if local_rank is None else local_rank
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    where = {"store": store} if store is not None else {"init_method": init_method or "env://"}
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **where)
+    info = DistInfo(rank, world_size, local_rank, dist.group.WORLD)
+    set_dist(info)
+    return info
+
+
+def adopt_distributed(local_rank: int) -> DistInfo:
+    """Record a default process group the caller initialized itself as this process's DistInfo."""
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+    set_dist(info)
+    return info
+
+
+def shutdown_distributed() -> None:
+    """Leave the group: destroy the default process group (if any) and reset DistInfo to single-rank."""
+    global _DIST
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _DIST = DistInfo()

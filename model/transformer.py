@@ -84,7 +84,7 @@ class DeepseekV3(nn.Module):
                  keep_fp8: bool = False, dist: DistInfo | None = None, mla_mode: str = "auto"):
         super().__init__()
         dist = dist or DistInfo()
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.dist = cfg, dtype, dist
         self.model = Body(cfg, dtype, backend or Backend(), keep_fp8, dist, mla_mode)
         self.lm_head = VocabHead(cfg.vocab_size, cfg.hidden_size, dtype, dist)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from .distributed import collective, join
 from .engine import Engine
 from .kernels.backend import Backend
 from .kernels.mla import AttnMeta, causal_tree_mask
@@ -29,7 +31,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 class LLM:
-    """DeepSeek-V3 (+ MTP drafter) loaded from a checkpoint directory in the released layout."""
+    """DeepSeek-V3 (+ MTP drafter) loaded from a checkpoint directory in the released layout.
+
+    tensor_parallel_size=N splits the model over N ranks (attention heads, MLP widths and the vocabulary split,
+    routed experts spread whole; see specdec/distributed.py). Under torchrun every rank builds the LLM and makes
+    the same calls. Otherwise this process becomes rank 0 and starts N-1 workers on this node that follow its
+    calls; `close()` (or `with LLM(...) as llm:`, or exit) stops them. Output does not depend on N.
+    """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
@@ -38,20 +46,46 @@ class LLM:
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype)
-        self.backend = Backend.resolve(backend, self.device)
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
-        self.speculative = speculative
-        keep_fp8 = self.backend.name != "torch"
-        self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device, backend=self.backend,
-                                            keep_fp8=keep_fp8, mla_mode=mla_mode, progress=progress)
-        self.config = self.model.cfg
-        if speculative is not None and self.config.num_nextn_predict_layers == 0:
-            raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0); "
-                             "pass speculative=None")
-        tok = self.path / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(str(tok)) if tok.is_file() else None
-        self.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        self.tp = join(tensor_parallel_size, self.device, dict(
+            model=self.path, dtype=dtype, device=self.device.type, speculative=speculative, backend=backend,
+            tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode, seed=seed))
+        self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
+        if self._driver is not None:
+            weakref.finalize(self, self._driver.close)
+        self.device = self.tp.device
+        try:
+            self.backend = Backend.resolve(backend, self.device)
+            self.speculative = speculative
+            keep_fp8 = self.backend.name != "torch"
+            self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device,
+                                                backend=self.backend, keep_fp8=keep_fp8, dist=self.tp.dist,
+                                                mla_mode=mla_mode, progress=progress)
+            self.config = self.model.cfg
+            if speculative is not None and self.config.num_nextn_predict_layers == 0:
+                raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0); "
+                                 "pass speculative=None")
+            tok = self.path / "tokenizer.json"
+            self.tokenizer = Tokenizer.from_file(str(tok)) if tok.is_file() else None
+            self.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
+            if self._driver is not None:
+                self._driver.ready()
+        except BaseException:
+            if self._driver is not None:
+                self._driver.abandon("rank 0 failed to build its shard")
+            raise
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers this LLM started (idempotent; nothing to do otherwise)."""
+        if self._driver is not None:
+            self._driver.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_ids(self, token_ids: list[int], what: str = "token_ids") -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -94,6 +128,7 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
         return self.engine.run(ids, list(params))
 
+    @collective
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt together (speculatively unless speculative=None); one RequestOutput per prompt."""
@@ -104,18 +139,21 @@ class LLM:
         return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
                               self._decode(r.generated, r.stop_ids)) for r in (reqs[i] for i in sorted(reqs))]
 
+    @collective
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Yield one request's tokens as they are accepted (several per step when drafts are accepted)."""
         for step in self._run([prompt], [params or SamplingParams()]):
             for _, new in step:
                 yield from new
 
+    @collective
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 [T, vocab]: the main model's logits at every position."""
         hidden, _ = self._prefill(self._check_ids(token_ids))
         return self.model.logits(hidden).cpu()
 
+    @collective
     @torch.inference_mode()
     def mtp_logits(self, token_ids: list[int], depth: int = 0) -> torch.Tensor:
         """float32 [T-1-depth, vocab]. Row i is MTP layer `depth`'s logits for token i+2+depth, chaining layers

@@ -139,7 +139,8 @@ class Engine:
         hidden = self.model(ids, pos, meta, main_cache)
         last = torch.tensor(lens, device=dev).cumsum(0) - 1
         sb = self._sampling(reqs)
-        first = self._sample_first(self.model.logits(hidden[last]), sb).tolist()  # sync
+        # under tensor parallelism rank 0 decides (a no-op on one rank), so every rank commits the same tokens
+        first = self.model.dist.broadcast(self._sample_first(self.model.logits(hidden[last]), sb)).tolist()  # sync
         t1 = time.perf_counter()
         emitted = []
         for r, tok, n in zip(reqs, first, lens):
@@ -212,7 +213,8 @@ class Engine:
         u_bonus = sb.uniform(()) if sb.any_sampled else torch.zeros(b, device=dev)
         acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
-        host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None]], 1).tolist()  # sync
+        host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None]], 1)
+        host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
         t2 = time.perf_counter()
 
         emitted, src, dst, cont, ext_hidden, n_rows = [], [], [], [], [], []

@@ -1,0 +1,189 @@
+"""Tensor/expert parallelism on CPU (gloo): N ranks give one rank's logits and tokens, each rank loads only its
+slices, bad splits fail before any process starts, and a dead worker is an error, never a hang.
+
+The spawned groups (2 and 3 ranks, this process as rank 0) are module fixtures shared by the tests; the last test of
+each group stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from models import agreeable_checkpoint
+from specdec.model import DeepseekV3, ModelConfig, load_model
+from specdec.model.checkpoint import checkpoint_manifest, tiny_config
+from specdec.model.loader import Checkpoint
+from specdec.model.parallel import DistInfo, get_dist
+from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
+
+from specdec import LLM, SpecConfig
+from specdec.cli_inspect import weight_bytes_per_rank
+from specdec.distributed import TensorParallelError
+
+# divisible by 2 and 3: 6 heads, 6 experts, vocab 264, MLP widths on 8-blocks
+SHAPE = dict(vocab_size=264, num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6,
+             moe_intermediate_size=48)
+FP8 = lambda block: {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                     "weight_block_size": [block, block]}
+TREE = SpecConfig(num_speculative_tokens=3, topk=2)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return agreeable_checkpoint(tmp_path_factory.mktemp("tp"), seed=0, noise=0.14, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def single(ckpt: Path) -> LLM:
+    return LLM(ckpt, dtype="float32", speculative=TREE)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
+def tp(request: pytest.FixtureRequest, ckpt: Path):
+    llm = LLM(ckpt, dtype="float32", speculative=TREE, tensor_parallel_size=request.param)
+    yield llm
+    llm.close()
+
+
+# -- in process: sharded loading and bad splits (no group needed: building and loading use no collective) ------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("quant", [None, FP8(8)], ids=["bf16", "fp8"])
+def test_each_rank_reads_only_its_slices(make_checkpoint, monkeypatch: pytest.MonkeyPatch, world: int,
+                                         quant: dict | None) -> None:
+    """Every rank reads exactly the bytes `specdec inspect` counts for one rank, and its parameters are its slice
+    of the one-rank model's (FP8 weights and their block scales included)."""
+    ck = make_checkpoint(quantization_config=quant, **SHAPE) if quant else make_checkpoint(**SHAPE)
+    full = load_model(ck, dtype=torch.float32, keep_fp8=True, progress=False).state_dict()
+    cfg = Checkpoint(ck).config
+    expect = weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), world)
+    read = Checkpoint.read
+    for rank in range(world):
+        nbytes = []
+
+        def counting(self, *args, nbytes=nbytes, **kwargs):
+            t = read(self, *args, **kwargs)
+            nbytes.append(t.numel() * t.element_size())
+            return t
+
+        monkeypatch.setattr(Checkpoint, "read", counting)
+        part = load_model(ck, dtype=torch.float32, keep_fp8=True, dist=DistInfo(rank, world), progress=False)
+        monkeypatch.setattr(Checkpoint, "read", read)
+        assert sum(nbytes) == expect, (rank, sum(nbytes), expect)
+        for name, p in part.state_dict().items():
+            q = full[name]
+            split = [d for d in range(q.dim()) if p.shape[d] != q.shape[d]]
+            if split:
+                (d,), k = split, p.shape[split[0]]
+                assert q.shape[d] == world * k, name
+                q = q.narrow(d, rank * k, k)
+            same = torch.equal(p.view(torch.uint8), q.view(torch.uint8)) if p.dtype == torch.float8_e4m3fn \
+                else torch.equal(p, q)
+            assert same, (rank, name)
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (dict(vocab_size=264), 3, "num_attention_heads: 4 does not divide evenly over tensor_parallel_size=3"),
+    (dict(SHAPE, n_routed_experts=8), 3, "n_routed_experts .*8 does not divide evenly"),
+    (dict(SHAPE, vocab_size=256), 3, r"embed_tokens \(vocab_size\): 256 does not divide"),
+    (dict(SHAPE, quantization_config=FP8(16)), 2, "q_b_proj: a 2-way split of 144 into parts of 72 cuts FP8 16-blocks"),
+    (dict(SHAPE, quantization_config=FP8(32)), 3, "cuts FP8 32-blocks"),
+], ids=["heads", "experts", "vocab", "fp8-block", "fp8-block-3"])
+def test_bad_splits_raise_clearly(overrides: dict, world: int, match: str) -> None:
+    cfg = ModelConfig.from_dict(tiny_config(**overrides))
+    for rank in range(world):  # every rank refuses alike (rank 0's share always starts on a block boundary)
+        with torch.device("meta"), pytest.raises(ValueError, match=match):
+            DeepseekV3(cfg, dist=DistInfo(rank, world))
+
+
+def test_llm_refuses_a_bad_split_before_starting_workers(make_checkpoint) -> None:
+    import multiprocessing as mp
+
+    ck = make_checkpoint(vocab_size=264, num_shards=1)  # 4 heads
+    with pytest.raises(ValueError, match="num_attention_heads: 4 does not divide evenly over tensor_parallel"):
+        LLM(ck, dtype="float32", tensor_parallel_size=3)
+    assert not mp.active_children() and get_dist() == DistInfo() and not dist.is_initialized()
+
+
+# -- spawned groups: this process is rank 0 ----------------------------------------------------------------------
+
+
+def test_logits_equal_one_rank(tp: LLM, single: LLM) -> None:
+    ids = PROMPTS[0] + PROMPTS[2]
+    assert rel_err(tp.logits(ids), single.logits(ids)) < 1e-5
+    assert rel_err(tp.mtp_logits(ids), single.mtp_logits(ids)) < 1e-5
+
+
+def test_greedy_tree_speculation_equals_one_rank(tp: LLM, single: LLM) -> None:
+    out, ref = tp.generate(PROMPTS, GREEDY), single.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    assert [o.metrics.num_accepted for o in out] == [r.metrics.num_accepted for r in ref]
+    assert 0 < sum(o.metrics.num_accepted for o in out) < sum(o.metrics.num_drafted for o in out)
+
+
+def test_seeded_sampling_equals_one_rank(tp: LLM, single: LLM) -> None:
+    out, ref = tp.generate(PROMPTS, SAMPLED), single.generate(PROMPTS, SAMPLED)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+
+
+def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: LLM) -> None:
+    want = single.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    assert list(tp.stream(PROMPTS[0], GREEDY)) == want
+    with pytest.raises(ValueError, match="token ids must lie in"):  # every rank rejects it; the group carries on
+        tp.generate([[1000]], GREEDY)
+    it = tp.stream(PROMPTS[0], GREEDY)
+    assert next(it) == want[0]
+    del it  # abandoned midway: the next call finishes it first
+    assert tp.generate([PROMPTS[0]], GREEDY)[0].token_ids == want
+    with pytest.raises(ValueError, match="already drives"):
+        LLM(tp.path, dtype="float32", tensor_parallel_size=2)
+
+
+def test_shutdown(tp: LLM, single: LLM) -> None:
+    """Last of each group (it stops the group): tp2 loses a worker mid-call, tp3 closes cleanly."""
+    procs = list(tp._driver.procs)
+    if len(procs) == 1:
+        it = tp.stream(PROMPTS[0], GREEDY)
+        next(it)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        with pytest.raises(TensorParallelError, match=r"rank 1 died \(exit code -9\) during stream\(\)"):
+            list(it)
+        with pytest.raises(TensorParallelError, match="group is down"):
+            tp.logits(PROMPTS[0])
+    else:
+        tp.close()
+        assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert get_dist() == DistInfo() and not dist.is_initialized()
+    assert single.generate([PROMPTS[1]], GREEDY)[0].finish_reason == "length"  # one rank still works here
+
+
+# -- torchrun: every rank builds the LLM and makes the same calls ------------------------------------------------
+
+
+def test_torchrun_chain_equals_one_rank(ckpt: Path, tmp_path: Path) -> None:
+    script = Path(__file__).with_name("tp_torchrun.py")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(ckpt), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["drafts_same"] and all(ranks[0]["drafts_same"])
+    one = LLM(ckpt, dtype="float32", speculative=CHAIN)
+    assert ranks[0]["greedy"] == [o.token_ids for o in one.generate(PROMPTS, GREEDY)]
+    assert ranks[0]["sampled"] == [o.token_ids for o in one.generate(PROMPTS, SAMPLED)]
+    assert rel_err(torch.tensor(ranks[0]["logits"]), one.logits(PROMPTS[0])) < 1e-5
