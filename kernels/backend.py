@@ -59,7 +59,7 @@ class Backend:
                       scale: float) -> torch.Tensor:
         """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
         if self.name == "torch":
-            return cpu.mla_attention_sdpa(q_lat, q_pe, kv_cache, meta, scale)
+            return cpu.mla_attention_mqa(q_lat, q_pe, kv_cache, meta, scale)
         if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, meta):
             return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
         return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)

@@ -15,22 +15,22 @@ from .moe import moe_ref
 DENSE_LIMIT = 1 << 26  # multiply-adds up to which running every local expert on every token beats the loop
 
 
-def mla_attention_sdpa(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
-                       scale: float) -> torch.Tensor:
-    """Same contract as mla_attention_ref: one fused attention call per sequence (MQA over the latent rows)."""
-    c = q_lat.shape[-1]
+def mla_attention_mqa(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
+                      scale: float) -> torch.Tensor:
+    """Same contract as mla_attention_ref. Every head shares the one latent row per key (MQA), so each sequence
+    is two matmuls: scores [n*H, S] = q [n*H, C+R] @ rows.T, out = softmax(scores) @ rows[:, :C]."""
+    t, h, c = q_lat.shape
     q = torch.cat([q_lat, q_pe], dim=-1).to(kv_cache.dtype)  # [T, H, C+R]
     out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
     for b in range(meta.num_seqs):
         s, e = meta.host_cu_q[b], meta.host_cu_q[b + 1]
         if s == e:
             continue
-        kv = kv_cache[meta.seq_slots(b)]  # [S, C+R]
-        h = q.shape[1]
-        k = kv[None, None].expand(1, h, -1, -1)
-        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k, k[..., :c],
-                                           attn_mask=meta.seq_mask(b), scale=scale)
-        out[s:e] = o[0].transpose(0, 1).float()
+        rows = kv_cache[meta.seq_slots(b)]  # [S, C+R]
+        scores = (q[s:e].reshape((e - s) * h, -1) @ rows.T).float().view(e - s, h, -1) * scale
+        if e - s > 1:  # one query sees every key; several see the prefix plus their tree ancestors
+            scores = scores.masked_fill(~meta.seq_mask(b)[:, None, :], float("-inf"))
+        out[s:e] = (scores.softmax(-1).to(rows.dtype).view((e - s) * h, -1) @ rows[:, :c]).view(e - s, h, c)
     return out
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from specdec.model.checkpoint import random_tensors, save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
 

@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
+from models import agreeable_checkpoint
 
 from specdec import LLM, SamplingParams, SpecConfig
-
-from models import agreeable_checkpoint
 
 CASES = [  # (k, topk, num_draft_tokens)
     (1, 1, None), (2, 1, None), (4, 1, None), (2, 2, None), (4, 2, 6), (2, 4, None), (3, 4, 5), (4, 4, 12),

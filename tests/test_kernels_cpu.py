@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from specdec.kernels.cpu import mla_attention_sdpa, moe_dense
+from specdec.kernels.cpu import mla_attention_mqa, moe_dense
 from specdec.kernels.mla import AttnMeta, causal_tree_mask, mla_attention_ref
 from specdec.kernels.moe import moe_ref
 
@@ -14,7 +14,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_mla_sdpa_matches_reference(dtype, tol):
+def test_mla_mqa_matches_reference(dtype, tol):
     h, c, r = 4, 32, 8
     ctx, new = [0, 7, 30], [5, 1, 4]
     slots = 64
@@ -26,7 +26,7 @@ def test_mla_sdpa_matches_reference(dtype, tol):
     t = sum(new)
     q_lat, q_pe = torch.randn(t, h, c).to(dtype), torch.randn(t, h, r).to(dtype)
     ref = mla_attention_ref(q_lat, q_pe, cache, meta, 0.3)
-    assert rel(mla_attention_sdpa(q_lat, q_pe, cache, meta, 0.3), ref) < tol
+    assert rel(mla_attention_mqa(q_lat, q_pe, cache, meta, 0.3), ref) < tol
 
 
 @pytest.mark.parametrize("t,k", [(1, 2), (3, 4), (5, 1)])
