@@ -32,10 +32,14 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32
     any_sampled: bool
     uniform: Callable[[tuple[int, ...]], torch.Tensor]  # shape -> [B, *shape] from each request's generator
+    any_filtered: bool = True  # some request uses top_k or top_p (else no sort over the vocabulary is needed)
 
     def probs(self, logits: torch.Tensor, rows_per_request: int = 1) -> torch.Tensor:
         """logits [B * r, V] -> processed probabilities (row i belongs to request i // r)."""
         rep = lambda t: t.repeat_interleave(rows_per_request)
+        if not self.any_filtered:
+            t = rep(self.temperature)
+            return (logits.float() / torch.where(t > 0, t, 1.0)[:, None]).softmax(-1)
         return process_logits(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))
 
 

@@ -109,7 +109,8 @@ class Engine:
             temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
             top_k=torch.tensor([p.top_k for p in ps], device=dev),
             top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
-            any_sampled=not all(p.greedy for p in ps), uniform=uniform)
+            any_sampled=not all(p.greedy for p in ps), uniform=uniform,
+            any_filtered=any(p.top_k > 0 or p.top_p < 1 for p in ps))
 
     def _meta(self, base: torch.Tensor, ctx: list[int], n_new: list[int], tree_mask: torch.Tensor) -> AttnMeta:
         width = max(c + n for c, n in zip(ctx, n_new))
