@@ -19,7 +19,7 @@ from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig
 from .sampling import gumbel_topk, process_logits
-from .tree import Candidates, TokenTree, monotone_scores, select_tree
+from .tree import Candidates, TokenTree, chain_tree, monotone_scores, select_tree
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Drafter:
         row (it predicts the root's child); n_rows[b] committed MTP rows (slots mtp_base[b] + i); expanded
         draft node e of request b writes its row at slot draft_base[b] + e."""
         k, w = self.spec.num_speculative_tokens, self.spec.topk
+        if w == 1:
+            return self._draft_chain(root, g, n_rows, mtp_base, cache, sb)
         b = root.shape[0]
         dev = root.device
         q_rows: list[torch.Tensor] = []
@@ -113,6 +115,26 @@ class Drafter:
         cands = Candidates(torch.cat(cand_t, 1), torch.cat(cand_p, 1), torch.cat(cand_s, 1), exp_row)
         tree = select_tree(root, cands, self.spec.budget, max_depth=k, width=w)
         return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
+
+    def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
+                     cache: LatentCache, sb: SamplingBatch) -> Draft:
+        """topk=1: each step drafts one token from the previous step's output. The draft rows go right after the
+        committed ones (slots mtp_base + n, n+1, ...; the next extend overwrites them), so attention is causal."""
+        k = min(self.spec.num_speculative_tokens, self.spec.budget)
+        q_rows: list[torch.Tensor] = []
+        tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
+        drafts = [tok]
+        dev = root.device
+        n_t = torch.tensor(n_rows, device=dev)
+        ones = torch.ones(len(n_rows), 1, dtype=torch.bool, device=dev)
+        for j in range(1, k):
+            width = max(n_rows) + j
+            bt = mtp_base[:, None] + torch.arange(width, device=dev)[None, :]
+            meta = AttnMeta.build(bt, [n + j - 1 for n in n_rows], [1] * len(n_rows), ones)
+            g = self.model.mtp_forward(0, tok[:, 0], g, n_t + j, meta, cache)
+            tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
+            drafts.append(tok)
+        return Draft(chain_tree(root, torch.cat(drafts, 1)), torch.stack(q_rows, 1) if q_rows else None)
 
     def _children(self, logits: torch.Tensor, sb: SamplingBatch, w: int, q_rows: list[torch.Tensor],
                   rows_per_request: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

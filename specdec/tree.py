@@ -48,13 +48,17 @@ def monotone_scores(raw: torch.Tensor, parent_score: torch.Tensor, eps: float = 
 
 
 def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> TokenTree:
-    """A chain root -> d1 -> ... -> dk: root [B], drafts [B, K]."""
+    """A chain root -> d1 -> ... -> dk (root [B], drafts [B, K]), built directly: only the tokens vary.
+    Node i's child was drawn from draft distribution row i."""
     b, k = drafts.shape
     dev = drafts.device
-    cands = Candidates(tokens=drafts, parent=torch.arange(-1, k - 1, device=dev).expand(b, k),
-                       score=-torch.arange(1, k + 1, device=dev, dtype=torch.float64).expand(b, k),
-                       exp_row=torch.arange(1, k + 1, device=dev).expand(b, k))
-    return select_tree(root, cands, k, max_depth=k, width=1)
+    n = k + 1
+    idx = torch.arange(n, device=dev)
+    children = torch.where(idx < k, idx + 1, -1)[:, None]
+    return TokenTree(tokens=torch.cat([root[:, None], drafts], 1), parents=(idx - 1).expand(b, n),
+                     depth=idx.expand(b, n), mask=torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n),
+                     paths=torch.where(idx[:, None] == 0, idx[None, :], -1).expand(b, n, n),
+                     children=children.expand(b, n, 1), q_row=torch.where(idx < k, idx, -1).expand(b, n))
 
 
 def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: int, width: int) -> TokenTree:

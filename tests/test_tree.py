@@ -93,3 +93,14 @@ def test_monotone_scores(raw, parent):
     s = monotone_scores(torch.tensor([raw], dtype=torch.float64), torch.tensor([parent], dtype=torch.float64))[0]
     assert (s < parent).all() and (s[1:] < s[:-1]).all()
     assert (s <= torch.tensor(raw, dtype=torch.float64)).all()
+
+
+def test_chain_tree_equals_the_general_builder():
+    b, k = 3, 4
+    root, drafts = torch.randint(0, 50, (b,)), torch.randint(0, 50, (b, k))
+    cands = Candidates(drafts, torch.arange(-1, k - 1).expand(b, k),
+                       -torch.arange(1, k + 1, dtype=torch.float64).expand(b, k), torch.arange(1, k + 1).expand(b, k))
+    general, direct = select_tree(root, cands, k, max_depth=k, width=1), chain_tree(root, drafts)
+    for f in ("tokens", "parents", "depth", "mask", "paths", "children"):
+        assert torch.equal(getattr(general, f), getattr(direct, f)), f
+    assert torch.equal(direct.q_row[:, :k], torch.arange(k).expand(b, k))  # node i's child came from row i
