@@ -37,12 +37,13 @@ def mla_attention_mqa(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
 def moe_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               s13: torch.Tensor | None = None, s2: torch.Tensor | None = None,
               block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """Same contract as moe_ref. With few tokens and small experts it runs every local expert on every token in
-    three large ops and zero-weights the unchosen ones (no host sync, no per-expert loop); beyond DENSE_LIMIT
-    multiply-adds, or with FP8 weights, it calls moe_ref."""
-    t, _ = topk_ids.shape
+    """Same contract as moe_ref. When the tokens choose about as many (token, expert) pairs as there are local
+    experts, it runs every expert on every token in three large ops and zero-weights the unchosen ones (no host
+    sync, no per-expert loop). With fewer pairs (decode), beyond DENSE_LIMIT multiply-adds, or with FP8 weights,
+    it calls moe_ref, which reads only the chosen experts' weights."""
+    t, k = topk_ids.shape
     e, two_i, d = w13.shape
-    if s13 is not None or t * e * (two_i * d + w2[0].numel()) > DENSE_LIMIT:
+    if s13 is not None or t * k < e or t * e * (two_i * d + w2[0].numel()) > DENSE_LIMIT:
         return moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
     gate, up = F.linear(x, w13.reshape(e * two_i, d)).view(t, e, two_i).chunk(2, dim=-1)  # [T, E, I] each
     h = (F.silu(gate) * up).transpose(0, 1)  # [E, T, I]

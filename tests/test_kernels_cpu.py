@@ -29,7 +29,7 @@ def test_mla_mqa_matches_reference(dtype, tol):
     assert rel(mla_attention_mqa(q_lat, q_pe, cache, meta, 0.3), ref) < tol
 
 
-@pytest.mark.parametrize("t,k", [(1, 2), (3, 4), (5, 1)])
+@pytest.mark.parametrize("t,k", [(1, 2), (3, 4), (5, 1), (6, 2)])
 def test_moe_dense_matches_reference(t, k):
     e, d, i = 6, 16, 8
     x = torch.randn(t, d)
