@@ -14,6 +14,7 @@ max_len).
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -154,7 +155,7 @@ class Engine:
         active = [r for r in reqs if r.finish_reason is None]
         g = None
         if self.drafter and active:
-            starts = [0] + list(torch.tensor(lens).cumsum(0).tolist())
+            starts = [0, *accumulate(lens)]
             g = self._extend(active, [0] * len(active),
                              [hidden[starts[r.index]:starts[r.index + 1]] for r in active], s, mtp_cache)
             for r in active:
