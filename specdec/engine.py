@@ -14,9 +14,9 @@ max_len).
 from __future__ import annotations
 
 import time
-from itertools import accumulate
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
