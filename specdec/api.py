@@ -15,7 +15,7 @@ from .kernels.backend import Backend
 from .kernels.mla import AttnMeta, causal_tree_mask
 from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
-from .outputs import RequestOutput
+from .outputs import Metrics, RequestOutput
 from .params import SamplingParams, SpecConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -138,6 +138,15 @@ class LLM:
                 reqs[r.index] = r
         return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
                               self._decode(r.generated, r.stop_ids)) for r in (reqs[i] for i in sorted(reqs))]
+
+    @collective
+    def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None
+                     ) -> Iterator[tuple[list[int], Metrics]]:
+        """Like `stream`, one item per engine step: the tokens that step emitted and the request's running
+        metrics (final once the iterator ends)."""
+        for step in self._run([prompt], [params or SamplingParams()]):
+            for r, new in step:
+                yield new, r.metrics
 
     @collective
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:

@@ -52,16 +52,8 @@ class Detokenizer:
 
 
 def stream_steps(llm: LLM, prompt: str | list[int], params: SamplingParams) -> Iterator[tuple[list[int], Metrics]]:
-    """LLM.stream with the step boundaries kept: yields each step's new tokens and the request's running Metrics
-    (final once the iterator ends). In the rank 0 of a tensor-parallel group this process spawned, only LLM's own
-    calls reach the workers, so the whole output comes as one step from LLM.generate."""
-    if getattr(llm, "_driver", None) is not None:
-        out = llm.generate([prompt], params)[0]
-        yield out.token_ids, out.metrics
-        return
-    for step in llm._run([prompt], [params]):
-        for r, new in step:
-            yield new, r.metrics
+    """Each engine step's new tokens and the request's running Metrics (LLM.stream_steps)."""
+    yield from llm.stream_steps(prompt, params)
 
 
 def hidden_ids(llm: LLM, params: SamplingParams) -> frozenset[int]:

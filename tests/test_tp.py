@@ -142,6 +142,8 @@ def test_seeded_sampling_equals_one_rank(tp: LLM, single: LLM) -> None:
 def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: LLM) -> None:
     want = single.generate([PROMPTS[0]], GREEDY)[0].token_ids
     assert list(tp.stream(PROMPTS[0], GREEDY)) == want
+    steps = list(tp.stream_steps(PROMPTS[0], GREEDY))
+    assert [t for new, _ in steps for t in new] == want and steps[-1][1].num_generated == len(want)
     with pytest.raises(ValueError, match="token ids must lie in"):  # every rank rejects it; the group carries on
         tp.generate([[1000]], GREEDY)
     it = tp.stream(PROMPTS[0], GREEDY)
