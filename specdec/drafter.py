@@ -1,10 +1,9 @@
-"""The MTP drafter: extends the MTP's latent cache with committed tokens, then drafts a chain or a dynamic tree.
+"""The MTP drafter: extends the MTP layers' latent caches with committed tokens, then drafts a chain or a tree.
 
-Each draft step applies the MTP layer to its own previous output hidden state and the token just drafted (the
-released model has D=1 MTP layer, reused at every step as the peers' "MTP Eagle" mode does; with D>1 the extra
-layers are loaded and scored by LLM.mtp_logits, but drafting reuses layer 0, whose cache the engine keeps).
-Tree mode expands the `topk` best frontier nodes by cumulative draft log-probability, each into its `topk`
-children, then keeps the best `num_draft_tokens` (EAGLE-2).
+Draft step j (1-based, after the extend's last row drafted the root's children) applies MTP layer min(j, D-1) to
+the previous step's output hidden state and the token just drafted; with the released model's D=1 the one layer is
+reused at every step, as the peers' "MTP Eagle" mode does. Tree mode expands the `topk` best frontier nodes by
+cumulative draft log-probability, each into its `topk` children, then keeps the best `num_draft_tokens` (EAGLE-2).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.mla import AttnMeta
+from .kernels.mla import AttnMeta, causal_tree_mask
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig
@@ -58,11 +57,53 @@ class Drafter:
         """MTP cache rows a step's drafting needs beyond the committed ones."""
         return (self.spec.num_speculative_tokens - 1) * self.spec.topk
 
-    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
-               cache: LatentCache) -> torch.Tensor:
-        """Commit MTP rows: row t pairs tokens[t] (token i+1) with the main model's hidden[t] (at i).
-        Writes the layer-0 cache at meta.slots; returns the layer-0 outputs [T, D]."""
-        return self.model.mtp_forward(0, tokens, hidden, positions, meta, cache)
+    def extend(self, tokens: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
+               carry: list[list[torch.Tensor | None]], mtp_base: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """Commit the MTP rows of newly committed tokens, in every MTP layer.
+
+        Request b committed tokens[b][n_before[b] + 1:] with the main model's hidden[b] ([k_b, D], positions
+        n_before[b]..). Layer 0 row i pairs token i+1 with the main hidden state at i; layer L row i pairs token
+        i+1+L with layer L-1's output at row i, so layer L holds rows up to (committed tokens - 1 - L).
+        carry[b][L] keeps layer L's last output for the next call. Returns layer 0's last-row outputs [B, D]:
+        they predict each root's first child."""
+        dev = mtp_base.device
+        ks = [h.shape[0] for h in hidden]
+        outs = hidden  # layer L-1's outputs for each request, rows starting at max(n - L + 1, 0)
+        g = None
+        for layer in range(self.model.cfg.num_nextn_predict_layers):
+            rows, x, hs, pos, keep = [], [], [], [], []
+            for b, (n, k, o) in enumerate(zip(n_before, ks, outs)):
+                r0, r1 = max(n - layer, 0), n + k - layer
+                if r1 <= r0:
+                    continue
+                if layer and r0 < max(n - layer + 1, 0):  # the first row needs the previous call's output
+                    o = torch.cat([carry[b][layer - 1][None], o])
+                keep.append(b)
+                rows.append((r0, r1 - r0))
+                hs.append(o[: r1 - r0])
+                x += tokens[b][r0 + 1 + layer:r1 + 1 + layer]
+                pos.append(torch.arange(r0 + 1 + layer, r1 + 1 + layer, device=dev))
+            if layer:
+                for b, o in enumerate(outs):
+                    carry[b][layer - 1] = o[-1] if o.shape[0] else carry[b][layer - 1]
+            if not keep:
+                break
+            ctx, news = [r[0] for r in rows], [r[1] for r in rows]
+            bt = mtp_base[keep][:, None] + torch.arange(max(c + m for c, m in zip(ctx, news)), device=dev)[None]
+            meta = AttnMeta.build(bt, ctx, news, causal_tree_mask(news, dev))
+            out = self.model.mtp_forward(layer, torch.tensor(x, device=dev), torch.cat(hs), torch.cat(pos), meta,
+                                         cache)
+            split = list(out.split(news))
+            outs = [torch.zeros(0, out.shape[-1], device=dev)] * len(n_before)
+            for b, o in zip(keep, split):
+                outs[b] = o
+            if layer == 0:
+                g = torch.stack([o[-1] for o in split])
+        return g
+
+    def _layer(self, j: int) -> int:
+        """The MTP layer of draft step j (1-based expansions after the extend's row): min(j, D-1)."""
+        return min(j, self.model.cfg.num_nextn_predict_layers - 1)
 
     def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
               draft_base: torch.Tensor, cache: LatentCache, sb: SamplingBatch) -> Draft:
@@ -95,10 +136,13 @@ class Drafter:
             e_idx = (j - 1) * w + torch.arange(f, device=dev)  # expansion ids of this level
             own = draft_base[:, None] + e_idx[None, :]  # [B, F] slots
             a = anc.gather(1, pick[..., None].expand(b, f, anc.shape[-1]))
-            path_slots = torch.cat([a, own[..., None]], dim=-1).reshape(b * f, j)
-            meta = self._node_meta(n_rows, n_t, mtp_base, path_slots, f, j)
+            path_slots = torch.cat([a, own[..., None]], dim=-1)  # [B, F, j] every expanded ancestor, then itself
+            layer = self._layer(j)
+            same = j - self._first_step(layer)  # earlier steps that ran this layer (the last ancestors)
+            committed = [max(n - layer, 0) for n in n_rows]
+            meta = self._node_meta(committed, mtp_base, path_slots[..., j - 1 - same:].reshape(b * f, same + 1))
             pos = (n_t[:, None] + j).expand(b, f).reshape(-1)
-            out = self.model.mtp_forward(0, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
+            out = self.model.mtp_forward(layer, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
             exp_row = exp_row.scatter(1, front, 1 + e_idx[None, :].expand(b, f))  # q row of its children
             child_t, child_lq = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f)
             child_t, child_lq = child_t.view(b, f * w), child_lq.view(b, f, w)
@@ -111,15 +155,16 @@ class Drafter:
             cand_s.append(child_s)
             exp_row = torch.cat([exp_row, torch.full((b, f * w), -1, dtype=torch.long, device=dev)], 1)
             hid = out.view(b, f, -1).repeat_interleave(w, dim=1)
-            anc = path_slots.view(b, f, j).repeat_interleave(w, dim=1)
+            anc = path_slots.repeat_interleave(w, dim=1)
         cands = Candidates(torch.cat(cand_t, 1), torch.cat(cand_p, 1), torch.cat(cand_s, 1), exp_row)
         tree = select_tree(root, cands, self.spec.budget, max_depth=k, width=w)
         return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
 
     def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
                      cache: LatentCache, sb: SamplingBatch) -> Draft:
-        """topk=1: each step drafts one token from the previous step's output. The draft rows go right after the
-        committed ones (slots mtp_base + n, n+1, ...; the next extend overwrites them), so attention is causal."""
+        """topk=1: each step drafts one token from the previous step's output. A step's draft row goes right
+        after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
+        is causal."""
         k = min(self.spec.num_speculative_tokens, self.spec.budget)
         q_rows: list[torch.Tensor] = []
         tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
@@ -128,10 +173,11 @@ class Drafter:
         n_t = torch.tensor(n_rows, device=dev)
         ones = torch.ones(len(n_rows), 1, dtype=torch.bool, device=dev)
         for j in range(1, k):
-            width = max(n_rows) + j
-            bt = mtp_base[:, None] + torch.arange(width, device=dev)[None, :]
-            meta = AttnMeta.build(bt, [n + j - 1 for n in n_rows], [1] * len(n_rows), ones)
-            g = self.model.mtp_forward(0, tok[:, 0], g, n_t + j, meta, cache)
+            layer = self._layer(j)
+            ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
+            bt = mtp_base[:, None] + torch.arange(max(ctx) + 1, device=dev)[None, :]
+            meta = AttnMeta.build(bt, ctx, [1] * len(n_rows), ones)
+            g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
             tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
             drafts.append(tok)
         return Draft(chain_tree(root, torch.cat(drafts, 1)), torch.stack(q_rows, 1) if q_rows else None)
@@ -154,14 +200,20 @@ class Drafter:
         return ids.reshape(b, -1), lq.reshape(b, -1)
 
     @staticmethod
-    def _node_meta(n_rows: list[int], n_t: torch.Tensor, mtp_base: torch.Tensor, path_slots: torch.Tensor,
-                   f: int, j: int) -> AttnMeta:
-        """Each frontier node is its own sequence: the committed MTP rows, its ancestors' draft rows, itself."""
-        bf = path_slots.shape[0]
-        width = max(n_rows) + j
-        base = mtp_base.repeat_interleave(f)
-        bt = base[:, None] + torch.arange(width, device=base.device)[None, :]
-        cols = n_t.repeat_interleave(f)[:, None] + torch.arange(j, device=base.device)[None, :]
+    def _first_step(layer: int) -> int:
+        """The first draft step (1-based) that runs `layer`; later steps rerun the last layer."""
+        return max(layer, 1)
+
+    @staticmethod
+    def _node_meta(committed: list[int], mtp_base: torch.Tensor, path_slots: torch.Tensor) -> AttnMeta:
+        """Each frontier node is its own sequence: the layer's committed rows, the draft rows of its ancestors
+        that ran the same layer, itself (path_slots [B*F, m], the node's own slot last)."""
+        bf, m = path_slots.shape
+        f = bf // len(committed)
+        dev = mtp_base.device
+        width = max(committed) + m
+        bt = mtp_base.repeat_interleave(f)[:, None] + torch.arange(width, device=dev)[None, :]
+        cols = torch.tensor(committed, device=dev).repeat_interleave(f)[:, None] + torch.arange(m, device=dev)
         bt.scatter_(1, cols, path_slots)
-        ctx = [n + j - 1 for n in n_rows for _ in range(f)]
-        return AttnMeta.build(bt, ctx, [1] * bf, torch.ones(bf, 1, dtype=torch.bool, device=base.device))
+        ctx = [c + m - 1 for c in committed for _ in range(f)]
+        return AttnMeta.build(bt, ctx, [1] * bf, torch.ones(bf, 1, dtype=torch.bool, device=dev))

@@ -43,6 +43,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    carry: list[torch.Tensor | None] = field(default_factory=list)  # per MTP layer: its last output (drafter)
 
     def emit(self, new: list[int]) -> list[int]:
         """Append accepted tokens, stopping at a stop token or max_tokens; returns what was emitted."""
@@ -95,7 +96,8 @@ class Engine:
             gen = torch.Generator(self.device).manual_seed(seed)
             k = self.spec.num_speculative_tokens if self.spec else 0
             reqs.append(Request(i, list(p), sp, frozenset(stop), gen, tokens=list(p),
-                                metrics=Metrics(accepted_per_position=[0] * k)))
+                                metrics=Metrics(accepted_per_position=[0] * k),
+                                carry=[None] * self.cfg.num_nextn_predict_layers))
         return reqs
 
     def _sampling(self, active: list[Request]) -> SamplingBatch:
@@ -129,7 +131,8 @@ class Engine:
         s = Slots(max_len, max_len + self.tree_nodes,
                   max_len + (self.drafter.num_expansions if self.drafter else 0))
         main_cache = LatentCache(cfg.num_hidden_layers, len(reqs) * s.region, cfg.kv_cache_dim, self.dtype, dev)
-        mtp_cache = (LatentCache(1, len(reqs) * s.mtp_region, cfg.kv_cache_dim, self.dtype, dev)
+        mtp_cache = (LatentCache(cfg.num_nextn_predict_layers, len(reqs) * s.mtp_region, cfg.kv_cache_dim,
+                                 self.dtype, dev)
                      if self.drafter else None)
 
         # prefill: the whole prompts, causal; the first token comes from the last prompt position
@@ -176,16 +179,10 @@ class Engine:
 
     def _extend(self, active: list[Request], n_rows: list[int], hidden: list[torch.Tensor], s: Slots,
                 cache: LatentCache) -> torch.Tensor:
-        """MTP rows n_rows[b].. pair each newly committed token with the main hidden state before it.
-        Returns each request's last-row MTP output [B, D] (it predicts the next root's first child)."""
-        dev = self.device
-        news = [h.shape[0] for h in hidden]
-        toks = torch.tensor([t for r, n, k in zip(active, n_rows, news) for t in r.tokens[n + 1:n + 1 + k]],
-                            device=dev)
-        pos = torch.cat([torch.arange(n + 1, n + 1 + k, device=dev) for n, k in zip(n_rows, news)])
-        meta = self._meta(s.mtp_base(active, dev), n_rows, news, causal_tree_mask(news, dev))
-        out = self.drafter.extend(toks, torch.cat(hidden), pos, meta, cache)
-        return out[torch.tensor(news, device=dev).cumsum(0) - 1]
+        """The MTP cache rows of each request's newly committed tokens (after n_rows[b]); returns each request's
+        last-row layer-0 output [B, D] (it predicts the next root's first child)."""
+        return self.drafter.extend([r.tokens for r in active], n_rows, hidden, [r.carry for r in active],
+                                   s.mtp_base(active, self.device), cache)
 
     def _step(self, active: list[Request], g: torch.Tensor | None, s: Slots, main_cache: LatentCache,
               mtp_cache: LatentCache | None) -> tuple[list[tuple[Request, list[int]]], torch.Tensor | None]:

@@ -11,9 +11,10 @@ from specdec import LLM, SamplingParams, SpecConfig
 from specdec.drafter import Drafter
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return agreeable_checkpoint(tmp_path_factory.mktemp("drafter"), seed=5, noise=0.14)
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["mtp1", "mtp2", "mtp3"])
+def ckpt(request, tmp_path_factory):
+    return agreeable_checkpoint(tmp_path_factory.mktemp("drafter"), seed=5, noise=0.14,
+                                num_nextn_predict_layers=request.param)
 
 
 def _record(monkeypatch) -> list[dict]:
@@ -31,6 +32,7 @@ def _record(monkeypatch) -> list[dict]:
 
 @pytest.mark.parametrize("topk", [1, 3])
 def test_drafts_after_n_steps_equal_fresh_drafts(ckpt, monkeypatch, topk):
+    """With D MTP layers every layer's cache is extended incrementally (layer L lags L rows behind)."""
     spec = SpecConfig(num_speculative_tokens=3, topk=topk)
     llm = LLM(ckpt, dtype="float32", speculative=spec)
     calls = _record(monkeypatch)
@@ -50,3 +52,23 @@ def test_drafts_after_n_steps_equal_fresh_drafts(ckpt, monkeypatch, topk):
             g_run, g_fresh = c["g"][b], f["g"][0]
             assert ((g_run - g_fresh).norm() / g_fresh.norm()).item() < 1e-5
             assert torch.equal(c["tokens"][b], f["tokens"][0])
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_draft_step_j_runs_layer_min_j_d_minus_1(ckpt, monkeypatch, topk):
+    from specdec.model.transformer import DeepseekV3
+
+    d = LLM(ckpt, dtype="float32", speculative=None).config.num_nextn_predict_layers
+    k = 4
+    llm = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=k, topk=topk))
+    calls: list[int] = []
+    orig = DeepseekV3.mtp_forward
+    monkeypatch.setattr(DeepseekV3, "mtp_forward", lambda self, depth, *a: calls.append(depth) or orig(self, depth, *a))
+    plain = LLM(ckpt, dtype="float32", speculative=None)
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    calls.clear()
+    assert llm.generate([[3, 4, 5]], p)[0].token_ids == plain.generate([[3, 4, 5]], p)[0].token_ids
+    # the prefill's extend runs layers 0..D-1; then each step drafts (steps j = 1..k-1 run layer min(j, D-1))
+    # and extends again
+    step = [min(j, d - 1) for j in range(1, k)] + list(range(d))
+    assert calls[:d] == list(range(d)) and calls[d:d + len(step)] == step
