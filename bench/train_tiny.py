@@ -41,11 +41,9 @@ from specdec.model.moe import Gate, MoE
 from specdec.model.transformer import DeepseekV3
 from tqdm import tqdm
 
-# Standard-library modules never trained on; benchmarks build held-out prompts from these same files.
-HELD_OUT: tuple[str, ...] = (
-    "bisect.py", "colorsys.py", "fnmatch.py", "glob.py", "graphlib.py", "heapq.py", "netrc.py", "queue.py",
-    "sched.py", "shlex.py", "stat.py", "string.py", "tabnanny.py", "textwrap.py", "wave.py",
-)
+from specdec.prompts import HELD_OUT  # the held-out modules, shared with the benchmarks
+
+# standard-library folders that are not training text (HELD_OUT lists the held-out modules)
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages"})
 BOS, EOS = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
 MTP_WEIGHT = 0.3  # the paper's lambda for the first 10T tokens
