@@ -27,7 +27,7 @@ from .model.transformer import DeepseekV3
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 from .sampling import sample_from
-from .tree import TokenTree
+from .tree import chain_tree
 from .verify import Relaxed, accept
 
 
@@ -199,7 +199,7 @@ class Engine:
             tree, q = draft.tree, draft.q
             k, w = self.spec.num_speculative_tokens, self.spec.topk
         else:
-            tree, q, k, w = root_tree(root), None, 0, 1
+            tree, q, k, w = chain_tree(root, root.new_zeros(b, 0)), None, 0, 1  # plain: the root alone
         t1 = time.perf_counter()
 
         n = tree.num_nodes
@@ -266,11 +266,3 @@ class Slots:
     def mtp_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
         return torch.tensor([r.index * self.mtp_region for r in reqs], device=device)
 
-
-def root_tree(root: torch.Tensor) -> TokenTree:
-    """The root-only tree of plain decoding."""
-    b = root.shape[0]
-    dev = root.device
-    z = torch.zeros(b, 1, dtype=torch.long, device=dev)
-    return TokenTree(tokens=root[:, None], parents=z - 1, depth=z, mask=torch.ones(b, 1, 1, dtype=torch.bool,
-                     device=dev), paths=z[..., None], children=torch.full((b, 1, 1), -1, device=dev), q_row=z)
