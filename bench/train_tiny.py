@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from specdec.kernels.mla import AttnMeta, causal_tree_mask
+from specdec.kernels.mla import AttnMeta
 from specdec.model import LatentCache
 from specdec.model.checkpoint import save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
@@ -132,7 +132,7 @@ def build_model(cfg: ModelConfig, seed: int) -> DeepseekV3:
 
 def attn_meta(b: int, n: int) -> AttnMeta:
     """b causal sequences of n tokens packed into T = b * n slots."""
-    return AttnMeta.build(torch.arange(b * n).view(b, n), [0] * b, [n] * b, causal_tree_mask([n] * b))
+    return AttnMeta.contiguous(torch.arange(b) * n, [0] * b, [n] * b)
 
 
 class LoadCounter:

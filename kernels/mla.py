@@ -48,6 +48,16 @@ class AttnMeta:
         slots = block_table[seq, idx]
         return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu))
 
+    @classmethod
+    def contiguous(cls, base: torch.Tensor, ctx_lens: list[int], n_new: list[int],
+                   tree_mask: torch.Tensor | None = None) -> AttnMeta:
+        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask defaults to causal."""
+        width = max(c + n for c, n in zip(ctx_lens, n_new))
+        block_table = base[:, None] + torch.arange(width, device=base.device)[None, :]
+        if tree_mask is None:
+            tree_mask = causal_tree_mask(n_new, base.device)
+        return cls.build(block_table, ctx_lens, n_new, tree_mask)
+
     @property
     def num_seqs(self) -> int:
         return len(self.host_ctx_lens)

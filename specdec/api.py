@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from .distributed import collective, join
 from .engine import Engine
 from .kernels.backend import Backend
-from .kernels.mla import AttnMeta, causal_tree_mask
+from .kernels.mla import AttnMeta
 from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
 from .outputs import Metrics, RequestOutput
@@ -95,11 +95,12 @@ class LLM:
             raise ValueError(f"{what}: ids must lie in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 
-    def _prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, LatentCache]:
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [T, D] of one sequence, through a throwaway cache."""
         t = ids.numel()
         cache = LatentCache(self.config.num_hidden_layers, t, self.config.kv_cache_dim, self.dtype, self.device)
-        meta = AttnMeta.build(torch.arange(t, device=self.device)[None], [0], [t], causal_tree_mask([t]))
-        return self.model(ids, torch.arange(t, device=self.device), meta, cache), cache
+        meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [t])
+        return self.model(ids, torch.arange(t, device=self.device), meta, cache)
 
     def _encode(self, prompt: str | list[int], i: int) -> list[int]:
         if isinstance(prompt, str):
@@ -159,7 +160,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 [T, vocab]: the main model's logits at every position."""
-        hidden, _ = self._prefill(self._check_ids(token_ids))
+        hidden = self._prefill(self._check_ids(token_ids))
         return self.model.logits(hidden).cpu()
 
     @collective
@@ -174,11 +175,11 @@ class LLM:
         ids = self._check_ids(token_ids)
         if ids.numel() < depth + 2:
             raise ValueError(f"mtp_logits(depth={depth}) needs at least {depth + 2} tokens")
-        hidden, _ = self._prefill(ids)
+        hidden = self._prefill(ids)
         for j in range(depth + 1):
             n = ids.numel() - 1 - j
             cache = LatentCache(1, n, self.config.kv_cache_dim, self.dtype, self.device)
-            meta = AttnMeta.build(torch.arange(n, device=self.device)[None], [0], [n], causal_tree_mask([n]))
+            meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [n])
             pos = torch.arange(1 + j, 1 + j + n, device=self.device)
             hidden = self.model.mtp_forward(j, ids[1 + j:], hidden[:n], pos, meta, cache)
         return self.model.logits(hidden).cpu()

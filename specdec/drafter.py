@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.mla import AttnMeta, causal_tree_mask
+from .kernels.mla import AttnMeta
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig
@@ -89,8 +89,7 @@ class Drafter:
             if not keep:
                 break
             ctx, news = [r[0] for r in rows], [r[1] for r in rows]
-            bt = mtp_base[keep][:, None] + torch.arange(max(c + m for c, m in zip(ctx, news)), device=dev)[None]
-            meta = AttnMeta.build(bt, ctx, news, causal_tree_mask(news, dev))
+            meta = AttnMeta.contiguous(mtp_base[keep], ctx, news)
             out = self.model.mtp_forward(layer, torch.tensor(x, device=dev), torch.cat(hs), torch.cat(pos), meta,
                                          cache)
             split = list(out.split(news))
@@ -175,8 +174,7 @@ class Drafter:
         for j in range(1, k):
             layer = self._layer(j)
             ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
-            bt = mtp_base[:, None] + torch.arange(max(ctx) + 1, device=dev)[None, :]
-            meta = AttnMeta.build(bt, ctx, [1] * len(n_rows), ones)
+            meta = AttnMeta.contiguous(mtp_base, ctx, [1] * len(n_rows), ones)
             g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
             tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
             drafts.append(tok)

@@ -21,7 +21,7 @@ from itertools import accumulate
 import torch
 
 from .drafter import Drafter, SamplingBatch
-from .kernels.mla import AttnMeta, causal_tree_mask
+from .kernels.mla import AttnMeta
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .outputs import Metrics
@@ -115,11 +115,6 @@ class Engine:
             any_sampled=not all(p.greedy for p in ps), uniform=uniform,
             any_filtered=any(p.top_k > 0 or p.top_p < 1 for p in ps))
 
-    def _meta(self, base: torch.Tensor, ctx: list[int], n_new: list[int], tree_mask: torch.Tensor) -> AttnMeta:
-        width = max(c + n for c, n in zip(ctx, n_new))
-        bt = base[:, None] + torch.arange(width, device=self.device)[None, :]
-        return AttnMeta.build(bt, ctx, n_new, tree_mask)
-
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[Request, list[int]]]]:
         """Generate for every prompt together; yields, after each step, (request, newly emitted tokens) pairs.
@@ -140,7 +135,7 @@ class Engine:
         lens = [len(r.prompt) for r in reqs]
         ids = torch.tensor([t for r in reqs for t in r.prompt], device=dev)
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])
-        meta = self._meta(s.main_base(reqs, dev), [0] * len(reqs), lens, causal_tree_mask(lens, dev))
+        meta = AttnMeta.contiguous(s.main_base(reqs, dev), [0] * len(reqs), lens)
         hidden = self.model(ids, pos, meta, main_cache)
         last = torch.tensor(lens, device=dev).cumsum(0) - 1
         sb = self._sampling(reqs)
@@ -204,7 +199,7 @@ class Engine:
 
         n = tree.num_nodes
         pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
-        meta = self._meta(s.main_base(active, dev), n_main, [n] * b, tree.mask.reshape(b * n, n))
+        meta = AttnMeta.contiguous(s.main_base(active, dev), n_main, [n] * b, tree.mask.reshape(b * n, n))
         hidden = self.model(tree.tokens.reshape(-1), pos, meta, main_cache).view(b, n, -1)
         logits = self.model.logits(hidden.view(b * n, -1))
         p = sb.probs(logits, n).view(b, n, -1) if sb.any_sampled else None

@@ -38,3 +38,13 @@ def test_moe_dense_matches_reference(t, k):
     w = torch.rand(t, k)
     w13, w2 = torch.randn(e, 2 * i, d), torch.randn(e, d, i)
     assert rel(moe_dense(x, ids, w, w13, w2), moe_ref(x, ids, w, w13, w2)) < 1e-5
+
+
+def test_contiguous_meta_equals_an_explicit_block_table():
+    base, ctx, new = torch.tensor([0, 40, 100]), [3, 0, 7], [2, 5, 1]
+    meta = AttnMeta.contiguous(base, ctx, new)
+    explicit = AttnMeta.build(base[:, None] + torch.arange(10)[None], ctx, new, causal_tree_mask(new))
+    assert torch.equal(meta.slots, explicit.slots) and torch.equal(meta.tree_mask, explicit.tree_mask)
+    assert meta.slots.tolist() == [3, 4, 40, 41, 42, 43, 44, 107]
+    for b in range(3):
+        assert torch.equal(meta.seq_slots(b), explicit.seq_slots(b))
