@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from specdec import BUNDLED_MODEL, LLM
-from specdec.benchmark import with_speculative
 from specdec.params import SamplingParams, SpecConfig
 from specdec.prompts import HELD_OUT, held_out_prompts
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(args.model, dtype="float32", device=dev, backend="torch",
               speculative=SpecConfig(args.num_speculative_tokens))
-    plain = with_speculative(llm, None)
+    plain = llm.with_speculative(None)
     if llm.tokenizer is not None:
         text = held_out_prompts(args.prompt_index + 1)[args.prompt_index]
         ids = [llm.config.bos_token_id, *llm.tokenizer.encode(text, add_special_tokens=False).ids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,23 @@ class LLM:
             if self._driver is not None:
                 self._driver.abandon("rank 0 failed to build its shard")
             raise
+
+    def with_speculative(self, speculative: SpecConfig | None, seed: int = 0) -> LLM:
+        """A view sharing this LLM's weights, tokenizer and workers that decodes with `speculative` (None: plain)
+        in an engine of its own, for A/B comparisons on one loaded model. Raises ValueError for MTP without an MTP
+        layer, and on rank 0 of a tensor-parallel group this process spawned (its workers replay this LLM's calls
+        with their own engine; under torchrun every rank makes the same view, which works)."""
+        if speculative == self.speculative:
+            return self
+        if speculative is not None and self.config.num_nextn_predict_layers == 0:
+            raise ValueError(f"{self.path}: the checkpoint has no MTP layer; use speculative=None")
+        if self._driver is not None:
+            raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, "
+                             "which spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
+        other = copy.copy(self)
+        other.speculative = speculative
+        other.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
+        return other
 
     def close(self) -> None:
         """Stop the tensor-parallel workers this LLM started (idempotent; nothing to do otherwise)."""

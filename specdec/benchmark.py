@@ -1,13 +1,12 @@
 """Measurements behind `specdec bench` and `specdec demo`: timed runs, interleaved A/B latency, acceptance
 statistics per draft position, and a sweep over draft shapes. Results are plain JSON-able dicts.
 
-Every configuration decodes with its own Engine over one loaded model (`with_speculative`), so an A/B comparison
+Every configuration decodes with its own Engine over one loaded model (`LLM.with_speculative`), so an A/B comparison
 or a sweep loads the checkpoint once and every configuration runs on the same weights, warm caches included.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from .api import LLM
-from .engine import Engine
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 
@@ -25,24 +23,6 @@ SWEEP_GRID: tuple[SpecConfig, ...] = (
     SpecConfig(2, topk=2), SpecConfig(3, topk=2, num_draft_tokens=4), SpecConfig(3, topk=2),
     SpecConfig(4, topk=2, num_draft_tokens=6),
 )
-
-
-def with_speculative(llm: LLM, spec: SpecConfig | None, seed: int = 0) -> LLM:
-    """A view of `llm` sharing its weights and tokenizer that decodes with `spec` (None: plain) in an engine of its
-    own. Raises ValueError for MTP on a checkpoint without an MTP layer, and in the rank 0 of a tensor-parallel group
-    that this process spawned: its workers replay LLM's own calls on their LLM, so they would keep the old engine
-    (under torchrun every rank makes this same view, which works)."""
-    if spec == llm.speculative:
-        return llm
-    if spec is not None and llm.config.num_nextn_predict_layers == 0:
-        raise ValueError(f"{llm.path}: the checkpoint has no MTP layer; use --no-mtp")
-    if getattr(llm, "_driver", None) is not None:
-        raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, which "
-                         "spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
-    other = copy.copy(llm)
-    other.speculative = spec
-    other.engine = Engine(llm.model, spec, llm.device, llm.dtype, seed)
-    return other
 
 
 def spec_dict(spec: SpecConfig | None) -> dict:
@@ -158,7 +138,7 @@ def sweep(llm: LLM, specs: list[SpecConfig | None], prompts: list[str | list[int
           seed: int = 0, batch_size: int = 1, runs: int = 1) -> list[dict]:
     """Every configuration over the same requests (each warmed up on the first batch; configurations take turns
     batch by batch, the order rotating). One dict per configuration: spec_dict + summarize + acceptance_stats."""
-    llms = [with_speculative(llm, s, seed) for s in specs]
+    llms = [llm.with_speculative(s, seed) for s in specs]
     groups = batches(prompts, batch_size)
     for x in llms:
         timed(x, groups[0], params)

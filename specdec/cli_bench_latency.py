@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from . import cli_common as common
-from .benchmark import latency_ab, with_speculative
+from .benchmark import latency_ab
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     spec = common.spec_config(args)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
-    plain = with_speculative(llm, None, args.seed)
+    plain = llm.with_speculative(None, args.seed)
     r = latency_ab(llm, plain, [p.prompt for p in prompts], params, runs=args.runs, warmup=args.num_iters_warmup,
                    batch_size=args.batch_size)
     r = {"speedup": r.pop("speedup"), "mean_accepted_length": r.pop("mean_accepted_length"), **r,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from . import cli_common as common
-from .benchmark import latency_ab, timed, with_speculative
+from .benchmark import latency_ab, timed
 from .cli_bench_latency import format_report
 from .cli_generate import stats_line, stream_text
 from .params import SamplingParams, SpecConfig
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-prompts {args.num_prompts}: must be a positive integer")
     spec = SpecConfig(args.num_speculative_tokens)
     llm = common.load_llm(args, spec)
-    plain = with_speculative(llm, None, args.seed)
+    plain = llm.with_speculative(None, args.seed)
     prompts = held_out_prompts(max(len(HELD_OUT), args.num_prompts + 1))
     prompt = prompts[HELD_OUT.index(STREAMED)]
     common.check_prompts([common.Prompt(prompt, f"held-out prompt ({STREAMED})")], llm)

@@ -166,3 +166,14 @@ def test_seeded_sampling_is_reproducible(ckpt):
     out = spec.generate([[5, 6], [5, 6], [5, 6]], p)
     assert out[0].token_ids == out[2].token_ids
     assert torch.tensor(out[0].token_ids).max() < 256
+
+
+def test_with_speculative_shares_weights_and_decodes_as_a_fresh_llm(ckpt, plain):
+    spec = SpecConfig(num_speculative_tokens=3, topk=2)
+    view = plain.with_speculative(spec)
+    assert view.model is plain.model and view.speculative == spec and plain.speculative is None
+    p = SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)
+    fresh = LLM(ckpt, dtype="float32", speculative=spec).generate([[9, 8]], p)[0]
+    got = view.generate([[9, 8]], p)[0]
+    assert got.token_ids == fresh.token_ids and got.metrics.num_accepted == fresh.metrics.num_accepted
+    assert plain.with_speculative(None) is plain
