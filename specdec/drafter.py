@@ -76,7 +76,7 @@ class Drafter:
                 r0, r1 = max(n - layer, 0), n + k - layer
                 if r1 <= r0:
                     continue
-                if layer and r0 < max(n - layer + 1, 0):  # the first row needs the previous call's output
+                if layer and n >= layer:  # row n - L: layer L-1 computed it in the previous call (carry)
                     o = torch.cat([carry[b][layer - 1][None], o])
                 keep.append(b)
                 rows.append((r0, r1 - r0))
