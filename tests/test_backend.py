@@ -105,7 +105,6 @@ def test_model_prefill_then_tree_step(tmp_path: Path, seed: int) -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.skipif(not hasattr(LLM, "generate"), reason="LLM.generate not there yet")
 def test_generate_greedy_same_tokens(tmp_path: Path, seed: int) -> None:
     from specdec import SamplingParams
 
