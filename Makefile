@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]' ruff
+	$(BIN)/python -m pip install -q -e '.[test,plot]' ruff
 	touch $(STAMP)
 
 test: $(STAMP)
