@@ -1,21 +1,26 @@
 """Train the bundled demo model: a small DeepSeek-V3 (MLA, DeepSeekMoE, MTP depth 1) on the Python standard library.
 
-Runs on a laptop CPU in under an hour and writes the released layout (FP8 e4m3 + 128x128 scales) to
-specdec/bundled/, so the runtime computes exactly what was trained: training uses our own `DeepseekV3`.
+The model is a miniature of the release's cost structure: 16 main layers (the first dense) and one MTP layer, so a
+draft step costs a small fraction of a main forward; 16 routed experts with top-2 in 4 groups (2 chosen) plus a
+shared expert, so a multi-token verification pays the union-of-experts cost the released model pays; every linear
+dimension a multiple of 128 (whole FP8 blocks). It is written in the released layout (FP8 e4m3 + 128x128 scales)
+to specdec/bundled/, and trained with our own `DeepseekV3`, so the runtime computes exactly what was trained.
 
 Stage 1 trains the main model and the MTP layer together: loss = CE(next token) + 0.3 * CE(MTP, token i+2), with
 DeepSeek-V3's auxiliary-loss-free balancing (after each optimizer step every MoE router's
-`e_score_correction_bias` moves by +gamma for under-loaded experts and -gamma for over-loaded ones).
-Stage 2 freezes the main model and distills the MTP layer on the main model's own next-token distribution at
-i+1 (KL), which is what the acceptance of a first draft token measures.
+`e_score_correction_bias` moves by +gamma for under-loaded experts and -gamma for over-loaded ones). Experts run
+sparsely: each token's chosen experts only. Stage 2 freezes the main model and distills the MTP layer on the main
+model's own next-token distribution at i+1 (KL), which is what the acceptance of a first draft token measures.
 
 Both stages are sized by wall time (the learning rate decays over elapsed time, not steps), so a run finishes on
-schedule on a slower machine and simply sees fewer tokens.
+schedule on a slower machine and simply sees fewer tokens. Every few minutes the whole state (weights, AdamW moments,
+data RNG, elapsed time) goes to --work as safetensors + JSON; --resume continues from it after an interruption.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/train_tiny.py --out /tmp/bundled_out --stage1-min 30 --stage2-min 6
+    python bench/train_tiny.py --out /tmp/bundled_out --stage1-min 105 --stage2-min 15    # then copy to specdec/bundled
+    python bench/train_tiny.py --out /tmp/bundled_out --resume                             # after an interruption
     python bench/train_tiny.py --out specdec/bundled --measure-only   # agreement + greedy sample via specdec.LLM
 
-(One intra-op thread by default: on a busy 2-core machine two threads ran 3x slower, waiting at barriers.)
+(One intra-op thread by default, so the other core stays free: on a busy 2-core machine two threads ran 3x slower.)
 """
 
 from __future__ import annotations
@@ -23,17 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import shutil
 import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from specdec.kernels.mla import AttnMeta
+from safetensors.torch import load_file, save_file
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.model import LatentCache
 from specdec.model.checkpoint import save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
@@ -44,15 +53,16 @@ from tqdm import tqdm
 from specdec.prompts import HELD_OUT  # the held-out modules, shared with the benchmarks
 
 # standard-library folders that are not training text (HELD_OUT lists the held-out modules)
-EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages"})
+# encodings/ is codec tables (a large share of the bytes, and what a small model then repeats), not code
+EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "encodings"})
 BOS, EOS = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
 MTP_WEIGHT = 0.3  # the paper's lambda for the first 10T tokens
 
 CONFIG: dict[str, Any] = tiny_config(
-    vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-    q_lora_rank=256, kv_lora_rank=192, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
-    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+    vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=128,
+    num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=4,
+    q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64,
+    n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
     first_k_dense_replace=1, routed_scaling_factor=1.5, num_nextn_predict_layers=1,
     max_position_embeddings=4096, rope_theta=10000,
     quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -205,25 +215,71 @@ def evaluate(model: DeepseekV3, stream: torch.Tensor, n: int, max_windows: int =
     return out
 
 
+@dataclass
+class Progress:
+    """Where a run stands: the stage, per-stage steps and elapsed seconds, the data RNG, finished evaluations."""
+
+    stage: int = 1
+    steps: dict[str, int] = field(default_factory=lambda: {"1": 0, "2": 0})
+    elapsed: dict[str, float] = field(default_factory=lambda: {"1": 0.0, "2": 0.0})
+    last: dict[str, dict[str, float]] = field(default_factory=dict)  # last training stats per stage
+    heldout: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation after each stage
+    rng: Any = None  # random.Random state of the batch sampler
+    wall_s: float = 0.0  # everything, tokenizer and evaluation included, over every session
+
+
+def save_state(work: Path, model: DeepseekV3, opt: torch.optim.Optimizer, prog: Progress) -> None:
+    """Weights + AdamW state as safetensors, progress as JSON, each replaced atomically (never a pickle)."""
+    sd = opt.state_dict()
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).clone().contiguous()
+    save_file(tensors, str(work / "state.safetensors.tmp"))
+    os.replace(work / "state.safetensors.tmp", work / "state.safetensors")
+    meta = asdict(prog) | {"param_groups": sd["param_groups"]}
+    (work / "state.json.tmp").write_text(json.dumps(meta))
+    os.replace(work / "state.json.tmp", work / "state.json")
+
+
+def load_state(work: Path, model: DeepseekV3) -> tuple[Progress, dict[str, Any]]:
+    """Restore the weights; returns the progress and the optimizer state dict (for the stage's optimizer)."""
+    meta = json.loads((work / "state.json").read_text())
+    groups = meta.pop("param_groups")
+    prog = Progress(**meta)
+    tensors = load_file(str(work / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    return prog, {"state": state, "param_groups": groups}
+
+
 def run_stage(name: str, minutes: float, step: Callable[[float], dict[str, float]], lr_max: float,
-              opt: torch.optim.Optimizer, warmup: int, ckpt: Callable[[], None]) -> tuple[int, dict[str, float]]:
-    """Steps until `minutes` of wall time pass; lr: linear warmup, then cosine over elapsed time to 10%."""
-    t0, i, stats = time.time(), 0, {}
-    bar = tqdm(desc=name, unit="step", mininterval=10)
-    last_ckpt = t0
+              opt: torch.optim.Optimizer, warmup: int, prog: Progress, stage: str, ckpt: Callable[[], None],
+              ckpt_every_s: float = 300) -> None:
+    """Steps until `minutes` of wall time pass in this stage (over every session); lr: linear warmup, then cosine
+    over elapsed time to 10%. prog.steps/elapsed/last[stage] advance as it goes; ckpt() runs every few minutes."""
+    t_done, i = prog.elapsed[stage], prog.steps[stage]
+    t0 = time.time() - t_done
+    bar = tqdm(desc=name, unit="step", mininterval=10, initial=i,
+               total=None if not i else int(i * 60 * minutes / max(t_done, 1e-9)))
+    last_ckpt = time.time()
     while (frac := (time.time() - t0) / (60 * minutes)) < 1:
         lr = lr_max * min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         stats = step(lr)
         i += 1
+        prog.steps[stage], prog.elapsed[stage], prog.last[stage] = i, time.time() - t0, stats
         bar.update()
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()} | {"lr": f"{lr:.1e}"}, refresh=False)
-        if time.time() - last_ckpt > 300:
+        if time.time() - last_ckpt > ckpt_every_s:
             ckpt()
             last_ckpt = time.time()
     bar.close()
-    return i, stats
 
 
 def checkpoint_tensors(model: DeepseekV3) -> dict[str, torch.Tensor]:
@@ -273,12 +329,28 @@ def measure_bundle(path: Path, window: int = 512, new_tokens: int = 48) -> dict[
             "prompt_tail": tok.decode(prompt[-40:]), "greedy": tok.decode(ids[len(prompt):])}
 
 
+def load_tokenizer(path: Path | None, train_files: list[Path], out: Path) -> Any:
+    """The tokenizer at `path` (copied to out/), else a new one trained on the training files."""
+    from tokenizers import Tokenizer
+
+    if path is not None and path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        if path.resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(path, out / "tokenizer.json")
+        return Tokenizer.from_file(str(path))
+    return train_tokenizer(train_files, CONFIG["vocab_size"], out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("specdec/bundled"))
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "train_tiny")
-    ap.add_argument("--stage1-min", type=float, default=30.0)
-    ap.add_argument("--stage2-min", type=float, default=6.0)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "train_tiny",
+                    help="resumable state (safetensors + JSON), saved every few minutes")
+    ap.add_argument("--resume", action="store_true", help="continue the run whose state is in --work")
+    ap.add_argument("--tokenizer", type=Path, default=Path(__file__).parent.parent / "specdec/bundled/tokenizer.json",
+                    help="reuse this tokenizer.json (default: the bundled one); a new one is trained if it is missing")
+    ap.add_argument("--stage1-min", type=float, default=105.0)
+    ap.add_argument("--stage2-min", type=float, default=15.0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -292,22 +364,29 @@ def main() -> None:
     if args.measure_only:
         print(json.dumps(measure_bundle(args.out), indent=2))
         return
-    t_start = time.time()
-    rng = random.Random(args.seed)
+    t_session = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
-
     train_files, held_files = stdlib_files()
-    tok = train_tokenizer(train_files, CONFIG["vocab_size"], args.out)
+    tok = load_tokenizer(args.tokenizer, train_files, args.out)
     train, held = encode_files(tok, train_files), encode_files(tok, held_files)
-    print(f"tokenizer + data: {len(train_files)} files, {train.numel()} train / {held.numel()} held-out tokens "
-          f"({time.time() - t_start:.0f}s)")
+    print(f"data: {len(train_files)} files, {train.numel()} train / {held.numel()} held-out tokens")
 
     cfg = ModelConfig.from_dict(CONFIG)
     model = build_model(cfg, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
     balance = LoadCounter(model, args.gamma)
-    save = lambda: torch.save(model.state_dict(), args.work / "model.pt")
+    rng = random.Random(args.seed)
+    prog, opt_state = Progress(), None
+    if args.resume:
+        prog, opt_state = load_state(args.work, model)
+        rng.setstate((prog.rng[0], tuple(prog.rng[1]), prog.rng[2]))
+        print(f"resumed stage {prog.stage}: {prog.steps} steps, {prog.elapsed} s")
+    wall0 = prog.wall_s
+
+    def ckpt(opt: torch.optim.Optimizer) -> None:
+        prog.rng, prog.wall_s = rng.getstate(), wall0 + time.time() - t_session
+        save_state(args.work, model, opt, prog)
 
     # stage 1: main + MTP
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -323,10 +402,14 @@ def main() -> None:
         opt.step()
         return {"ce": ce.item(), "mtp": mtp_ce.item(), "imb": balance.update()}
 
-    steps1, last1 = run_stage("stage1 main+mtp", args.stage1_min, step1, args.lr, opt, 50, save)
-    save()
-    ev1 = evaluate(model, held, args.seq)
-    print(f"stage1: {steps1} steps, {steps1 * args.batch * args.seq} tokens, train {last1}, held-out {ev1}")
+    if prog.stage == 1:
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        run_stage("stage1 main+mtp", args.stage1_min, step1, args.lr, opt, 100, prog, "1", lambda: ckpt(opt))
+        prog.heldout["1"] = evaluate(model, held, args.seq)
+        print(f"stage1: {prog.steps['1']} steps, train {prog.last['1']}, held-out {prog.heldout['1']}")
+        prog.stage, opt_state = 2, None
+        ckpt(opt)
 
     # stage 2: distill the MTP layer on the frozen main model's distribution at i+1
     mtp = model.mtp_layers[0]
@@ -338,6 +421,8 @@ def main() -> None:
     balance.gates = [g for g in balance.gates if id(g) not in main_gates]  # main routers stay as trained
     opt2 = torch.optim.AdamW([p for p in mtp.parameters() if p.requires_grad], betas=(0.9, 0.95),
                              weight_decay=0.0)
+    if opt_state is not None:
+        opt2.load_state_dict(opt_state)
 
     def step2(lr: float) -> dict[str, float]:
         x = batch(train, args.batch, args.seq, rng)
@@ -351,19 +436,19 @@ def main() -> None:
         agree = (mtp_logits.argmax(-1) == logits[:, 1:].argmax(-1)).float().mean()
         return {"kl": kl.item(), "mtp": mtp_ce.item(), "agree": agree.item(), "imb": balance.update()}
 
-    steps2, last2 = run_stage("stage2 distill", args.stage2_min, step2, args.distill_lr, opt2, 20, save)
-    save()
-    ev2 = evaluate(model, held, args.seq)
-    print(f"stage2: {steps2} steps, train {last2}, held-out {ev2}")
+    run_stage("stage2 distill", args.stage2_min, step2, args.distill_lr, opt2, 20, prog, "2", lambda: ckpt(opt2))
+    prog.heldout["2"] = evaluate(model, held, args.seq)
+    print(f"stage2: {prog.steps['2']} steps, train {prog.last['2']}, held-out {prog.heldout['2']}")
+    ckpt(opt2)
 
     save_checkpoint(args.out, CONFIG, checkpoint_tensors(model), num_shards=2)
-    summary = {"steps1": steps1, "steps2": steps2, "tokens1": steps1 * args.batch * args.seq,
-               "tokens2": steps2 * args.batch * args.seq, "train1": last1, "train2": last2,
-               "heldout1": ev1, "heldout2": ev2, "params": n_params, "wall_s": time.time() - t_start,
+    tokens = {k: n * args.batch * args.seq for k, n in prog.steps.items()}
+    summary = {"steps": prog.steps, "tokens": tokens, "train": prog.last, "heldout": prog.heldout,
+               "stage_s": prog.elapsed, "params": n_params, "wall_s": wall0 + time.time() - t_session,
                "args": {k: str(v) for k, v in vars(args).items()}}
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"wall time {time.time() - t_start:.0f}s; wrote {args.out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

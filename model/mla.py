@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_dequant_ref
-from specdec.kernels.mla import AttnMeta
 from torch import nn
 
 from .config import ModelConfig
@@ -73,9 +74,37 @@ class MLA(nn.Module):
         k_pe = self.rope(k_pe[:, None, :], positions)[:, 0]
         kv_cache[meta.slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
 
-        naive = self.mode == "naive" or (self.mode == "auto" and not any(meta.host_ctx_lens))
-        o = self._naive(q_nope, q_pe, kv_cache, meta) if naive else self._absorbed(q_nope, q_pe, kv_cache, meta)
+        fresh = not any(meta.host_ctx_lens)
+        if fresh and self.mode != "absorbed" and meta.is_causal:  # prompts from scratch (prefill, training)
+            rows = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype).to(x.dtype)  # = what the cache holds
+            o = self._causal(q_nope, q_pe, rows, meta)
+        elif self.mode == "naive" or (self.mode == "auto" and fresh):
+            o = self._naive(q_nope, q_pe, kv_cache, meta)
+        else:
+            o = self._absorbed(q_nope, q_pe, kv_cache, meta)
         return self.dist.all_reduce(self.o_proj(o.reshape(t, -1).to(x.dtype)))
+
+    def _causal(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """Sequences with no cached prefix and causal masks: K/V from this step's own latent rows [T, C+R], one
+        fused causal attention per sequence (one for the whole batch when every sequence has the same length).
+        Same math as _naive; differentiable, so training runs it too."""
+        cfg = self.cfg
+        c, dn, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+        t, h = q_nope.shape[0], self.n_heads
+        kv = self.kv_b_proj(rows[:, :c]).view(t, h, dn + dv)
+        k = torch.cat([kv[..., :dn], rows[:, None, c:].expand(t, h, cfg.qk_rope_head_dim)], dim=-1)  # [T, H, dk]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        v = kv[..., dn:]
+        lens = [e - s for s, e in zip(meta.host_cu_q, meta.host_cu_q[1:])]
+        attend = lambda q, k, v: F.scaled_dot_product_attention(  # [B, H, n, d] each
+            q, k, v, is_causal=True, scale=cfg.softmax_scale)
+        if len(set(lens)) == 1:
+            b, n = len(lens), lens[0]
+            heads_first = lambda x: x.view(b, n, h, -1).transpose(1, 2)
+            return attend(heads_first(q), heads_first(k), heads_first(v)).transpose(1, 2).reshape(t, h, dv)
+        outs = [attend(*(x[s:e].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
+                for s, e in zip(meta.host_cu_q, meta.host_cu_q[1:]) if e > s]
+        return torch.cat(outs)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                meta: AttnMeta) -> torch.Tensor:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 from oracle import hf_logits, hf_models, hf_mtp_logits
+from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.backend import Backend
-from specdec.kernels.mla import AttnMeta, causal_tree_mask
 from specdec.model import load_model
 from specdec.model.cache import LatentCache
 from specdec.model.checkpoint import tiny_config
@@ -191,3 +191,20 @@ def test_tree_step_equals_full_forward_of_each_path(models, mode: str, seed: int
         want = full_hidden(model, kv.tokens[0] + [nodes[j] for j in path])[-1]
         _check(out[0][i], want, f"{mode} seed={seed} tree node {i} (path {path})")
     _check(out[1], full_hidden(model, kv.tokens[1] + dec)[-1:], f"{mode} seed={seed} decode beside the tree")
+
+
+@pytest.mark.parametrize("lens", [[6, 6, 6], [7, 2, 5], [1]])
+def test_fused_causal_prefill_equals_naive(models, lens: list[int], seed: int) -> None:
+    """MLA._causal (one fused causal attention per batch or sequence, used for fresh prompts and training) equals
+    MLA._naive over the same latent rows written to a cache at contiguous slots."""
+    attn = models["naive"].model.layers[1].self_attn
+    cfg, g = attn.cfg, torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q_nope = torch.randn(t, attn.n_heads, cfg.qk_nope_head_dim, generator=g)
+    q_pe = torch.randn(t, attn.n_heads, cfg.qk_rope_head_dim, generator=g)
+    rows = torch.randn(t, cfg.kv_cache_dim, generator=g)
+    meta = AttnMeta.contiguous(torch.tensor([0, *lens[:-1]]).cumsum(0), [0] * len(lens), lens)
+    cache = torch.zeros(t, cfg.kv_cache_dim)
+    cache[meta.slots] = rows
+    with torch.inference_mode():
+        _check(attn._causal(q_nope, q_pe, rows, meta), attn._naive(q_nope, q_pe, cache, meta), f"seed={seed} {lens}")
