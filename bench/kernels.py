@@ -85,7 +85,8 @@ def tree_mask(g: torch.Generator, n: int) -> torch.Tensor:
 
 
 def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: bool) -> None:
-    from specdec.kernels.mla import AttnMeta, mla_attention, mla_attention_ref
+    from specdec.kernels.attn_meta import AttnMeta
+    from specdec.kernels.mla import mla_attention, mla_attention_ref
 
     c, r = (32, 16) if smoke else (512, 64)
     mscale = 0.1 * math.log(40) + 1  # YaRN factor 40 with mscale_all_dim 1: scale carries mscale^2

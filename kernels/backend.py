@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu, fp8, mla, moe
-from .mla import AttnMeta
+from .attn_meta import AttnMeta
 from .triton_util import interpreting
 
 BACKENDS = ("torch", "triton", "flashinfer")

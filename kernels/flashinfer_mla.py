@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .mla import AttnMeta
+from .attn_meta import AttnMeta
 
 
 class FlashinferMLA:

@@ -7,8 +7,8 @@ step for the rows the caller asks for. It never samples or schedules.
 from __future__ import annotations
 
 import torch
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
-from specdec.kernels.mla import AttnMeta
 from torch import nn
 
 from .cache import LatentCache

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer
 
 from .distributed import collective, join
 from .engine import Engine
+from .kernels.attn_meta import AttnMeta
 from .kernels.backend import Backend
-from .kernels.mla import AttnMeta
 from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
 from .outputs import Metrics, RequestOutput

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.mla import AttnMeta
+from .kernels.attn_meta import AttnMeta
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig

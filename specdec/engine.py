@@ -21,7 +21,7 @@ from itertools import accumulate
 import torch
 
 from .drafter import Drafter, SamplingBatch
-from .kernels.mla import AttnMeta
+from .kernels.attn_meta import AttnMeta
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .outputs import Metrics

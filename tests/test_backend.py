@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from _interp import DEVICE, rel
+from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_quant_ref
-from specdec.kernels.mla import AttnMeta, causal_tree_mask
 from specdec.model import LatentCache
 from specdec.model.checkpoint import tiny_config, write_random_checkpoint
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _interp import DEVICE, poisoned, rel
-from specdec.kernels.mla import AttnMeta, causal_tree_mask, mla_attention, mla_attention_ref
+from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
+from specdec.kernels.mla import mla_attention, mla_attention_ref
 
 pytestmark = pytest.mark.interpreter
 

@@ -1,0 +1,89 @@
+"""Attention metadata: which cached keys each query token sees (decode, chains, token trees), addressed by slot.
+
+Every attention implementation (kernels/mla.py, kernels/cpu.py, kernels/flashinfer_mla.py, model/mla.py) reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttnMeta:
+    """Which cached keys each query sees, for a batch of B sequences packed into T query tokens.
+
+    Sequence b owns queries cu_q[b]:cu_q[b+1]; they are also its new keys, written at the slots right after its
+    ctx_lens[b] cached ones: key i of sequence b lives at slot block_table[b, i]. Query t of sequence b sees every
+    key i < ctx_lens[b] (the prefix) and new key ctx_lens[b] + j iff tree_mask[t, j] (causal, chain or tree).
+    """
+
+    block_table: torch.Tensor  # [B, S] int64 slots
+    ctx_lens: torch.Tensor  # [B] int64
+    cu_q: torch.Tensor  # [B+1] int64
+    tree_mask: torch.Tensor  # [T, N] bool, N = max new tokens of a sequence
+    slots: torch.Tensor  # [T] int64 slot where each query token's own key is written
+    host_ctx_lens: tuple[int, ...]
+    host_cu_q: tuple[int, ...]
+
+    @classmethod
+    def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int],
+              tree_mask: torch.Tensor) -> AttnMeta:
+        dev = block_table.device
+        cu = [0]
+        for n in n_new:
+            cu.append(cu[-1] + n)
+        seq = torch.repeat_interleave(torch.arange(len(n_new), device=dev), torch.tensor(n_new, device=dev))
+        ctx = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
+        cu_t = torch.tensor(cu, dtype=torch.long, device=dev)
+        idx = ctx[seq] + torch.arange(cu[-1], device=dev) - cu_t[seq]
+        slots = block_table[seq, idx]
+        return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu))
+
+    @classmethod
+    def contiguous(cls, base: torch.Tensor, ctx_lens: list[int], n_new: list[int],
+                   tree_mask: torch.Tensor | None = None) -> AttnMeta:
+        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask defaults to causal."""
+        width = max(c + n for c, n in zip(ctx_lens, n_new))
+        block_table = base[:, None] + torch.arange(width, device=base.device)[None, :]
+        if tree_mask is None:
+            tree_mask = causal_tree_mask(n_new, base.device)
+        return cls.build(block_table, ctx_lens, n_new, tree_mask)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.host_ctx_lens)
+
+    def seq_mask(self, b: int) -> torch.Tensor:
+        """[n_b, ctx_b + n_b] bool: which of sequence b's keys each of its queries sees."""
+        s, e = self.host_cu_q[b], self.host_cu_q[b + 1]
+        ctx = self.host_ctx_lens[b]
+        m = torch.ones(e - s, ctx + e - s, dtype=torch.bool, device=self.tree_mask.device)
+        m[:, ctx:] = self.tree_mask[s:e, : e - s]
+        return m
+
+    def seq_slots(self, b: int) -> torch.Tensor:
+        return self.block_table[b, : self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]
+
+    @property
+    def max_new(self) -> int:
+        return max((e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])), default=0)
+
+    @cached_property
+    def is_causal(self) -> bool:
+        """Whether every sequence's new tokens attend causally (decode, chains): kernels without custom masks fit.
+        Costs one device sync per AttnMeta when some sequence has more than one new token (then cached)."""
+        if self.max_new <= 1:
+            return True
+        n_new = [e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])]
+        want = causal_tree_mask(n_new, self.tree_mask.device)
+        return bool(torch.equal(self.tree_mask[:, : want.shape[1]], want))
+
+
+def causal_tree_mask(n_new: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[sum(n_new), max(n_new)] lower-triangular masks: plain causal attention among each sequence's new tokens."""
+    n = max(n_new) if n_new else 0
+    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return torch.cat([tri[:k] for k in n_new]) if n_new else tri
