@@ -5,6 +5,7 @@ Every attention implementation (kernels/mla.py, kernels/cpu.py, kernels/flashinf
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -63,6 +64,13 @@ class AttnMeta:
         m = torch.ones(e - s, ctx + e - s, dtype=torch.bool, device=self.tree_mask.device)
         m[:, ctx:] = self.tree_mask[s:e, : e - s]
         return m
+
+    def sequences(self) -> Iterator[tuple[int, int, int]]:
+        """(b, start, end) of every sequence with new tokens: its queries are rows start:end."""
+        for b in range(self.num_seqs):
+            s, e = self.host_cu_q[b], self.host_cu_q[b + 1]
+            if e > s:
+                yield b, s, e
 
     def seq_slots(self, b: int) -> torch.Tensor:
         return self.block_table[b, : self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]

@@ -22,10 +22,7 @@ def mla_attention_mqa(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     t, h, c = q_lat.shape
     q = torch.cat([q_lat, q_pe], dim=-1).to(kv_cache.dtype)  # [T, H, C+R]
     out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
-    for b in range(meta.num_seqs):
-        s, e = meta.host_cu_q[b], meta.host_cu_q[b + 1]
-        if s == e:
-            continue
+    for b, s, e in meta.sequences():
         rows = kv_cache[meta.seq_slots(b)]  # [S, C+R]
         scores = (q[s:e].reshape((e - s) * h, -1) @ rows.T).float().view(e - s, h, -1) * scale
         if e - s > 1:  # one query sees every key; several see the prefix plus their tree ancestors

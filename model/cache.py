@@ -19,7 +19,7 @@ class LatentCache:
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             raise KVPoolError(
                 f"KV pool of {num_layers} layers x {num_slots} slots x {row_dim} ({nbytes / 2**30:.2f} GiB) does not "
-                f"fit on {device}: lower max_model_len or the batch size ({type(e).__name__})") from None
+                f"fit on {device}: ask for fewer or shorter requests ({type(e).__name__})") from None
         self.num_slots = num_slots
 
     def layer(self, i: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from specdec.kernels.fp8 import weight_quant_ref
+from specdec.kernels.triton_util import cdiv
 
 from .config import ModelConfig
 
@@ -22,10 +23,6 @@ class TensorSpec:
 
 
 ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _linears(cfg: ModelConfig, layer: int) -> Iterator[tuple[str, int, int]]:
@@ -71,7 +68,7 @@ def checkpoint_manifest(cfg: ModelConfig) -> dict[str, TensorSpec]:
         for name, n, k in _linears(cfg, layer):
             out[f"{name}.weight"] = TensorSpec((n, k), lin)
             if cfg.fp8:
-                out[f"{name}.weight_scale_inv"] = TensorSpec((_cdiv(n, cfg.fp8.block_n), _cdiv(k, cfg.fp8.block_k)),
+                out[f"{name}.weight_scale_inv"] = TensorSpec((cdiv(n, cfg.fp8.block_n), cdiv(k, cfg.fp8.block_k)),
                                                              "F32")
         out[f"{p}.input_layernorm.weight"] = TensorSpec((d,), half)
         out[f"{p}.post_attention_layernorm.weight"] = TensorSpec((d,), half)
@@ -167,7 +164,7 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], tensors: dict[str,
     if num_shards <= 1:
         save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
-    per = _cdiv(len(names), num_shards)
+    per = cdiv(len(names), num_shards)
     weight_map = {}
     for i in range(num_shards):
         fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"

@@ -49,8 +49,6 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (1,)
-    tie_word_embeddings: bool = False
-    torch_dtype: str = "bfloat16"
     # mla
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
@@ -132,6 +130,8 @@ class ModelConfig:
             raise err(f"model_type {mt!r} is not deepseek_v3")
         if d.get("attention_bias"):
             raise err("attention_bias=true is not part of DeepSeek-V3")
+        if d.get("tie_word_embeddings"):
+            raise err("tie_word_embeddings=true is not part of DeepSeek-V3 (its lm_head is a tensor of its own)")
         if d.get("hidden_act", "silu") != "silu":
             raise err(f"hidden_act {d['hidden_act']!r} unsupported (silu only)")
         if d.get("scoring_func", "sigmoid") != "sigmoid":

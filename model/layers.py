@@ -1,12 +1,16 @@
-"""Building blocks: RMSNorm, (FP8-capable, shardable) Linear, vocab-parallel embedding and head, YaRN RoPE."""
+"""Building blocks: the build context, RMSNorm, (FP8-capable, shardable) Linear, vocab-parallel embedding and head,
+YaRN RoPE."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from specdec.kernels.backend import Backend
+from specdec.kernels.fp8 import weight_dequant_ref
+from specdec.kernels.triton_util import cdiv
 from torch import nn
 
 from .config import ModelConfig
@@ -45,7 +49,7 @@ class Linear(nn.Module):
         if fp8_block:
             bn, bk = fp8_block
             self.weight_scale_inv = nn.Parameter(
-                torch.empty(-(-out_features // bn), -(-in_features // bk), dtype=torch.float32), requires_grad=False)
+                torch.empty(cdiv(out_features, bn), cdiv(in_features, bk), dtype=torch.float32), requires_grad=False)
         else:
             self.weight_scale_inv = None
 
@@ -54,25 +58,47 @@ class Linear(nn.Module):
             return F.linear(x, self.weight)
         return self.backend.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block)
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [out, in] in `dtype` (dequantized when it stays FP8)."""
+        if self.weight_scale_inv is None:
+            return self.weight.to(dtype)
+        return weight_dequant_ref(self.weight, self.weight_scale_inv, *self.fp8_block, dtype=dtype)
 
-def make_linear(cfg: ModelConfig, in_f: int, out_f: int, *, dtype: torch.dtype, backend: Backend,
-                keep_fp8: bool, shard_dim: int | None = None, dist: DistInfo | None = None,
-                quantized: bool = True, what: str = "linear") -> Linear:
-    """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks.
-    Raises ValueError naming `what` when the split is uneven or would cut an FP8 scale block."""
-    if dist is not None and shard_dim is not None and dist.world_size > 1:
-        block = (cfg.fp8.block_n if shard_dim == 0 else cfg.fp8.block_k) if (cfg.fp8 and quantized) else 1
-        n = out_f if shard_dim == 0 else in_f
-        start, end = dist.shard(n, what)
-        if (end - start) % block:  # the same test on every rank: each share starts on a block boundary
-            raise ValueError(f"{what}: a {dist.world_size}-way split of {n} into parts of {end - start} cuts "
-                             f"FP8 {block}-blocks")
-        if shard_dim == 0:
-            out_f = end - start
-        else:
-            in_f = end - start
-    fp8_block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and quantized and keep_fp8) else None
-    return Linear(in_f, out_f, dtype=dtype, backend=backend, fp8_block=fp8_block, shard_dim=shard_dim)
+
+@dataclass(frozen=True)
+class Build:
+    """What every layer is built with: the config, the compute dtype, the kernels, whether FP8 checkpoint weights
+    stay FP8 at run time, this rank's place in a tensor-parallel group, and the MLA mode."""
+
+    cfg: ModelConfig
+    dtype: torch.dtype = torch.bfloat16
+    backend: Backend = field(default_factory=Backend)
+    keep_fp8: bool = False
+    dist: DistInfo = field(default_factory=DistInfo)
+    mla_mode: str = "auto"
+
+    def linear(self, in_f: int, out_f: int, *, shard_dim: int | None = None, quantized: bool = True,
+               what: str = "linear") -> Linear:
+        """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks.
+        quantized: the checkpoint stores it FP8 when the config is FP8 (eh_proj, for one, never is).
+        Raises ValueError naming `what` when the split is uneven or would cut an FP8 scale block."""
+        cfg, dist = self.cfg, self.dist
+        if shard_dim is not None and dist.world_size > 1:
+            block = (cfg.fp8.block_n if shard_dim == 0 else cfg.fp8.block_k) if (cfg.fp8 and quantized) else 1
+            n = out_f if shard_dim == 0 else in_f
+            start, end = dist.shard(n, what)
+            if (end - start) % block:  # the same test on every rank: each share starts on a block boundary
+                raise ValueError(f"{what}: a {dist.world_size}-way split of {n} into parts of {end - start} cuts "
+                                 f"FP8 {block}-blocks")
+            if shard_dim == 0:
+                out_f = end - start
+            else:
+                in_f = end - start
+        fp8_block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and quantized and self.keep_fp8) else None
+        return Linear(in_f, out_f, dtype=self.dtype, backend=self.backend, fp8_block=fp8_block, shard_dim=shard_dim)
+
+    def norm(self, dim: int) -> RMSNorm:
+        return RMSNorm(dim, self.cfg.rms_norm_eps, self.dtype)
 
 
 class VocabEmbedding(nn.Module):
@@ -110,28 +136,29 @@ class VocabHead(nn.Module):
 
 
 class Rope(nn.Module):
-    """YaRN rotary embedding for the rope part of q/k (DeepSeek's interleaved pairs)."""
+    """YaRN rotary embedding for the rope part of q/k (DeepSeek's interleaved pairs). Stateless: a forward computes
+    `cos_sin(positions)` once and hands the pair to every layer."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
         self.attention_factor = cfg.rope_attention_factor
-        self._last: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., R] with interleaved pairs (x0, x1), (x2, x3)...; positions [T]. Returns the rotated x.
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin) [T, R/2] float32, YaRN's attention factor folded in."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
-        The output keeps the pairs de-interleaved as [real parts | imaginary parts]; q and k go through the same
-        map, so dot products equal those of the interleaved form.
-        """
-        if positions is not self._last[0]:  # every layer of a forward passes the same positions tensor
-            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
-            self._last = (positions, freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor)
-        _, cos, sin = self._last
-        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-        cos, sin = cos.view(shape), sin.view(shape)
-        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, ..., R] with interleaved pairs (x0, x1), (x2, x3)...; cos/sin [T, R/2]. Returns the rotated x with the
+    pairs de-interleaved as [real parts | imaginary parts]; q and k go through the same map, so dot products equal
+    those of the interleaved form."""
+    cos, sin = cos_sin
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_dequant_ref
+from specdec.kernels.triton_util import cdiv
 from tqdm import tqdm
 
 from .checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest
@@ -138,11 +139,22 @@ class Checkpoint:
                 self._files[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
             sl = self._files[e.file].get_slice(name)
             if rows is None and cols is None:
-                return sl[:]
-            r = slice(*rows) if rows else slice(None)
-            return sl[r, slice(*cols)] if cols else sl[r]
+                t = sl[:]
+            else:
+                r = slice(*rows) if rows else slice(None)
+                t = sl[r, slice(*cols)] if cols else sl[r]
         except Exception as ex:  # safetensors raises its own error types
             raise CheckpointError(f"{e.file.name}: cannot read tensor {name} ({ex})") from None
+        if not _finite(t):
+            raise CheckpointError(f"{e.file.name}: tensor {name} holds NaN or infinite values (corrupt data)")
+        return t
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in a stored tensor (FP8 e4m3fn has no inf; its NaN is every exponent and mantissa bit set)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def _shard_range(full: int, local: int, rank: int) -> tuple[int, int]:
@@ -160,8 +172,8 @@ def _load_linear(ck: Checkpoint, name: str, m: Linear, dist: DistInfo) -> None:
     w = ck.read(f"{name}.weight", rows, cols)
     if spec.dtype == "F8_E4M3":
         bn, bk = ck.config.fp8.block_n, ck.config.fp8.block_k
-        srows = (rows[0] // bn, -(-rows[1] // bn)) if rows else None
-        scols = (cols[0] // bk, -(-cols[1] // bk)) if cols else None
+        srows = (rows[0] // bn, cdiv(rows[1], bn)) if rows else None
+        scols = (cols[0] // bk, cdiv(cols[1], bk)) if cols else None
         s = ck.read(f"{name}.weight_scale_inv", srows, scols)
         if m.weight_scale_inv is not None:
             m.weight.data.copy_(w)

@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from specdec.kernels.attn_meta import AttnMeta
-from specdec.kernels.backend import Backend
-from specdec.kernels.fp8 import weight_dequant_ref
 from torch import nn
 
-from .config import ModelConfig
-from .layers import RMSNorm, Rope, make_linear
-from .parallel import DistInfo
+from .layers import Build, apply_rope
 
 MLA_MODES = ("auto", "naive", "absorbed")
 
@@ -20,47 +16,36 @@ class MLA(nn.Module):
     """Heads are split across ranks (q_b/kv_b column-parallel, o row-parallel); latent projections are replicated,
     so every rank caches the same [kv_lora_rank + qk_rope_head_dim] latent row per token."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool, dist: DistInfo,
-                 rope: Rope, mode: str = "auto"):
+    def __init__(self, build: Build):
         super().__init__()
-        if mode not in MLA_MODES:
-            raise ValueError(f"mla_mode={mode!r}: choose one of {MLA_MODES}")
-        self.cfg, self.backend, self.rope, self.mode, self.dist = cfg, backend, rope, mode, dist
+        if build.mla_mode not in MLA_MODES:
+            raise ValueError(f"mla_mode={build.mla_mode!r}: choose one of {MLA_MODES}")
+        cfg, dist = build.cfg, build.dist
+        self.cfg, self.backend, self.mode, self.dist, self.dtype = cfg, build.backend, build.mla_mode, dist, build.dtype
         h0, h1 = dist.shard(cfg.num_attention_heads, "num_attention_heads")
         self.n_heads = h1 - h0
-        lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist)
-        qk = cfg.qk_head_dim
+        h, qk = cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = make_linear(cfg, cfg.hidden_size, cfg.num_attention_heads * qk, shard_dim=0,
-                                      what="q_proj", **lin)
+            self.q_proj = build.linear(cfg.hidden_size, h * qk, shard_dim=0, what="q_proj")
         else:
-            self.q_a_proj = make_linear(cfg, cfg.hidden_size, cfg.q_lora_rank, **lin)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
-            self.q_b_proj = make_linear(cfg, cfg.q_lora_rank, cfg.num_attention_heads * qk, shard_dim=0,
-                                        what="q_b_proj", **lin)
-        self.kv_a_proj_with_mqa = make_linear(cfg, cfg.hidden_size, cfg.kv_cache_dim, **lin)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
-        self.kv_b_proj = make_linear(cfg, cfg.kv_lora_rank,
-                                     cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                                     shard_dim=0, what="kv_b_proj", **lin)
-        self.o_proj = make_linear(cfg, cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, shard_dim=1,
-                                  what="o_proj", **lin)
-        self._w_kvb: torch.Tensor | None = None  # dequantized kv_b for the absorbed path
+            self.q_a_proj = build.linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = build.norm(cfg.q_lora_rank)
+            self.q_b_proj = build.linear(cfg.q_lora_rank, h * qk, shard_dim=0, what="q_b_proj")
+        self.kv_a_proj_with_mqa = build.linear(cfg.hidden_size, cfg.kv_cache_dim)
+        self.kv_a_layernorm = build.norm(cfg.kv_lora_rank)
+        self.kv_b_proj = build.linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), shard_dim=0,
+                                      what="kv_b_proj")
+        self.o_proj = build.linear(h * cfg.v_head_dim, cfg.hidden_size, shard_dim=1, what="o_proj")
+        self.w_kvb: torch.Tensor | None = None  # [H, dn + dv, C] for the absorbed path, set by finalize()
 
-    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """kv_b as [H, dn + dv, C] in `dtype` (dequantized once when the checkpoint weight stays FP8)."""
-        lin = self.kv_b_proj
-        if lin.weight_scale_inv is None:
-            w = lin.weight
-        else:
-            if self._w_kvb is None or self._w_kvb.dtype != dtype:
-                self._w_kvb = weight_dequant_ref(lin.weight, lin.weight_scale_inv, *lin.fp8_block, dtype=dtype)
-            w = self._w_kvb
-        return w.view(self.n_heads, -1, self.cfg.kv_lora_rank)
+    def finalize(self) -> None:
+        """After loading: kv_b as [H, dn + dv, C] in the compute dtype (dequantized once when it stays FP8)."""
+        self.w_kvb = self.kv_b_proj.dense_weight(self.dtype).view(self.n_heads, -1, self.cfg.kv_lora_rank)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
-        """x [T, D] -> [T, D]. Writes this step's latent rows to kv_cache[meta.slots] first, then attends."""
+        """x [T, D], rope = cos/sin [T, R/2] of the tokens' positions -> [T, D]. Writes this step's latent rows to
+        kv_cache[meta.slots] first, then attends."""
         cfg, t = self.cfg, x.shape[0]
         dn, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank is None:
@@ -68,10 +53,10 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.n_heads, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :dn], self.rope(q[..., dn:], positions)
+        q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([c, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_pe = self.rope(k_pe[:, None, :], positions)[:, 0]
+        k_pe = apply_rope(k_pe[:, None, :], rope)[:, 0]
         kv_cache[meta.slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
 
         fresh = not any(meta.host_ctx_lens)
@@ -103,7 +88,7 @@ class MLA(nn.Module):
             heads_first = lambda x: x.view(b, n, h, -1).transpose(1, 2)
             return attend(heads_first(q), heads_first(k), heads_first(v)).transpose(1, 2).reshape(t, h, dv)
         outs = [attend(*(x[s:e].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
-                for s, e in zip(meta.host_cu_q, meta.host_cu_q[1:]) if e > s]
+                for _, s, e in meta.sequences()]
         return torch.cat(outs)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -112,10 +97,7 @@ class MLA(nn.Module):
         cfg = self.cfg
         c, dn, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
         out = q_nope.new_empty(q_nope.shape[0], self.n_heads, dv)
-        for b in range(meta.num_seqs):
-            s, e = meta.host_cu_q[b], meta.host_cu_q[b + 1]
-            if s == e:
-                continue
+        for b, s, e in meta.sequences():
             rows = kv_cache[meta.seq_slots(b)].to(q_nope.dtype)  # [S, C+R]
             kv = self.kv_b_proj(rows[:, :c]).view(-1, self.n_heads, dn + dv)  # [S, H, dn+dv]
             k_nope, v = kv[..., :dn], kv[..., dn:]
@@ -129,7 +111,7 @@ class MLA(nn.Module):
                   meta: AttnMeta) -> torch.Tensor:
         """W_UK folded into the query, attention in the latent space, W_UV applied after."""
         dn = self.cfg.qk_nope_head_dim
-        w = self._kv_b_weight(q_nope.dtype)  # [H, dn+dv, C]
+        w = self.w_kvb  # [H, dn+dv, C]
         q_lat = torch.einsum("thd,hdc->thc", q_nope, w[:, :dn])
         o_lat = self.backend.mla_attention(q_lat, q_pe, kv_cache, meta, self.cfg.softmax_scale)  # [T, H, C]
         return torch.einsum("thc,hvc->thv", o_lat.to(w.dtype), w[:, dn:])

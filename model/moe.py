@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from specdec.kernels.backend import Backend
 from torch import nn
 
 from .config import ModelConfig
-from .layers import make_linear
-from .parallel import DistInfo
+from .layers import Build
 
 
 class MLP(nn.Module):
     """SiLU-gated MLP, tensor-parallel (gate/up column, down row). Returns this rank's partial sum (no reduce)."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int, inter: int, dtype: torch.dtype, backend: Backend,
-                 keep_fp8: bool, dist: DistInfo | None, what: str):
+    def __init__(self, build: Build, inter: int, what: str):
         super().__init__()
-        self.dist = dist or DistInfo()
-        lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8, dist=dist)
-        self.gate_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.gate_proj", **lin)
-        self.up_proj = make_linear(cfg, hidden, inter, shard_dim=0, what=f"{what}.up_proj", **lin)
-        self.down_proj = make_linear(cfg, inter, hidden, shard_dim=1, what=f"{what}.down_proj", **lin)
+        self.dist = build.dist
+        d = build.cfg.hidden_size
+        self.gate_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.gate_proj")
+        self.up_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.up_proj")
+        self.down_proj = build.linear(inter, d, shard_dim=1, what=f"{what}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -63,13 +60,14 @@ class Gate(nn.Module):
 
 
 class Expert(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool):
+    """One routed expert as the checkpoint stores it (MoE.finalize stacks them); whole on one rank."""
+
+    def __init__(self, build: Build):
         super().__init__()
-        d, i = cfg.hidden_size, cfg.moe_intermediate_size
-        lin = dict(dtype=dtype, backend=backend, keep_fp8=keep_fp8)
-        self.gate_proj = make_linear(cfg, d, i, **lin)
-        self.up_proj = make_linear(cfg, d, i, **lin)
-        self.down_proj = make_linear(cfg, i, d, **lin)
+        d, i = build.cfg.hidden_size, build.cfg.moe_intermediate_size
+        self.gate_proj = build.linear(d, i)
+        self.up_proj = build.linear(d, i)
+        self.down_proj = build.linear(i, d)
 
 
 class MoE(nn.Module):
@@ -79,21 +77,23 @@ class MoE(nn.Module):
     w13 [E_local, 2I, D] and w2 [E_local, D, I] (+ block scales when FP8) for the grouped kernels.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool, dist: DistInfo):
+    def __init__(self, build: Build):
         super().__init__()
-        self.cfg, self.backend, self.dist = cfg, backend, dist
+        cfg, dist = build.cfg, build.dist
+        self.cfg, self.backend, self.dist = cfg, build.backend, dist
         self.e0, e1 = dist.shard(cfg.n_routed_experts, "n_routed_experts (expert parallel)")
         self.n_local = e1 - self.e0
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleDict({str(e): Expert(cfg, dtype, backend, keep_fp8) for e in range(self.e0, e1)})
-        self.shared_experts = (
-            MLP(cfg, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, backend, keep_fp8,
-                dist, "shared_experts") if cfg.n_shared_experts else None)
-        self.block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and keep_fp8) else (128, 128)
+        self.experts = nn.ModuleDict({str(e): Expert(build) for e in range(self.e0, e1)})
+        self.shared_experts = (MLP(build, cfg.moe_intermediate_size * cfg.n_shared_experts, "shared_experts")
+                               if cfg.n_shared_experts else None)
+        self.block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and build.keep_fp8) else (128, 128)
         self.w13 = self.w2 = self.s13 = self.s2 = None
 
     def finalize(self) -> None:
-        """Stack the loaded per-expert weights; drops the per-expert modules."""
+        """Stack the loaded per-expert weights; drops the per-expert modules (once: later calls do nothing)."""
+        if not hasattr(self, "experts"):
+            return
         ex = [self.experts[str(e)] for e in range(self.e0, self.e0 + self.n_local)]
         p = lambda t: nn.Parameter(t, requires_grad=False)  # parameters, so training can unfreeze them
         self.w13 = p(torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in ex]))

@@ -83,7 +83,8 @@ def init_distributed(world_size: int, rank: int, backend: str | None = None, ini
     DistInfo, both at once. Returns the DistInfo (also from `get_dist()`).
 
     backend: "nccl" or "gloo" (default: nccl when CUDA is available); NCCL ranks use cuda:local_rank (default:
-    rank). Rendezvous through `store` if given, else `init_method` (default "env://", as torchrun sets it).
+    rank, right on a single node only). Rendezvous through `store` if given, else `init_method` (default
+    "env://", as torchrun sets it).
     Raises ValueError for a rank outside [0, world_size), RuntimeError when this process is already in a group.
     """
     if not 0 <= rank < world_size:
@@ -96,6 +97,8 @@ def init_distributed(world_size: int, rank: int, backend: str | None = None, ini
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     where = {"store": store} if store is not None else {"init_method": init_method or "env://"}
+    if backend == "nccl":  # binds the group to this rank's GPU (NCCL would otherwise guess from the global rank)
+        where["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **where)
     info = DistInfo(rank, world_size, local_rank, dist.group.WORLD)
     set_dist(info)

@@ -13,97 +13,93 @@ from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .layers import RMSNorm, Rope, VocabEmbedding, VocabHead, make_linear
+from .layers import Build, Rope, VocabEmbedding, VocabHead
 from .mla import MLA
 from .moe import DenseMLP, MoE
 from .parallel import DistInfo
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, backend: Backend, keep_fp8: bool,
-                 dist: DistInfo, rope: Rope, mla_mode: str):
+    def __init__(self, build: Build, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLA(cfg, dtype, backend, keep_fp8, dist, rope, mla_mode)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.is_moe_layer(layer):
-            self.mlp = MoE(cfg, dtype, backend, keep_fp8, dist)
-        else:
-            self.mlp = DenseMLP(cfg, cfg.hidden_size, cfg.intermediate_size, dtype, backend, keep_fp8, dist, "mlp")
+        cfg = build.cfg
+        self.input_layernorm = build.norm(cfg.hidden_size)
+        self.self_attn = MLA(build)
+        self.post_attention_layernorm = build.norm(cfg.hidden_size)
+        self.mlp = MoE(build) if cfg.is_moe_layer(layer) else DenseMLP(build, cfg.intermediate_size, "mlp")
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
+                meta: AttnMeta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class SharedHead(nn.Module):
     """The MTP layer's own final norm; its `head` is the main model's lm_head (shared, not loaded twice)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, build: Build):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = build.norm(build.cfg.hidden_size)
 
 
 class MTPLayer(Block):
     """h' = Block(eh_proj([enorm(embed(token i+1)); hnorm(h_i)])) then shared_head.norm (embedding first)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, backend: Backend, keep_fp8: bool,
-                 dist: DistInfo, rope: Rope, mla_mode: str):
-        super().__init__(cfg, layer, dtype, backend, keep_fp8, dist, rope, mla_mode)
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        # eh_proj ships in BF16 (never FP8), replicated on every rank
-        self.eh_proj = make_linear(cfg, 2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype, backend=backend,
-                                   keep_fp8=False, quantized=False)
-        self.shared_head = SharedHead(cfg, dtype)
+    def __init__(self, build: Build, layer: int):
+        super().__init__(build, layer)
+        d = build.cfg.hidden_size
+        self.enorm = build.norm(d)
+        self.hnorm = build.norm(d)
+        self.eh_proj = build.linear(2 * d, d, quantized=False)  # ships in BF16 (never FP8), replicated
+        self.shared_head = SharedHead(build)
 
-    def forward_mtp(self, emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                    meta: AttnMeta) -> torch.Tensor:
+    def forward_mtp(self, emb: torch.Tensor, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    kv: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        return self.shared_head.norm(super().forward(x, positions, kv, meta))
+        return self.shared_head.norm(super().forward(x, rope, kv, meta))
 
 
 class Body(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: Backend, keep_fp8: bool, dist: DistInfo,
-                 mla_mode: str):
+    def __init__(self, build: Build):
         super().__init__()
+        cfg = build.cfg
         self.rope = Rope(cfg)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, dist)
-        layers: list[nn.Module] = []
-        for i in range(cfg.num_layers_with_mtp):
-            kind = Block if i < cfg.num_hidden_layers else MTPLayer
-            layers.append(kind(cfg, i, dtype, backend, keep_fp8, dist, self.rope, mla_mode))
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.dist)
+        layers = [(Block if i < cfg.num_hidden_layers else MTPLayer)(build, i) for i in range(cfg.num_layers_with_mtp)]
         self.layers = nn.ModuleList(layers)  # main layers, then the MTP layers (checkpoint indices)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = build.norm(cfg.hidden_size)
 
 
 class DeepseekV3(nn.Module):
-    """Parameter names equal the released checkpoint's tensor names (MTP layers at model.layers.{61+d})."""
+    """Parameter names equal the released checkpoint's tensor names (MTP layers at model.layers.{61+d}).
+
+    Stateless once finalized: forwards keep nothing on the modules, so one model serves several threads."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, backend: Backend | None = None,
                  keep_fp8: bool = False, dist: DistInfo | None = None, mla_mode: str = "auto"):
         super().__init__()
-        dist = dist or DistInfo()
-        self.cfg, self.dtype, self.dist = cfg, dtype, dist
-        self.model = Body(cfg, dtype, backend or Backend(), keep_fp8, dist, mla_mode)
-        self.lm_head = VocabHead(cfg.vocab_size, cfg.hidden_size, dtype, dist)
+        build = Build(cfg, dtype, backend or Backend(), keep_fp8, dist or DistInfo(), mla_mode)
+        self.cfg, self.dtype, self.dist = cfg, dtype, build.dist
+        self.model = Body(build)
+        self.lm_head = VocabHead(cfg.vocab_size, cfg.hidden_size, dtype, build.dist)
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.model.layers[self.cfg.num_hidden_layers:])
 
     def finalize(self) -> None:
-        """After loading: stack expert weights for the grouped MoE kernels."""
+        """After loading: stack expert weights for the grouped MoE kernels, lay out MLA's absorbed weights."""
         for m in self.modules():
-            if isinstance(m, MoE) and hasattr(m, "experts"):
+            if isinstance(m, (MoE, MLA)):
                 m.finalize()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 cache: LatentCache) -> torch.Tensor:
         """tokens, positions [T] -> final hidden states [T, D] (after model.norm)."""
         x = self.model.embed_tokens(tokens)
+        rope = self.model.rope.cos_sin(positions)
         for i in range(self.cfg.num_hidden_layers):
-            x = self.model.layers[i](x, positions, cache.layer(i), meta)
+            x = self.model.layers[i](x, rope, cache.layer(i), meta)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,4 +114,5 @@ class DeepseekV3(nn.Module):
         Returns [T, D] after shared_head.norm: feed it to `logits`, or to the next draft step as `hidden`.
         """
         layer = self.mtp_layers[depth]
-        return layer.forward_mtp(self.model.embed_tokens(tokens), hidden, positions, cache.layer(depth), meta)
+        rope = self.model.rope.cos_sin(positions)
+        return layer.forward_mtp(self.model.embed_tokens(tokens), hidden, rope, cache.layer(depth), meta)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import V3_CONFIG
 from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ConfigError, ModelConfig
 
-RELEASED = Path("/work/shared/reference/deepseek-v3-config.json")
+RELEASED = V3_CONFIG
 
 
 def test_released_config() -> None:

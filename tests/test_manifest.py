@@ -6,11 +6,11 @@ import json
 import math
 from pathlib import Path
 
+from reference import DATA
 from specdec.model.checkpoint import TensorSpec, checkpoint_manifest, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.loader import Checkpoint
 
-REF = Path("/work/shared/reference")
 DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
 
 
@@ -29,9 +29,9 @@ def expand_reference(path: Path) -> dict[str, TensorSpec]:
 
 
 def test_released_manifest_equals_reference_listing() -> None:
-    ref_doc = json.loads((REF / "deepseek-v3-tensors.json").read_text())
-    ref = expand_reference(REF / "deepseek-v3-tensors.json")
-    ours = checkpoint_manifest(ModelConfig.from_file(REF / "deepseek-v3-config.json"))
+    ref_doc = json.loads((DATA / "deepseek-v3-tensors.json").read_text())
+    ref = expand_reference(DATA / "deepseek-v3-tensors.json")
+    ours = checkpoint_manifest(ModelConfig.from_file(DATA / "deepseek-v3-config.json"))
     assert len(ref) == ref_doc["tensor_count"] == 91_991
     assert sorted(set(ref) - set(ours))[:5] == [] and sorted(set(ours) - set(ref))[:5] == []
     wrong = [(n, ours[n], ref[n]) for n in ref if ours[n] != ref[n]]
