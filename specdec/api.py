@@ -3,55 +3,115 @@
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 
-from .distributed import collective, join
 from .engine import Engine
+from .inputs import Prompt, as_prompt_list, check_text, check_token_ids
 from .kernels.attn_meta import AttnMeta
 from .kernels.backend import Backend
+from .launcher import collective, join
 from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
-from .outputs import Metrics, RequestOutput
-from .params import SamplingParams, SpecConfig
+from .outputs import RequestOutput, StepOutput
+from .params import SamplingParams, SpecConfig, check_seed
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
+SMALL_MODEL_PARAMS = 1_000_000_000  # below this, CPU decoding runs on one thread by default (see `default_threads`)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device asked for (default: cuda when available, else cpu); ValueError for one this machine lacks."""
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(dev)!r}: this machine has no CUDA device (torch {torch.__version__}"
+                             f"{' is a CPU build' if torch.version.cuda is None else ''})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={str(dev)!r}: specdec runs on cpu or cuda")
+    return dev
+
+
+def default_threads(device: torch.device, num_params: int) -> int | None:
+    """CPU intra-op threads when the caller does not say: one for models under SMALL_MODEL_PARAMS (a small model's
+    ops are too short to split, and on a busy machine every OpenMP barrier waits for the slowest core: measured on
+    2 cores, the bundled model decodes 10-40x slower on 2 threads than on 1 when the other core is loaded), else
+    torch's default. None: leave torch's setting alone (GPUs)."""
+    if device.type != "cpu":
+        return None
+    return 1 if num_params < SMALL_MODEL_PARAMS else os.cpu_count() or 1
+
+
+def _load_tokenizer(path: Path) -> Any | None:
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(tok))
+    except Exception as e:  # tokenizers raises its own exception type with a serde message
+        raise ValueError(f"{tok}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
 class LLM:
     """DeepSeek-V3 (+ MTP drafter) loaded from a checkpoint directory in the released layout.
 
     tensor_parallel_size=N splits the model over N ranks (attention heads, MLP widths and the vocabulary split,
-    routed experts spread whole; see specdec/distributed.py). Under torchrun every rank builds the LLM and makes
+    routed experts spread whole; see specdec/launcher.py). Under torchrun every rank builds the LLM and makes
     the same calls. Otherwise this process becomes rank 0 and starts N-1 workers on this node that follow its
     calls; `close()` (or `with LLM(...) as llm:`, or exit) stops them. Output does not depend on N.
+
+    threads: CPU intra-op threads (torch.set_num_threads, process-wide); default one for models under 1B
+    parameters on CPU (see `default_threads`), else torch's choice.
+
+    Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
+    and every call decodes in caches of its own, so concurrent calls give the results they give alone. Calls into
+    spawned tensor-parallel workers run one at a time (a lock serializes them; a stream holds it until it ends).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
-                 progress: bool = False):
+                 threads: int | None = None, progress: bool = False):
         self.path = Path(model) if model is not None else BUNDLED_MODEL
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        check_seed(seed, "seed")
+        if speculative is not None and not isinstance(speculative, SpecConfig):
+            raise ValueError(f"speculative must be a SpecConfig or None, got {type(speculative).__name__}")
+        if not (type(tensor_parallel_size) is int and tensor_parallel_size >= 1):
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        self.tp = join(tensor_parallel_size, self.device, dict(
-            model=self.path, dtype=dtype, device=self.device.type, speculative=speculative, backend=backend,
-            tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode, seed=seed))
+        if threads is not None and not (type(threads) is int and threads >= 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.seed = seed
+        self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
+        factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
+                                    backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
+                                    seed=seed, threads=threads)
+        self.tp = join(tensor_parallel_size, self.device, self.path, factory)
         self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
         if self._driver is not None:
             weakref.finalize(self, self._driver.close)
@@ -64,12 +124,14 @@ class LLM:
                                                 backend=self.backend, keep_fp8=keep_fp8, dist=self.tp.dist,
                                                 mla_mode=mla_mode, progress=progress)
             self.config = self.model.cfg
+            self.threads = threads or default_threads(self.device, sum(p.numel() for p in self.model.parameters()))
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
             if speculative is not None and self.config.num_nextn_predict_layers == 0:
-                raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0); "
-                                 "pass speculative=None")
-            tok = self.path / "tokenizer.json"
-            self.tokenizer = Tokenizer.from_file(str(tok)) if tok.is_file() else None
-            self.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
+                raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0), so it "
+                                 "cannot draft: decode without speculation")
+            self.tokenizer = _load_tokenizer(self.path)
+            self.engine = Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer)
             if self._driver is not None:
                 self._driver.ready()
         except BaseException:
@@ -77,21 +139,24 @@ class LLM:
                 self._driver.abandon("rank 0 failed to build its shard")
             raise
 
-    def with_speculative(self, speculative: SpecConfig | None, seed: int = 0) -> LLM:
+    def with_speculative(self, speculative: SpecConfig | None, seed: int | None = None) -> LLM:
         """A view sharing this LLM's weights, tokenizer and workers that decodes with `speculative` (None: plain)
-        in an engine of its own, for A/B comparisons on one loaded model. Raises ValueError for MTP without an MTP
-        layer, and on rank 0 of a tensor-parallel group this process spawned (its workers replay this LLM's calls
-        with their own engine; under torchrun every rank makes the same view, which works)."""
-        if speculative == self.speculative:
+        in an engine of its own, seeded with `seed` (default: this LLM's seed), for A/B comparisons on one loaded
+        model. Raises ValueError for MTP without an MTP layer, and on rank 0 of a tensor-parallel group this
+        process spawned (its workers replay this LLM's calls with their own engine; under torchrun every rank makes
+        the same view, which works)."""
+        seed = self.seed if seed is None else seed
+        check_seed(seed, "seed")
+        if speculative == self.speculative and seed == self.seed:
             return self
         if speculative is not None and self.config.num_nextn_predict_layers == 0:
-            raise ValueError(f"{self.path}: the checkpoint has no MTP layer; use speculative=None")
+            raise ValueError(f"{self.path}: the checkpoint has no MTP layer, so it cannot draft")
         if self._driver is not None:
             raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, "
                              "which spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
         other = copy.copy(self)
-        other.speculative = speculative
-        other.engine = Engine(self.model, speculative, self.device, self.dtype, seed)
+        other.speculative, other.seed = speculative, seed
+        other.engine = Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer)
         return other
 
     def close(self) -> None:
@@ -105,13 +170,78 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_ids(self, token_ids: list[int], what: str = "token_ids") -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"{what} must be a non-empty list of token ids")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"{what}: ids must lie in [0, {self.config.vocab_size})")
-        return ids.to(self.device)
+    # --- inputs -----------------------------------------------------------------------------------------------
+
+    def _check_ids(self, token_ids: Any, what: str = "token_ids") -> torch.Tensor:
+        ids = check_token_ids(token_ids, self.config.vocab_size, what)
+        limit = self.config.max_position_embeddings
+        if len(ids) > limit:
+            raise ValueError(f"{what}: {len(ids)} tokens exceed the context of {limit} (max_position_embeddings)")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _encode(self, prompt: Prompt, i: int) -> list[int]:
+        if isinstance(prompt, str):
+            check_text(prompt, f"prompt {i}")
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path}: no tokenizer.json, so prompts must be token id lists")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            bos = self.config.bos_token_id
+            return ([bos] if bos is not None else []) + ids
+        return check_token_ids(prompt, self.config.vocab_size, f"prompt {i}")
+
+    def _run(self, prompts: Any, params: SamplingParams | list[SamplingParams]) -> Iterator[list[StepOutput]]:
+        ids = [self._encode(p, i) for i, p in enumerate(as_prompt_list(prompts))]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(ids)
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError("params must be a SamplingParams or a list of them, one per prompt")
+        if len(params) != len(ids):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
+        return self.engine.run(ids, list(params))
+
+    def _steps(self, prompt: str | list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
+        for step in self._run([prompt], [params or SamplingParams()]):
+            yield from step
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    @collective
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt together (speculatively unless speculative=None); one RequestOutput per prompt, in
+        order ([] for no prompts)."""
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []
+        reqs: dict[int, Any] = {}
+        for step in self._run(prompts, params or SamplingParams()):
+            for out in step:
+                reqs[out.request.index] = out.request
+        return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
+                              r.text.text if r.text is not None else None, r.stop_reason)
+                for r in (reqs[i] for i in sorted(reqs))]
+
+    @collective
+    def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """One item per engine step for one request: the tokens that step accepted, the text they add (with a
+        tokenizer, held back across incomplete UTF-8 and possible stop strings) and the running metrics."""
+        yield from self._steps(prompt, params)
+
+    @collective
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """Yield one request's tokens as they are accepted (several per step when drafts are accepted)."""
+        for out in self._steps(prompt, params):
+            yield from out.token_ids
+
+    @collective
+    def stream_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield one request's text as it is accepted (needs a tokenizer); the pieces join to RequestOutput.text."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: no tokenizer.json, so there is no text to stream (use stream())")
+        for out in self._steps(prompt, params):
+            if out.text:
+                yield out.text
+
+    # --- logits -----------------------------------------------------------------------------------------------
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, D] of one sequence, through a throwaway cache."""
@@ -119,60 +249,6 @@ class LLM:
         cache = LatentCache(self.config.num_hidden_layers, t, self.config.kv_cache_dim, self.dtype, self.device)
         meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [t])
         return self.model(ids, torch.arange(t, device=self.device), meta, cache)
-
-    def _encode(self, prompt: str | list[int], i: int) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.path}: no tokenizer.json, so prompts must be token id lists")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-            bos = self.config.bos_token_id
-            return ([bos] if bos is not None else []) + ids
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"prompt {i} must be a string or a list of token ids")
-        return list(prompt)
-
-    def _decode(self, ids: list[int], stop: frozenset[int]) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode([t for t in ids if t not in stop])
-
-    def _run(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]):
-        if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts
-                                                 and isinstance(prompts[0], int)):
-            raise ValueError("prompts must be a list of strings or a list of token-id lists")
-        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
-        if isinstance(params, SamplingParams):
-            params = [params] * len(ids)
-        if len(params) != len(ids):
-            raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
-        return self.engine.run(ids, list(params))
-
-    @collective
-    def generate(self, prompts: list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt together (speculatively unless speculative=None); one RequestOutput per prompt."""
-        reqs: dict[int, object] = {}
-        for step in self._run(prompts, params or SamplingParams()):
-            for r, _ in step:
-                reqs[r.index] = r
-        return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
-                              self._decode(r.generated, r.stop_ids)) for r in (reqs[i] for i in sorted(reqs))]
-
-    @collective
-    def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None
-                     ) -> Iterator[tuple[list[int], Metrics]]:
-        """Like `stream`, one item per engine step: the tokens that step emitted and the request's running
-        metrics (final once the iterator ends)."""
-        for step in self._run([prompt], [params or SamplingParams()]):
-            for r, new in step:
-                yield new, r.metrics
-
-    @collective
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
-        """Yield one request's tokens as they are accepted (several per step when drafts are accepted)."""
-        for step in self._run([prompt], [params or SamplingParams()]):
-            for _, new in step:
-                yield from new
 
     @collective
     @torch.inference_mode()
@@ -188,16 +264,17 @@ class LLM:
         0..depth teacher-forced: layer j sees token i+1+j and layer j-1's hidden state (layer 0: the main model's
         hidden state at i)."""
         n_mtp = self.config.num_nextn_predict_layers
-        if not 0 <= depth < n_mtp:
-            raise ValueError(f"depth={depth}: the checkpoint has {n_mtp} MTP layer(s)")
+        if type(depth) is not int or not 0 <= depth < n_mtp:
+            raise ValueError(f"depth={depth!r}: the checkpoint has {n_mtp} MTP layer(s)")
         ids = self._check_ids(token_ids)
         if ids.numel() < depth + 2:
             raise ValueError(f"mtp_logits(depth={depth}) needs at least {depth + 2} tokens")
         hidden = self._prefill(ids)
+        cache = LatentCache(n_mtp, ids.numel(), self.config.kv_cache_dim, self.dtype, self.device)
         for j in range(depth + 1):
             n = ids.numel() - 1 - j
-            cache = LatentCache(1, n, self.config.kv_cache_dim, self.dtype, self.device)
             meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [n])
             pos = torch.arange(1 + j, 1 + j + n, device=self.device)
             hidden = self.model.mtp_forward(j, ids[1 + j:], hidden[:n], pos, meta, cache)
         return self.model.logits(hidden).cpu()
+

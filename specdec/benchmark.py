@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -40,7 +41,7 @@ class Run:
     seconds: float
 
 
-def timed(llm: LLM, prompts: list[str | list[int]], params: SamplingParams) -> Run:
+def timed(llm: LLM, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> Run:
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     return Run([o.metrics for o in outs], time.perf_counter() - t0)
@@ -76,19 +77,28 @@ def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)  # silent when not a terminal
 
 
-def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]], params: SamplingParams, runs: int = 3,
-               warmup: int = 1, batch_size: int = 1) -> dict:
+def _requests(prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+              batch_size: int) -> list[tuple[list, list[SamplingParams]]]:
+    """(prompts, their SamplingParams) per batch."""
+    ps = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    return list(zip(batches(prompts, batch_size), batches(ps, batch_size)))
+
+
+def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]],
+               params: SamplingParams | list[SamplingParams], runs: int = 3, warmup: int = 1, batch_size: int = 1,
+               log: Callable[[str], None] | None = None) -> dict:
     """The same requests with and without MTP, after `warmup` untimed passes of the first batch on each; within a
     run the two alternate batch by batch, who goes first swapping every batch (ABBA), so drift hits both alike.
+    `log` (if given) gets one line per finished run.
 
     Returns {"speedup", "speedup_per_run", "mean_accepted_length", "with_mtp", "without_mtp"}: speedup is the
     ratio of tokens/s measured in this same call; with_mtp is summarize + acceptance_stats, without_mtp summarize."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs {runs} / warm-up {warmup}: need runs >= 1 and warm-up >= 0")
-    groups = batches(prompts, batch_size)
+    groups = _requests(prompts, params, batch_size)
     for _ in range(warmup):
-        timed(mtp, groups[0], params)
-        timed(plain, groups[0], params)
+        timed(mtp, *groups[0])
+        timed(plain, *groups[0])
     a: list[Run] = []
     b: list[Run] = []
     per_run = []
@@ -99,9 +109,13 @@ def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]], params: Sam
             pair = ((mtp, ra), (plain, rb))
             for i, g in enumerate(groups):
                 for x, out in pair if (r * len(groups) + i) % 2 == 0 else pair[::-1]:
-                    out.append(timed(x, g, params))
+                    out.append(timed(x, *g))
                     bar.update()
-            per_run.append(summarize(ra)["tokens_per_s"] / max(summarize(rb)["tokens_per_s"], 1e-12))
+            sa, sb = summarize(ra)["tokens_per_s"], summarize(rb)["tokens_per_s"]
+            per_run.append(sa / max(sb, 1e-12))
+            if log is not None:
+                log(f"run {r + 1}/{runs}: with MTP {sa:.1f} tokens/s, without {sb:.1f} tokens/s, "
+                    f"{per_run[-1]:.2f}x")
             a += ra
             b += rb
     with_mtp = summarize(a) | acceptance_stats([m for run in a for m in run.metrics])
@@ -134,21 +148,22 @@ def acceptance_stats(metrics: list[Metrics]) -> dict:
     }
 
 
-def sweep(llm: LLM, specs: list[SpecConfig | None], prompts: list[str | list[int]], params: SamplingParams,
-          seed: int = 0, batch_size: int = 1, runs: int = 1) -> list[dict]:
+def sweep(llm: LLM, specs: list[SpecConfig | None], prompts: list[str | list[int]],
+          params: SamplingParams | list[SamplingParams], seed: int = 0, batch_size: int = 1,
+          runs: int = 1) -> list[dict]:
     """Every configuration over the same requests (each warmed up on the first batch; configurations take turns
     batch by batch, the order rotating). One dict per configuration: spec_dict + summarize + acceptance_stats."""
     llms = [llm.with_speculative(s, seed) for s in specs]
-    groups = batches(prompts, batch_size)
+    groups = _requests(prompts, params, batch_size)
     for x in llms:
-        timed(x, groups[0], params)
+        timed(x, *groups[0])
     results: list[list[Run]] = [[] for _ in llms]
     with _bar(runs * len(groups) * len(llms), "bench sweep") as bar:
         for r in range(runs):
             for i, g in enumerate(groups):
                 shift = (r * len(groups) + i) % len(llms)
                 for j in list(range(shift, len(llms))) + list(range(shift)):
-                    results[j].append(timed(llms[j], g, params))
+                    results[j].append(timed(llms[j], *g))
                     bar.update()
     return [spec_dict(s) | acceptance_stats([m for run in res for m in run.metrics]) | summarize(res)
             for s, res in zip(specs, results)]

@@ -13,22 +13,31 @@ max_len).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any
 
 import torch
 
+from .detokenizer import TextTracker
 from .drafter import Drafter, SamplingBatch
+from .inputs import check_token_ids
 from .kernels.attn_meta import AttnMeta
 from .model import LatentCache
 from .model.transformer import DeepseekV3
-from .outputs import Metrics
+from .outputs import Metrics, StepOutput
 from .params import SamplingParams, SpecConfig
 from .sampling import sample_from
 from .tree import chain_tree
 from .verify import Relaxed, accept
+
+
+class NonFiniteLogitsError(ValueError):
+    """The main model produced NaN or infinite logits for a request (broken weights, or activations that overflow
+    the compute dtype). Raised instead of decoding garbage."""
 
 
 @dataclass
@@ -42,33 +51,45 @@ class Request:
     n_main: int = 0  # tokens in the main cache
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token or stop string that ended it
     metrics: Metrics = field(default_factory=Metrics)
     carry: list[torch.Tensor | None] = field(default_factory=list)  # per MTP layer: its last output (drafter)
+    text: TextTracker | None = None  # with a tokenizer: the generated text, cut at a stop string
 
-    def emit(self, new: list[int]) -> list[int]:
-        """Append accepted tokens, stopping at a stop token or max_tokens; returns what was emitted."""
-        out = []
+    def emit(self, new: list[int]) -> tuple[list[int], str]:
+        """Append accepted tokens, stopping at a stop token, a stop string or max_tokens; returns the tokens
+        emitted and the text they add."""
+        out, piece = [], ""
         for t in new:
             out.append(t)
             self.generated.append(t)
+            if self.text is not None:
+                piece += self.text.push(t)
             if t in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            if len(self.generated) >= self.params.max_tokens:
+                self.finish_reason, self.stop_reason = "stop", t
+            elif self.text is not None and self.text.stopped is not None:
+                self.finish_reason, self.stop_reason = "stop", self.text.stopped
+            elif len(self.generated) >= self.params.max_tokens:
                 self.finish_reason = "length"
+            if self.finish_reason is not None:
                 break
+        if self.finish_reason is not None and self.text is not None:
+            piece += self.text.finish()
         self.tokens.extend(out)
         self.metrics.num_generated += len(out)
-        return out
+        return out, piece
 
 
 class Engine:
     def __init__(self, model: DeepseekV3, spec: SpecConfig | None, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0):
-        self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
+                 seed: int = 0, tokenizer: Any | None = None):
+        self.model, self.spec, self.device, self.dtype, self.tokenizer = model, spec, device, dtype, tokenizer
         self.cfg = model.cfg
+        if spec is not None:
+            spec.check_vocab(self.cfg.vocab_size)
         self.drafter = Drafter(model, spec) if spec is not None else None
         self.seed_rng = torch.Generator().manual_seed(seed)
+        self._seed_lock = threading.Lock()  # requests of concurrent calls draw their default seeds one at a time
         self.relaxed = Relaxed(spec.relaxed_topk, spec.relaxed_delta) if spec and spec.acceptance == "relaxed" \
             else None
 
@@ -80,24 +101,29 @@ class Engine:
         reqs = []
         limit = self.cfg.max_position_embeddings
         for i, (p, sp) in enumerate(zip(prompts, params)):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
-                raise ValueError(f"prompt {i}: token ids must lie in [0, {self.cfg.vocab_size})")
+            check_token_ids(p, self.cfg.vocab_size, f"prompt {i}")
             need = len(p) + sp.max_tokens + self.tree_nodes
             if need > limit:
                 raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_tokens {sp.max_tokens} + "
                                  f"{self.tree_nodes} draft slots exceed the context of {limit} "
                                  "(max_position_embeddings)")
+            if sp.stop and self.tokenizer is None:
+                raise ValueError(f"prompt {i}: stop strings need a tokenizer (the checkpoint has no tokenizer.json);"
+                                 " use stop_token_ids")
             stop = set(sp.stop_token_ids or ())
             if not sp.ignore_eos:
                 stop |= set(self.cfg.eos_token_ids)
-            seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, (1,), generator=self.seed_rng))
+            if sp.seed is not None:
+                seed = sp.seed
+            else:
+                with self._seed_lock:
+                    seed = int(torch.randint(2**62, (1,), generator=self.seed_rng))
             gen = torch.Generator(self.device).manual_seed(seed)
             k = self.spec.num_speculative_tokens if self.spec else 0
+            text = TextTracker(self.tokenizer, frozenset(stop), sp.stop or ()) if self.tokenizer else None
             reqs.append(Request(i, list(p), sp, frozenset(stop), gen, tokens=list(p),
                                 metrics=Metrics(accepted_per_position=[0] * k),
-                                carry=[None] * self.cfg.num_nextn_predict_layers))
+                                carry=[None] * self.cfg.num_nextn_predict_layers, text=text))
         return reqs
 
     def _sampling(self, active: list[Request]) -> SamplingBatch:
@@ -109,16 +135,19 @@ class Engine:
 
         return SamplingBatch(
             greedy=torch.tensor([p.greedy for p in ps], device=dev),
-            temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
+            # greedy rows never sample; temperature 1 keeps their (unused) probabilities finite
+            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32,
+                                     device=dev),
             top_k=torch.tensor([p.top_k for p in ps], device=dev),
             top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
             any_sampled=not all(p.greedy for p in ps), uniform=uniform,
             any_filtered=any(p.top_k > 0 or p.top_p < 1 for p in ps))
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[Request, list[int]]]]:
-        """Generate for every prompt together; yields, after each step, (request, newly emitted tokens) pairs.
-        Requests end with finish_reason set; the caller reads request.generated and request.metrics."""
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepOutput]]:
+        """Generate for every prompt together; yields, after each step, what it emitted per request.
+        Requests end with finish_reason set; the caller reads request.generated and request.metrics.
+        Raises NonFiniteLogitsError (a ValueError) naming the request whose logits are NaN or infinite."""
         reqs = self._requests(prompts, params)
         dev, cfg = self.device, self.cfg
         t_start = time.perf_counter()
@@ -139,16 +168,19 @@ class Engine:
         hidden = self.model(ids, pos, meta, main_cache)
         last = torch.tensor(lens, device=dev).cumsum(0) - 1
         sb = self._sampling(reqs)
+        logits = self.model.logits(hidden[last])
+        first = torch.stack([self._sample_first(logits, sb), _finite(logits)], 1)
         # under tensor parallelism rank 0 decides (a no-op on one rank), so every rank commits the same tokens
-        first = self.model.dist.broadcast(self._sample_first(self.model.logits(hidden[last]), sb)).tolist()  # sync
+        first = self.model.dist.broadcast(first).tolist()  # sync
         t1 = time.perf_counter()
         emitted = []
-        for r, tok, n in zip(reqs, first, lens):
+        for r, (tok, finite), n in zip(reqs, first, lens):
+            _check_finite(r, finite)
             r.n_main = n
             r.metrics.num_steps += 1
             r.metrics.verify_time += t1 - t0
             r.metrics.first_token_time = t1 - t_start
-            emitted.append((r, r.emit([tok])))
+            emitted.append(StepOutput(r, *r.emit([tok])))
         yield emitted
         active = [r for r in reqs if r.finish_reason is None]
         g = None
@@ -180,7 +212,7 @@ class Engine:
                                    s.mtp_base(active, self.device), cache)
 
     def _step(self, active: list[Request], g: torch.Tensor | None, s: Slots, main_cache: LatentCache,
-              mtp_cache: LatentCache | None) -> tuple[list[tuple[Request, list[int]]], torch.Tensor | None]:
+              mtp_cache: LatentCache | None) -> tuple[list[StepOutput], torch.Tensor | None]:
         """One draft + verify + commit step for the active requests; returns the emitted tokens and the next g."""
         dev = self.device
         b = len(active)
@@ -207,15 +239,18 @@ class Engine:
         u_bonus = sb.uniform(()) if sb.any_sampled else torch.zeros(b, device=dev)
         acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
-        host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None]], 1)
+        finite = _finite(logits.view(b, n, -1)).all(-1)
+        host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
         host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
         t2 = time.perf_counter()
 
         emitted, src, dst, cont, ext_hidden, n_rows = [], [], [], [], [], []
+        for r, row in zip(active, host):
+            _check_finite(r, row[-1])
         for i, (r, row) in enumerate(zip(active, host)):
             a = row[0]
             path = row[1:2 + a]
-            new = row[2 + k + 1:2 + k + 1 + a] + [row[-1]]
+            new = row[2 + k + 1:2 + k + 1 + a] + [row[-2]]
             m = r.metrics
             m.num_steps += 1
             m.num_drafted += n - 1
@@ -225,7 +260,7 @@ class Engine:
             m.draft_time += t1 - t0
             m.verify_time += t2 - t1
             n_before = r.n_main
-            emitted.append((r, r.emit(new)))
+            emitted.append(StepOutput(r, *r.emit(new)))
             if r.finish_reason is not None:
                 continue
             base = r.index * s.region + n_before
@@ -261,3 +296,15 @@ class Slots:
     def mtp_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
         return torch.tensor([r.index * self.mtp_region for r in reqs], device=device)
 
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [...] int64: 1 where every logit is finite (folded into the step's one host transfer)."""
+    return torch.isfinite(logits).all(-1).long()
+
+
+def _check_finite(r: Request, finite: int) -> None:
+    if not finite:
+        raise NonFiniteLogitsError(
+            f"request {r.index}: the main model's logits are not finite (NaN or inf) after {len(r.generated)} "
+            "generated tokens: the checkpoint's weights are broken or the activations overflow the dtype")

@@ -1,5 +1,8 @@
 """Tensor parallelism for `LLM`: join a process group, or start one on this node and serve rank 0's calls.
 
+This module never imports the API: rank 0 hands `Driver.launch` a picklable factory (`functools.partial(LLM,
+**kwargs)`) with which each spawned worker builds its own shard.
+
 `join` makes the process one rank of an N-rank group, in one of three ways:
 - already in one (a spawned worker, or a caller that ran `init_distributed` / its own `init_process_group`);
 - under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): every rank builds the LLM and makes the same calls;
@@ -49,7 +52,7 @@ from .model.parallel import (
     init_distributed,
     shutdown_distributed,
 )
-from .model.transformer import DeepseekV3
+from .model.plan import rank_shapes
 
 _driving = False  # this process is rank 0 of a group it spawned (one at a time)
 CARRY_ON_WAIT_S = 30  # a worker whose call raised ValueError waits this long for rank 0 to have raised it too
@@ -69,10 +72,10 @@ class Membership:
     driver: Driver | None = None
 
 
-def join(tp: int, device: torch.device, llm_args: dict[str, Any]) -> Membership:
-    """Join (or start) a `tp`-rank group for an LLM on `device`'s type; `llm_args` are the LLM's keyword
-    arguments, with which spawned workers build theirs. Raises ValueError for a split the model cannot take or a
-    group of another size, before any process starts."""
+def join(tp: int, device: torch.device, model_path: str | Path, factory: Callable[[], Any]) -> Membership:
+    """Join (or start) a `tp`-rank group for an LLM of `model_path` on `device`'s type; `factory()` builds a
+    spawned worker's LLM (picklable: functools.partial of the class and its keyword arguments). Raises ValueError
+    for a split the model cannot take or a group of another size, before any process starts."""
     if tp == 1:
         return Membership(DistInfo(), device)
     info = get_dist()
@@ -80,18 +83,26 @@ def join(tp: int, device: torch.device, llm_args: dict[str, Any]) -> Membership:
         raise ValueError(f"this process already drives a {info.world_size}-rank tensor-parallel LLM: close() it "
                          "before building another")
     if info.world_size == 1 and dist.is_initialized():
-        info = adopt_distributed(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        info = adopt_distributed(local_rank(device))
     elif info.world_size == 1 and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != tp:
             raise ValueError(f"tensor_parallel_size={tp} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}")
         info = init_distributed(tp, int(os.environ["RANK"]), default_backend(device), "env://",
-                                local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+                                local_rank=local_rank(device))
     elif info.world_size == 1:
-        driver, info = Driver.launch(tp, device, llm_args)
+        driver, info = Driver.launch(tp, device, model_path, factory)
         return Membership(info, rank_device(device, info), driver)
     if info.world_size != tp:
         raise ValueError(f"tensor_parallel_size={tp} but this process is rank {info.rank} of {info.world_size}")
     return Membership(info, rank_device(device, info))
+
+
+def local_rank(device: torch.device) -> int:
+    """This process's device index on its node: LOCAL_RANK (torchrun sets it), else the CUDA device the caller
+    selected. The global rank is no stand-in: across nodes it exceeds the local device count."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.cuda.current_device() if device.type == "cuda" else 0
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:
@@ -100,29 +111,37 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
 
 
 def check_split(path: str | Path, tp: int) -> None:
-    """Build the model for rank 0 of `tp` on the meta device: a split that does not divide (heads, experts,
-    vocabulary, MLP widths) or cuts FP8 blocks raises its ValueError here, before workers start."""
+    """Plan rank 0's share of `tp` (model/plan.py): a split that does not divide (heads, experts, vocabulary, MLP
+    widths) or cuts FP8 blocks raises its ValueError here, before workers start."""
     config = Path(path) / "config.json"
     if config.is_file():  # else the load itself reports what is missing
-        with torch.device("meta"):
-            DeepseekV3(ModelConfig.from_file(config), dist=DistInfo(0, tp))
+        rank_shapes(ModelConfig.from_file(config), tp)
 
 
 def collective(fn: Callable) -> Callable:
     """Decorates LLM's public calls: on rank 0 of a spawned group every worker runs the same call (the result is
-    rank 0's); elsewhere the call runs as written. Generator methods (stream) stay lazy."""
+    rank 0's), one call at a time under the LLM's `_lock` (a stream holds it until it ends or is closed);
+    elsewhere the call runs as written. Generator methods (stream) stay lazy."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def start(self: Any, *args: Any, **kwargs: Any) -> Iterator:
             driver = self._driver
-            return fn(self, *args, **kwargs) if driver is None else driver.stream(fn, self, args, kwargs)
+            return fn(self, *args, **kwargs) if driver is None else _locked_stream(self, driver, fn, args, kwargs)
         return start
 
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         driver = self._driver
-        return fn(self, *args, **kwargs) if driver is None else driver.call(fn, self, args, kwargs)
+        if driver is None:
+            return fn(self, *args, **kwargs)
+        with self._lock:
+            return driver.call(fn, self, args, kwargs)
     return call
+
+
+def _locked_stream(llm: Any, driver: Driver, fn: Callable, args: tuple, kwargs: dict) -> Iterator:
+    with llm._lock:
+        yield from driver.stream(fn, llm, args, kwargs)
 
 
 class Driver:
@@ -137,10 +156,11 @@ class Driver:
             threading.Thread(target=self._watch, daemon=True, name="specdec-tp-watch").start()
 
     @classmethod
-    def launch(cls, tp: int, device: torch.device, llm_args: dict[str, Any]) -> tuple[Driver, DistInfo]:
-        """Spawn ranks 1..tp-1 and join the group as rank 0. The workers then build their shards; `ready()`
-        waits for them."""
-        check_split(llm_args["model"], tp)
+    def launch(cls, tp: int, device: torch.device, model_path: str | Path,
+               factory: Callable[[], Any]) -> tuple[Driver, DistInfo]:
+        """Spawn ranks 1..tp-1 and join the group as rank 0. The workers then build their shards with factory();
+        `ready()` waits for them."""
+        check_split(model_path, tp)
         backend = default_backend(device)
         _keep_sockets_on_loopback()
         store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False)
@@ -149,7 +169,7 @@ class Driver:
         for rank in range(1, tp):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, name=f"specdec-tp{rank}", daemon=True,
-                            args=(rank, tp, store.port, backend, llm_args, child, torch.get_num_threads()))
+                            args=(rank, tp, store.port, backend, factory, child, torch.get_num_threads()))
             p.start()
             child.close()
             procs.append(p)
@@ -352,19 +372,17 @@ def _keep_sockets_on_loopback() -> None:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
 
 
-def _worker(rank: int, world: int, port: int, backend: str, llm_args: dict[str, Any], conn: Connection,
+def _worker(rank: int, world: int, port: int, backend: str, factory: Callable[[], Any], conn: Connection,
             num_threads: int) -> None:
-    """A spawned rank: join the group, build the LLM's shard, then run rank 0's calls until told to stop or
-    rank 0 is gone. Ctrl-C is rank 0's to handle (it stops the workers)."""
+    """A spawned rank: join the group, build the LLM's shard with factory(), then run rank 0's calls until told
+    to stop or rank 0 is gone. Ctrl-C is rank 0's to handle (it stops the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(num_threads)
-    from .api import LLM  # here: the api imports this module
-
     conn.send(("started", None))
     try:
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
         init_distributed(world, rank, backend, store=store, local_rank=rank)
-        llm = LLM(**llm_args)
+        llm = factory()
     except BaseException:
         conn.send(("fatal", traceback.format_exc()))
         sys.exit(1)

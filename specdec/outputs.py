@@ -1,8 +1,10 @@
-"""What generate returns: RequestOutput with its speculative-decoding metrics."""
+"""What generation returns: RequestOutput (generate) and StepOutput (one engine step of a stream), with their
+speculative-decoding metrics."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -47,6 +49,25 @@ class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens only (a stop token that ended the request included)
-    finish_reason: str  # "stop" (a stop or EOS token) or "length" (max_tokens)
+    finish_reason: str  # "stop" (a stop token, EOS or a stop string) or "length" (max_tokens)
     metrics: Metrics
-    text: str | None = None  # when the checkpoint ships a tokenizer (stop tokens not rendered)
+    text: str | None = None  # when the checkpoint ships a tokenizer (stop tokens not rendered, cut at stop strings)
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step emitted for one request: its accepted tokens (several when drafts were accepted) and
+    the text they add ("" without a tokenizer; held back across incomplete UTF-8 and possible stop strings)."""
+
+    request: Any  # specdec.engine.Request: finish_reason, metrics, generated so far
+    token_ids: list[int]
+    text: str
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.request.metrics
+
+    @property
+    def finished(self) -> bool:
+        return self.request.finish_reason is not None

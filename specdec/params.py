@@ -1,37 +1,83 @@
-"""User-facing parameters: SamplingParams (vLLM's names) and SpecConfig (SGLang/vLLM's meaning)."""
+"""User-facing parameters: SamplingParams (vLLM's names) and SpecConfig (SGLang/vLLM's meaning).
+
+Both validate types as well as ranges at construction: a bad value raises ValueError naming the field.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+GREEDY_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does): dividing by them overflows
+MAX_SEED = 2**64  # torch.Generator seeds are unsigned 64-bit
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_seed(seed: Any, what: str) -> None:
+    if not (_int(seed) and 0 <= seed < MAX_SEED):
+        raise ValueError(f"{what} must be an integer in [0, 2**64), got {seed!r}")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature 0 is greedy; top_k 0 means no top-k cut."""
+    """Per-request sampling. temperature 0 (or below 1e-5) is greedy; top_k 0 (or -1) means no top-k cut.
+
+    stop: strings that end the request when the generated text contains one (the text then ends before it);
+    stop_token_ids: tokens that end it (kept in token_ids, not rendered in text), as EOS does unless ignore_eos."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.stop_token_ids is not None:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        def bad(field: str, want: str) -> ValueError:
+            return ValueError(f"SamplingParams.{field} must be {want}, got {getattr(self, field)!r}")
+
+        if not (_int(self.max_tokens) and self.max_tokens >= 1):
+            raise bad("max_tokens", "a positive integer")
+        if not (_real(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a finite number >= 0")
+        if not (_real(self.top_p) and 0 < self.top_p <= 1):
+            raise bad("top_p", "a number in (0, 1]")
+        if not (_int(self.top_k) and self.top_k >= -1):
+            raise bad("top_k", "an integer >= 0 (0 or -1: off)")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.seed is not None:
+            check_seed(self.seed, "SamplingParams.seed")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is not None:
+            if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)):
+                raise bad("stop", "a string or a list of non-empty strings")
+            object.__setattr__(self, "stop", tuple(stop) or None)
+        ids = self.stop_token_ids
+        if ids is not None:
+            if not (isinstance(ids, (list, tuple)) and all(_int(t) and t >= 0 for t in ids)):
+                raise bad("stop_token_ids", "a list of non-negative integers")
+            object.__setattr__(self, "stop_token_ids", tuple(ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "True or False")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPS
+
+
+ACCEPTANCE = ("exact", "relaxed")
+MAX_DRAFT_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -47,23 +93,27 @@ class SpecConfig:
     num_speculative_tokens: int = 3
     topk: int = 1
     num_draft_tokens: int | None = None
-    method: str = "mtp"
     acceptance: str = "exact"
     relaxed_topk: int = 3
     relaxed_delta: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.method != "mtp":
-            raise ValueError(f"SpecConfig.method {self.method!r} unsupported (only 'mtp')")
-        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
-            raise ValueError(f"SpecConfig.num_speculative_tokens must be >= 1, got {self.num_speculative_tokens!r}")
-        if not isinstance(self.topk, int) or self.topk < 1:
-            raise ValueError(f"SpecConfig.topk must be >= 1, got {self.topk!r}")
-        if self.num_draft_tokens is not None and not (1 <= self.num_draft_tokens <= self.max_tree_nodes):
-            raise ValueError(f"SpecConfig.num_draft_tokens must be in [1, {self.max_tree_nodes}] "
-                             f"(k * topk), got {self.num_draft_tokens!r}")
-        if self.acceptance not in ("exact", "relaxed"):
-            raise ValueError(f"SpecConfig.acceptance must be 'exact' or 'relaxed', got {self.acceptance!r}")
+        def bad(field: str, want: str) -> ValueError:
+            return ValueError(f"SpecConfig.{field} must be {want}, got {getattr(self, field)!r}")
+
+        if not (_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= MAX_DRAFT_STEPS):
+            raise bad("num_speculative_tokens", f"an integer in [1, {MAX_DRAFT_STEPS}]")
+        if not (_int(self.topk) and self.topk >= 1):
+            raise bad("topk", "a positive integer")
+        if self.num_draft_tokens is not None and not (
+                _int(self.num_draft_tokens) and 1 <= self.num_draft_tokens <= self.max_tree_nodes):
+            raise bad("num_draft_tokens", f"an integer in [1, {self.max_tree_nodes}] (k * topk)")
+        if self.acceptance not in ACCEPTANCE:
+            raise bad("acceptance", "'exact' or 'relaxed'")
+        if not (_int(self.relaxed_topk) and self.relaxed_topk >= 1):
+            raise bad("relaxed_topk", "a positive integer")
+        if not (_real(self.relaxed_delta) and self.relaxed_delta >= 0):
+            raise bad("relaxed_delta", "a finite number >= 0")
 
     @property
     def max_tree_nodes(self) -> int:
@@ -75,3 +125,11 @@ class SpecConfig:
         if self.num_draft_tokens is not None:
             return self.num_draft_tokens
         return self.num_speculative_tokens if self.topk == 1 else self.max_tree_nodes
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError for draft widths the vocabulary cannot supply."""
+        if self.topk > vocab_size:
+            raise ValueError(f"SpecConfig.topk {self.topk} exceeds the vocabulary ({vocab_size} tokens)")
+        if self.acceptance == "relaxed" and self.relaxed_topk > vocab_size:
+            raise ValueError(f"SpecConfig.relaxed_topk {self.relaxed_topk} exceeds the vocabulary "
+                             f"({vocab_size} tokens)")

@@ -18,9 +18,10 @@ def _erfinv(y: float) -> float:
     return torch.erfinv(torch.tensor(y, dtype=torch.float64)).item()
 
 
-def assert_matches(counts: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> float:
-    """Fail if `counts` (observed, [V]) are implausible under `probs` ([V], sums to 1) at level alpha.
-    Bins expected to hold fewer than 5 samples are pooled. Returns the statistic."""
+def assert_matches(counts: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4, what: str = "") -> float:
+    """Fail if `counts` (observed, [V]) are implausible under `probs` ([V], sums to 1) at level alpha; `what`
+    (the seed, the case) goes into the failure message. Bins expected to hold fewer than 5 samples are pooled.
+    Returns the statistic."""
     n = counts.sum().item()
     exp = probs.double() * n
     big = exp >= 5
@@ -28,8 +29,8 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-
     ex = torch.cat([exp[big], exp[~big].sum()[None]])
     keep = ex > 0
     stat = (((obs - ex) ** 2)[keep] / ex[keep]).sum().item()
-    assert obs[~keep].sum() == 0, "samples landed where the model puts no mass"
+    assert obs[~keep].sum() == 0, f"{what}: samples landed where the model puts no mass"
     dof = int(keep.sum()) - 1
     limit = chi2_quantile(max(dof, 1), alpha)
-    assert stat < limit, f"chi2 {stat:.1f} >= {limit:.1f} (dof {dof}, n {n})"
+    assert stat < limit, f"{what}: chi2 {stat:.1f} >= {limit:.1f} (dof {dof}, n {n})"
     return stat

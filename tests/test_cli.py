@@ -5,6 +5,7 @@ byte-level BPE tokenizer where text prompts are needed) and a handful of tokens 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from models import agreeable_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from specdec.cli import main
-from specdec.cli_generate import Detokenizer
+from specdec.detokenizer import Detokenizer
 from specdec.prompts import HELD_OUT, held_out_prompts
 
 VOCAB = 300  # 256 byte symbols + 2 specials + a few merges
@@ -156,7 +157,7 @@ def test_tp_passes_through(ckpt: Path, capsys: pytest.CaptureFixture[str], monke
         seen.update(kw)
         raise ValueError("stopped")
 
-    monkeypatch.setattr("specdec.cli_common.LLM", fake_llm)
+    monkeypatch.setattr("specdec.cli.common.LLM", fake_llm)
     one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--tp", "2"], "stopped")
     assert seen["tensor_parallel_size"] == 2
 
@@ -246,3 +247,102 @@ def test_detokenizer_holds_back_partial_utf8() -> None:
     pieces = [d.push([t]) for t in ids]
     assert "".join(pieces) + d.flush() == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+# --- issue-9 cases: one-line errors, checks before the run, per-request JSONL settings, new flags ---------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--prompt", "x", "--max-tok", "3"], "unrecognized arguments: --max-tok"),  # no abbreviations
+    (["generate", "--prompt", "x", "--no-mtp", "--topk", "2"], "--no-mtp decodes without drafts: drop --topk"),
+    (["generate", "--prompt", "x", "--relaxed-topk", "-1"], "relaxed_topk"),
+    (["generate", "--prompt", "x", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+    (["generate", "--prompt", "x\udcff"], "--prompt: not valid UTF-8 text"),
+    (["generate", "--prompt", ""], "--prompt: the prompt is empty"),
+    (["generate", "--prompt", "x", "--stop-token-ids", "-3"], "stop_token_ids"),
+    (["inspect", "tests/data/deepseek-v3-config.json", "--gpu-mem-gb", "inf"], "positive, finite"),
+    (["inspect", "tests/data/deepseek-v3-config.json", "--gpu-mem-gb", "nan"], "positive, finite"),
+    (["bench", "latency", "--model", "/nonexistent-ckpt", "--json", "/dev/full"], "--json /dev/full: cannot be"),
+    (["bench", "latency", "--model", "/nonexistent-ckpt", "--json", "/tmp"], "--json /tmp: is a directory"),
+    (["bench", "acceptance", "--model", "/nonexistent-ckpt", "--plot", "x.jpg2"], "unknown format '.jpg2'"),
+    (["generate", "--input-file", "tests"], "tests: is a directory"),
+])
+def test_more_argument_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each is refused before any model is loaded (several name a checkpoint that does not exist)."""
+    one_line_error(capsys, argv, needle)
+
+
+def test_model_dependent_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--topk", "1000"],
+                   "topk 1000 exceeds the vocabulary")
+    if not __import__("torch").cuda.is_available():
+        one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--device", "cuda"],
+                       "no CUDA device")
+    bad = Path(shutil.copytree(ckpt, tmp_path / "badtok"))
+    (bad / "tokenizer.json").write_text("not a tokenizer")
+    one_line_error(capsys, ["generate", "--model", str(bad), "--prompt", "x"], "not a valid tokenizer.json")
+
+
+def test_jsonl_per_request_settings_and_encoding(ckpt_ids: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 5, 9], "max_tokens": 3, "ignore_eos": true}',
+              '{"prompt_token_ids": [0, 7], "max_tokens": 6, "temperature": 0.8, "seed": 3, "ignore_eos": true}')
+    assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [len(r["token_ids"]) for r in rows] == [3, 6]
+    assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--json"]) == 0
+    again = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert again[1]["token_ids"] == rows[1]["token_ids"], "a seeded request repeats"
+    f = jsonl(tmp_path / "k.jsonl", '{"prompt_token_ids": [0, 5], "max_token": 3}')
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], "line 1",
+                   "unknown key(s) max_token")
+    f = jsonl(tmp_path / "t.jsonl", '{"prompt_token_ids": [0, 5], "temperature": -1}')
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], "line 1", "temperature")
+    f = tmp_path / "u.jsonl"
+    f.write_bytes(b'{"prompt_token_ids": [0, 5]}\n{"prompt": "\xff"}\n')
+    one_line_error(capsys, ["generate", "--model", str(ckpt_ids), "--input-file", str(f)], "line 2",
+                   "not valid UTF-8")
+
+
+def test_stop_strings_and_stop_token_ids(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", str(ckpt), "--prompt", "def f(x):\n", "--max-tokens", "12", "--ignore-eos",
+            "--json"]
+    assert main(base) == 0
+    free = json.loads(capsys.readouterr().out)
+    text, ids = free["text"], free["token_ids"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert main([*base, "--stop", stop]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
+    assert cut["text"] == text[:text.index(stop)] and ids[:len(cut["token_ids"])] == cut["token_ids"]
+    assert main([*base, "--stop-token-ids", str(ids[3])]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["token_ids"] == ids[:ids.index(ids[3]) + 1] and cut["stop_reason"] == ids[3]
+
+
+def test_version_and_light_import(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("specdec 0.")
+    # the console script imports only argparse before main() runs, so Ctrl-C while torch loads lands in main
+    r = subprocess.run([sys.executable, "-c", "import sys, specdec.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_ctrl_c_while_loading_is_quiet(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import specdec.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["generate", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_example_requests_file_parses() -> None:
+    from specdec.cli.common import EXAMPLE, read_requests
+
+    reqs = read_requests(Path(__file__).parents[1] / EXAMPLE)
+    assert len(reqs) == 4 and any(r.overrides for r in reqs)
+    assert any(isinstance(r.prompt, list) for r in reqs) and any(isinstance(r.prompt, str) for r in reqs)

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import V3_CONFIG
 from specdec.model import loader
 from specdec.model.checkpoint import checkpoint_manifest, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.parallel import DistInfo
+from specdec.model.plan import weight_bytes_per_rank
 from specdec.model.transformer import DeepseekV3
 
 from specdec.cli import main
-from specdec.cli_inspect import RESERVE, weight_bytes_per_rank
+from specdec.cli.inspect import RESERVE
 
-V3 = "/work/shared/reference/deepseek-v3-config.json"
+V3 = str(V3_CONFIG)
 V3_ROUTED_PER_EXPERT = 3 * 2048 * 7168  # gate, up, down of one routed expert
 V3_EMBED = 129280 * 7168
 
@@ -56,11 +58,11 @@ def test_released_config_json(v3: dict) -> None:
     # 58 MoE layers (61 - 3 dense) keep 8 of their 256 routed experts: DeepSeek's "37B activated"
     assert p["activated_per_token"] == p["main"] - 58 * (256 - 8) * V3_ROUTED_PER_EXPERT == 37_552_297_472
     assert s["kv_cache_bytes_per_token"] == {"main": 61 * 576 * 2, "mtp": 576 * 2, "total": 62 * 576 * 2}
-    w, kv, n = s["weight_bytes_per_rank"], s["kv_cache_bytes_per_token"]["total"], s["max_context_tokens"]
+    w, kv, n = s["weight_bytes_per_rank"], s["kv_cache_bytes_per_token"]["total"], s["kv_cache_capacity_tokens"]
     budget = 141 * 2**30 * (1 - RESERVE)
     assert s["reserve_fraction"] == RESERVE and w + n * kv <= budget < w + (n + 1) * kv
     # one rank: every stored byte except the MTP's BF16 copies of embed_tokens and lm_head
-    assert weight_bytes_per_rank(cfg, manifest, 1) == 688_574_839_360 - 2 * V3_EMBED * 2
+    assert weight_bytes_per_rank(cfg, 1) == 688_574_839_360 - 2 * V3_EMBED * 2
 
 
 def test_released_config_table(v3: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,20 +83,24 @@ FP8_8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "
                                     tiny_config(q_lora_rank=None, n_shared_experts=2, first_k_dense_replace=2)],
                          ids=["fp8+q_lora", "bf16+q_proj"])
 @pytest.mark.parametrize("tp", [1, 2, 4, 3, 8])
-def test_rank_bytes_equal_the_runtime_model(config: dict, tp: int) -> None:
-    """Per-rank bytes equal the parameters of the model the runtime builds for rank 0 of tp,
-    and inspect refuses exactly the tp values the runtime refuses."""
+def test_inspect_refuses_exactly_the_splits_the_runtime_refuses(config: dict, tp: int, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """inspect's per-rank bytes come from the runtime's own meta-device model (model/plan.py; test_tp.py checks
+    that a rank's load reads exactly them), so it accepts a --tp exactly when the runtime builds that split, and
+    then reports more bytes per rank the fewer ranks share the model."""
     cfg = ModelConfig.from_dict(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
     try:
-        model = DeepseekV3(cfg, dtype=torch.bfloat16, keep_fp8=True, dist=DistInfo(0, tp))  # uninitialized, tiny
-    except ValueError:
-        with pytest.raises(ValueError, match=f"--tp {tp}"):
-            weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), tp)
+        with torch.device("meta"):
+            DeepseekV3(cfg, dtype=torch.bfloat16, keep_fp8=True, dist=DistInfo(0, tp))
+    except ValueError as e:
+        assert main(["inspect", str(tmp_path / "config.json"), "--tp", str(tp)]) == 2
+        assert f"--tp {tp}: {e}" in capsys.readouterr().err
         return
-    # the runtime keeps the router in float32; the checkpoint (and so inspect) stores it in BF16
-    runtime = sum(p.numel() * (2 if n.endswith("mlp.gate.weight") else p.element_size())
-                  for n, p in model.named_parameters())
-    assert weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), tp) == runtime
+    s = run_json(capsys, str(tmp_path / "config.json"), "--tp", str(tp))
+    assert s["weight_bytes_per_rank"] == weight_bytes_per_rank(cfg, tp)
+    if tp > 1:
+        assert weight_bytes_per_rank(cfg, 1) / tp <= s["weight_bytes_per_rank"] < weight_bytes_per_rank(cfg, 1)
 
 
 def test_checkpoint_dir_is_checked_from_headers_only(make_checkpoint, capsys: pytest.CaptureFixture[str],
@@ -109,7 +115,7 @@ def test_checkpoint_dir_is_checked_from_headers_only(make_checkpoint, capsys: py
     assert s["source"] == "checkpoint" and s["headers_validated"] and s["tp"] == 2
     assert s["tensors"] == {n: {"shape": list(e.spec.shape), "dtype": e.spec.dtype}
                             for n, e in loader.Checkpoint(ck).entries.items()}
-    assert s["max_context_tokens"] > 0
+    assert s["kv_cache_capacity_tokens"] > 0
     assert run_json(capsys, str(ck / "config.json"))["source"] == "config"
 
 

@@ -7,7 +7,6 @@ import random
 import shutil
 
 import pytest
-import torch
 from models import agreeable_checkpoint
 
 from specdec import LLM, SamplingParams, SpecConfig
@@ -36,8 +35,8 @@ def _prompts(batch: int, rng: random.Random) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("k,topk,budget", CASES)
-def test_greedy_spec_equals_plain(ckpt, plain, k, topk, budget):
-    rng = random.Random()
+def test_greedy_spec_equals_plain(ckpt, plain, k, topk, budget, seed):
+    rng = random.Random(seed)
     batch = rng.randint(1, 8)
     prompts = _prompts(batch, rng)
     params = [SamplingParams(max_tokens=rng.randint(1, 24), temperature=0, ignore_eos=True) for _ in prompts]
@@ -45,12 +44,12 @@ def test_greedy_spec_equals_plain(ckpt, plain, k, topk, budget):
     spec = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=k, topk=topk,
                                                               num_draft_tokens=budget))
     out = spec.generate(prompts, params)
-    for r, o, p in zip(ref, out, params):
-        assert o.token_ids == r.token_ids
-        assert len(o.token_ids) == p.max_tokens and o.finish_reason == "length"
-    drafted = sum(o.metrics.num_drafted for o in out)
-    accepted = sum(o.metrics.num_accepted for o in out)
-    assert accepted <= drafted
+    for i, (r, o, p) in enumerate(zip(ref, out, params)):
+        assert o.token_ids == r.token_ids, f"seed={seed} request {i}"
+        assert len(o.token_ids) == p.max_tokens and o.finish_reason == "length", f"seed={seed} request {i}"
+        # every verify step emits its accepted drafts plus one token (the last step may be cut by max_tokens)
+        m = o.metrics
+        assert m.num_steps - 1 + m.num_accepted >= m.num_generated - 1 >= m.num_steps - 1, f"seed={seed}"
 
 
 def test_acceptance_is_partial(ckpt, plain):
@@ -154,7 +153,7 @@ def test_invalid_requests(plain):
         plain.generate([[1] * 500], SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="empty"):
         plain.generate([[]], SamplingParams())
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
         plain.generate([[10_000]], SamplingParams())
     with pytest.raises(ValueError, match="tokenizer"):
         plain.generate(["text needs a tokenizer"], SamplingParams())
@@ -165,7 +164,9 @@ def test_seeded_sampling_is_reproducible(ckpt):
     p = [SamplingParams(max_tokens=15, temperature=0.9, top_p=0.95, seed=s) for s in (1, 2, 1)]
     out = spec.generate([[5, 6], [5, 6], [5, 6]], p)
     assert out[0].token_ids == out[2].token_ids
-    assert torch.tensor(out[0].token_ids).max() < 256
+    assert out[0].token_ids != out[1].token_ids, "another seed draws another continuation"
+    again = spec.generate([[5, 6]], p[1])[0]
+    assert again.token_ids == out[1].token_ids, "a seeded request does not depend on its batch"
 
 
 def test_with_speculative_shares_weights_and_decodes_as_a_fresh_llm(ckpt, plain):

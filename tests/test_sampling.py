@@ -27,8 +27,8 @@ def _reference(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor
     return out
 
 
-def test_process_logits_matches_reference():
-    g = torch.Generator().manual_seed(torch.randint(1 << 30, (1,)).item())
+def test_process_logits_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(6, 50, generator=g) * 3
     t = torch.tensor([1.0, 0.5, 2.0, 0.7, 1.0, 1.3])
     k = torch.tensor([0, 5, 0, 10, 1, 3])
@@ -36,32 +36,33 @@ def test_process_logits_matches_reference():
     got = process_logits(logits, t, k, p)
     for i in range(6):
         ref = _reference(logits[i], t[i].item(), k[i].item(), p[i].item())
-        assert torch.allclose(got[i], ref, atol=1e-6), i
+        assert torch.allclose(got[i], ref, atol=1e-6), f"seed={seed} row {i}"
 
 
-def test_unfiltered_fast_path_equals_process_logits():
-    logits = torch.randn(4, 30)
+def test_unfiltered_fast_path_equals_process_logits(seed):
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(seed))
     sb = SamplingBatch(greedy=torch.zeros(2, dtype=torch.bool), temperature=torch.tensor([0.7, 1.5]),
                        top_k=torch.zeros(2, dtype=torch.long), top_p=torch.ones(2), any_sampled=True,
                        uniform=lambda s: torch.rand(2, *s), any_filtered=False)
     slow = process_logits(logits, torch.tensor([0.7, 0.7, 1.5, 1.5]), torch.zeros(4, dtype=torch.long),
                           torch.ones(4))
-    assert torch.allclose(sb.probs(logits, 2), slow, atol=1e-6)
+    assert torch.allclose(sb.probs(logits, 2), slow, atol=1e-6), f"seed={seed}"
 
 
-def test_sample_from_and_gumbel_topk_distributions():
+def test_sample_from_and_gumbel_topk_distributions(seed):
     v, n = 7, 40_000
-    probs = torch.rand(v)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(v, generator=g)
     probs[2] = 0  # never drawn
     probs /= probs.sum()
-    ids = sample_from(probs.expand(n, v), torch.rand(n))
-    assert_matches(torch.bincount(ids, minlength=v), probs)
-    first, score = gumbel_topk(probs.log().expand(n, v), torch.rand(n, v), 3)
-    assert_matches(torch.bincount(first[:, 0], minlength=v), probs)  # the first draw is a plain sample
+    ids = sample_from(probs.expand(n, v), torch.rand(n, generator=g))
+    assert_matches(torch.bincount(ids, minlength=v), probs, what=f"seed={seed} sample_from")
+    first, score = gumbel_topk(probs.log().expand(n, v), torch.rand(n, v, generator=g), 3)
+    assert_matches(torch.bincount(first[:, 0], minlength=v), probs, what=f"seed={seed} first draw")  # a plain sample
     assert (first[:, 0] != first[:, 1]).all() and (first[:, 1] != first[:, 2]).all()  # without replacement
     # the second draw follows q with the first removed
     x0 = first[:, 0] == 0
     q1 = probs.clone()
     q1[0] = 0
-    assert_matches(torch.bincount(first[x0, 1], minlength=v), q1 / q1.sum())
+    assert_matches(torch.bincount(first[x0, 1], minlength=v), q1 / q1.sum(), what=f"seed={seed} second draw")
     assert torch.equal(score[0], probs.log().topk(3).values)  # rank scores ignore which token was drawn

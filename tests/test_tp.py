@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +18,13 @@ import torch
 import torch.distributed as dist
 from models import agreeable_checkpoint
 from specdec.model import DeepseekV3, ModelConfig, load_model
-from specdec.model.checkpoint import checkpoint_manifest, tiny_config
+from specdec.model.checkpoint import tiny_config
 from specdec.model.loader import Checkpoint
 from specdec.model.parallel import DistInfo, get_dist
+from specdec.model.plan import weight_bytes_per_rank
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
 from specdec import LLM, SpecConfig
-from specdec.cli_inspect import weight_bytes_per_rank
-from specdec.distributed import TensorParallelError
 
 # divisible by 2 and 3: 6 heads, 6 experts, vocab 264, MLP widths on 8-blocks
 SHAPE = dict(vocab_size=264, num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6,
@@ -54,6 +52,10 @@ def single(ckpt: Path) -> LLM:
 def tp(request: pytest.FixtureRequest, ckpt: Path):
     llm = LLM(ckpt, dtype="float32", speculative=TREE, tensor_parallel_size=request.param)
     yield llm
+    procs = list(llm._driver.procs)
+    llm.close()  # a clean close: every worker exits 0 and this process leaves the group
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert get_dist() == DistInfo() and not dist.is_initialized()
     llm.close()
 
 
@@ -69,7 +71,7 @@ def test_each_rank_reads_only_its_slices(make_checkpoint, monkeypatch: pytest.Mo
     ck = make_checkpoint(quantization_config=quant, **SHAPE) if quant else make_checkpoint(**SHAPE)
     full = load_model(ck, dtype=torch.float32, keep_fp8=True, progress=False).state_dict()
     cfg = Checkpoint(ck).config
-    expect = weight_bytes_per_rank(cfg, checkpoint_manifest(cfg), world)
+    expect = weight_bytes_per_rank(cfg, world)
     read = Checkpoint.read
     for rank in range(world):
         nbytes = []
@@ -143,8 +145,8 @@ def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: L
     want = single.generate([PROMPTS[0]], GREEDY)[0].token_ids
     assert list(tp.stream(PROMPTS[0], GREEDY)) == want
     steps = list(tp.stream_steps(PROMPTS[0], GREEDY))
-    assert [t for new, _ in steps for t in new] == want and steps[-1][1].num_generated == len(want)
-    with pytest.raises(ValueError, match="token ids must lie in"):  # every rank rejects it; the group carries on
+    assert [t for s in steps for t in s.token_ids] == want and steps[-1].metrics.num_generated == len(want)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # every rank rejects it; the group carries on
         tp.generate([[1000]], GREEDY)
     it = tp.stream(PROMPTS[0], GREEDY)
     assert next(it) == want[0]
@@ -152,24 +154,6 @@ def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: L
     assert tp.generate([PROMPTS[0]], GREEDY)[0].token_ids == want
     with pytest.raises(ValueError, match="already drives"):
         LLM(tp.path, dtype="float32", tensor_parallel_size=2)
-
-
-def test_shutdown(tp: LLM, single: LLM) -> None:
-    """Last of each group (it stops the group): tp2 loses a worker mid-call, tp3 closes cleanly."""
-    procs = list(tp._driver.procs)
-    if len(procs) == 1:
-        it = tp.stream(PROMPTS[0], GREEDY)
-        next(it)
-        os.kill(procs[0].pid, signal.SIGKILL)
-        with pytest.raises(TensorParallelError, match=r"rank 1 died \(exit code -9\) during stream\(\)"):
-            list(it)
-        with pytest.raises(TensorParallelError, match="group is down"):
-            tp.logits(PROMPTS[0])
-    else:
-        tp.close()
-        assert [p.exitcode for p in procs] == [0] * len(procs)
-    assert get_dist() == DistInfo() and not dist.is_initialized()
-    assert single.generate([PROMPTS[1]], GREEDY)[0].finish_reason == "length"  # one rank still works here
 
 
 # -- torchrun: every rank builds the LLM and makes the same calls ------------------------------------------------

@@ -35,9 +35,9 @@ def _tree_from_q(q_root: torch.Tensor, q_child: torch.Tensor, w: int, budget: in
 
 
 @pytest.mark.parametrize("w,budget", [(1, 2), (2, 4), (3, 4), (3, 6), (4, 2)])
-def test_first_token_is_distributed_as_target(w, budget):
+def test_first_token_is_distributed_as_target(w, budget, seed):
     b = 40_000
-    g = torch.Generator().manual_seed(torch.randint(1 << 30, (1,)).item())
+    g = torch.Generator().manual_seed(seed)
     p = _random_dists(b, budget + 1, g)  # target distribution at each node
     q = _random_dists(b, 2, g)
     tree, qd = _tree_from_q(q[:, 0], q[:, 1], w, budget, g)
@@ -46,8 +46,8 @@ def test_first_token_is_distributed_as_target(w, budget):
     acc = accept(tree, logits, p, qd, torch.zeros(b, dtype=torch.bool), torch.rand(b, 2, w, generator=g),
                  torch.rand(b, generator=g), max_depth=2)
     first = torch.where(acc.num_accepted > 0, tree.tokens.gather(1, acc.path[:, 1:2].clamp(min=0))[:, 0], acc.bonus)
-    assert_matches(torch.bincount(first, minlength=V), p[0, 0])
-    assert 0 < acc.num_accepted.float().mean() < 2  # both accepting and rejecting were exercised
+    assert_matches(torch.bincount(first, minlength=V), p[0, 0], what=f"seed={seed} first token")
+    assert 0 < acc.num_accepted.float().mean() < 2, f"seed={seed}"  # both accepting and rejecting exercised
     # the second emitted token, given the first was an accepted draft x, follows p at x's node
     one = acc.num_accepted >= 1
     node = acc.path[:, 1]
@@ -57,7 +57,7 @@ def test_first_token_is_distributed_as_target(w, budget):
     for nd in range(1, tree.num_nodes):
         sel = one & (node == nd)
         if sel.sum() > 2000 and (tree.depth[sel, nd] == 1).all():
-            assert_matches(torch.bincount(second[sel], minlength=V), p[0, nd])
+            assert_matches(torch.bincount(second[sel], minlength=V), p[0, nd], what=f"seed={seed} node {nd}")
             checked += 1
     assert checked > 0 or budget <= w  # with budget <= w every node is a root child
 
@@ -94,10 +94,10 @@ def test_relaxed_acceptance_is_opt_in_and_lossy():
     assert accept(tree, logits, *args, relaxed=Relaxed(topk=1, delta=5.0)).num_accepted.item() == 0
 
 
-def test_vectorized_greedy_equals_the_walk():
+def test_vectorized_greedy_equals_the_walk(seed):
     from specdec.verify import accept_greedy, accept_walk
 
-    g = torch.Generator().manual_seed(torch.randint(1 << 30, (1,)).item())
+    g = torch.Generator().manual_seed(seed)
     for w, budget in [(1, 2), (2, 3), (3, 5), (4, 6)]:
         b = 64
         q = _random_dists(b, 2, g, sharp=3.0)
@@ -109,6 +109,6 @@ def test_vectorized_greedy_equals_the_walk():
         fast = accept_greedy(tree, logits, 2)
         slow = accept_walk(tree, logits, None, None, torch.ones(b, dtype=torch.bool), torch.zeros(b, 2, w),
                            torch.zeros(b), 2)
-        assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus)
-        assert torch.equal(fast.num_accepted, slow.num_accepted)
-        assert 0 < fast.num_accepted.sum() < 2 * b
+        assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus), f"seed={seed} w={w}"
+        assert torch.equal(fast.num_accepted, slow.num_accepted), f"seed={seed} w={w}"
+        assert 0 < fast.num_accepted.sum() < 2 * b, f"seed={seed} w={w}"

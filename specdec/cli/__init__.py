@@ -1,38 +1,69 @@
-"""`specdec` command line: one subcommand per module, each registering its own flags."""
+"""`specdec` command line: one subcommand per module (generate, bench, demo, inspect), shared flags in common.py.
+
+This module imports only argparse: the subcommands (and torch with them) load inside `main`, so Ctrl-C while they
+load exits quietly like Ctrl-C anywhere else.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`specdec generate: error: ...`, exit 2), like every other user error here."""
+    """argparse with one-line errors (`specdec generate: error: ...`, exit 2), like every other user error here, and
+    no abbreviated flags (`--temp` is an error, not --temperature)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _version() -> str:
+    import torch
+
+    from specdec import __version__
+
+    try:
+        from importlib.metadata import version
+
+        triton = version("triton")
+    except Exception:
+        triton = "not installed"
+    return f"specdec {__version__} (torch {torch.__version__}, triton {triton})"
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_bench, cli_demo, cli_generate, cli_inspect
+    from . import bench, demo, generate, inspect
 
     p = Parser(prog="specdec", description="MTP speculative decoding for DeepSeek-V3")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
-    cli_generate.register(sub)
-    cli_bench.register(sub)
-    cli_demo.register(sub)
-    cli_inspect.register(sub)
+    generate.register(sub)
+    bench.register(sub)
+    demo.register(sub)
+    inspect.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # every user error is a ValueError subclass with a one-line message
-        name = " ".join(n for n in ("specdec", args.command, getattr(args, "bench", None)) if n)
+        name = " ".join(n for n in ("specdec", getattr(args, "command", None), getattr(args, "bench", None)) if n)
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

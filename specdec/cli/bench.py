@@ -6,11 +6,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from . import cli_bench_acceptance, cli_bench_latency
+    from . import bench_acceptance, bench_latency
 
     p = sub.add_parser("bench", help="benchmarks: latency with and without MTP, acceptance per draft position",
                        description="Benchmarks of MTP speculative decoding: `bench latency` (with vs without MTP, "
                                    "the speedup) and `bench acceptance` (per draft position, --sweep of shapes).")
     group = p.add_subparsers(dest="bench", required=True)
-    cli_bench_latency.register(group)
-    cli_bench_acceptance.register(group)
+    bench_latency.register(group)
+    bench_acceptance.register(group)

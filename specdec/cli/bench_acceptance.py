@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from . import cli_common as common
-from .benchmark import SWEEP_GRID, spec_dict, sweep
+from ..benchmark import SWEEP_GRID, spec_dict, sweep
+from . import common
 
 
 def _name(row: dict) -> str:
@@ -36,7 +35,7 @@ def format_histogram(row: dict) -> str:
     hist = row["accepted_length_histogram"]
     total = max(1, sum(hist.values()))
     rows = [[n, str(c), f"{c / total:.1%}", "#" * round(40 * c / total)] for n, c in hist.items()]
-    return common.format_table(["tokens per verify step", "steps", "share", ""], rows, align="lrrl")
+    return common.format_table(["tokens per verify step", "steps", "share", "histogram"], rows, align="lrrl")
 
 
 def format_sweep(rows: list[dict], best: dict) -> str:
@@ -48,11 +47,20 @@ def format_sweep(rows: list[dict], best: dict) -> str:
             f"{best['speedup']:.2f}x over no MTP")
 
 
-def check_matplotlib() -> None:
+def plot_formats() -> tuple[str, ...]:
+    """The image formats matplotlib can write (ValueError when it is not installed)."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'specdec[plot]'") from None
+    fig = plt.figure()
+    try:
+        return tuple(fig.canvas.get_supported_filetypes())
+    finally:
+        plt.close(fig)
 
 
 def plot(rows: list[dict], out: str, title: str) -> None:
@@ -78,20 +86,20 @@ def plot(rows: list[dict], out: str, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.check_output(args.json, "--json")
-    common.check_output(args.plot, "--plot")
     if args.plot:
-        check_matplotlib()
+        common.check_output(args.plot, "--plot", plot_formats())
     prompts = common.load_prompts(args)
-    params = common.sampling_params(args)
+    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     specs = [spec, None, *(s for s in SWEEP_GRID if spec_dict(s) != spec_dict(spec))] if args.sweep else [spec]
-    rows = sweep(llm, specs, [p.prompt for p in prompts], params, args.seed, args.batch_size)
-    main = rows[0]
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
     print(f"bench acceptance: {len(prompts)} requests ({args.input_file or 'built-in held-out prompts'}), "
-          f"{args.max_tokens} tokens each, {mode}, {common.describe(spec)}")
+          f"{args.max_tokens} tokens each, {mode}, {common.describe(spec)}"
+          + (f"; sweeping {len(specs)} configurations" if args.sweep else ""), flush=True)
+    rows = sweep(llm, specs, [p.prompt for p in prompts], params, args.seed, args.batch_size)
+    main = rows[0]
     print(format_positions(main))
     print(format_histogram(main))
     print(f"mean accepted length {main['mean_accepted_length']:.2f} | acceptance rate "
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_sweep(rows, best))
         result |= {"sweep": rows, "best": best}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        common.write_output(args.json, json.dumps(result, indent=1) + "\n", "--json")
     if args.plot:
         plot(rows, args.plot, f"MTP acceptance, {len(prompts)} requests, {mode}")
     return 0

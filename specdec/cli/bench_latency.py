@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from . import cli_common as common
-from .benchmark import latency_ab
+from ..benchmark import latency_ab
+from . import common
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -40,19 +39,21 @@ def describe_run(args: argparse.Namespace, n: int, spec_desc: str) -> str:
 def run(args: argparse.Namespace) -> int:
     common.check_output(args.json, "--json")
     prompts = common.load_prompts(args)
-    params = common.sampling_params(args)
+    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
-    plain = llm.with_speculative(None, args.seed)
+    plain = llm.with_speculative(None)
+    print(describe_run(args, len(prompts), common.describe(spec)) + f", {llm.threads or 'default'} thread(s)",
+          flush=True)
     r = latency_ab(llm, plain, [p.prompt for p in prompts], params, runs=args.runs, warmup=args.num_iters_warmup,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, log=lambda line: print(line, flush=True))
     r = {"speedup": r.pop("speedup"), "mean_accepted_length": r.pop("mean_accepted_length"), **r,
          "num_prompts": len(prompts), "max_tokens": args.max_tokens, "temperature": args.temperature,
-         "batch_size": args.batch_size, "runs": args.runs}
-    print(format_report(r, describe_run(args, len(prompts), common.describe(spec))))
+         "batch_size": args.batch_size, "runs": args.runs, "threads": llm.threads}
+    print(format_report(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+        common.write_output(args.json, json.dumps(r, indent=1) + "\n", "--json")
     return 0
 
 

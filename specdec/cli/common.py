@@ -1,5 +1,5 @@
-"""What the `generate`, `bench` and `demo` subcommands share: flags (named as vLLM/SGLang name them), building the
-LLM and its parameters from them, reading JSONL requests, and plain-text tables.
+"""What the subcommands share: flag groups (named as vLLM/SGLang name them), building the LLM and its parameters from
+them, reading JSONL requests, checking output paths before a run, and plain-text tables.
 
 Every user error raises ValueError (or FileNotFoundError) with a one-line message; cli.main prints it."""
 
@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import os
+import stat
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-import torch
+from ..api import BUNDLED_MODEL, DTYPES, LLM
+from ..inputs import check_text, check_token_ids
+from ..kernels.backend import BACKENDS
+from ..params import ACCEPTANCE, SamplingParams, SpecConfig
+from ..prompts import HELD_OUT, held_out_prompts
 
-from .api import BUNDLED_MODEL, DTYPES, LLM
-from .kernels.backend import BACKENDS
-from .params import SamplingParams, SpecConfig
-from .prompts import HELD_OUT, held_out_prompts
+SPEC_DEFAULTS = SpecConfig()
 
 
-def add_model_args(p: argparse.ArgumentParser, threads: int | None = None) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL),
                    help="checkpoint directory in the released layout (default: the bundled demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -26,11 +30,10 @@ def add_model_args(p: argparse.ArgumentParser, threads: int | None = None) -> No
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
                    help="tensor-parallel ranks (default 1)")
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="kernel backend (default auto)")
-    p.add_argument("--threads", type=int, default=threads, metavar="N",
-                   help=f"CPU threads for torch (default: {threads or 'torch decides'}; a small model on a busy CPU "
-                        "runs fastest on 1)")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="kernel backend (default auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1 for models under 1B parameters on CPU, where more only "
+                        "wait at barriers; else torch's default)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, ignore_eos: bool = False) -> None:
@@ -39,6 +42,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, ignore_eos: b
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-request sampling streams (default 0)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable); the text ends before it")
+    p.add_argument("--stop-token-ids", type=int, nargs="+", default=None, metavar="ID",
+                   help="stop at any of these token ids")
     if ignore_eos:  # benchmarks generate exactly --max-tokens, as vLLM's bench latency does
         p.set_defaults(ignore_eos=True)
     else:
@@ -46,44 +53,61 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, ignore_eos: b
 
 
 def add_spec_args(p: argparse.ArgumentParser, no_mtp: bool = True) -> None:
-    d = SpecConfig()
+    d = SPEC_DEFAULTS
     if no_mtp:
         p.add_argument("--no-mtp", action="store_true", help="plain decoding, no MTP drafts")
-    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, metavar="K",
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help=f"MTP draft steps (tree depth) per verify step (default {d.num_speculative_tokens})")
-    p.add_argument("--topk", type=int, default=d.topk,
+    p.add_argument("--topk", type=int, default=None,
                    help=f"children per expanded draft node; 1 drafts a chain (default {d.topk})")
     p.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
                    help="draft nodes verified per step, the root not counted (default K for a chain, K*topk for a "
                         "tree)")
+    p.add_argument("--acceptance", default=None, choices=ACCEPTANCE,
+                   help="exact (lossless, default) or relaxed (TensorRT-LLM's: a greedy draft among the target's "
+                        "top --relaxed-topk within --relaxed-delta of its best log-prob is accepted; lossy)")
+    p.add_argument("--relaxed-topk", type=int, default=None, metavar="N",
+                   help=f"relaxed acceptance: candidates among the target's top N (default {d.relaxed_topk})")
+    p.add_argument("--relaxed-delta", type=float, default=None, metavar="D",
+                   help=f"relaxed acceptance: log-prob margin to the top-1 (default {d.relaxed_delta})")
+
+
+SPEC_FLAGS = {"num_speculative_tokens": "--num-speculative-tokens", "topk": "--topk",
+              "num_draft_tokens": "--num-draft-tokens", "acceptance": "--acceptance",
+              "relaxed_topk": "--relaxed-topk", "relaxed_delta": "--relaxed-delta"}
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-file", default=None, metavar="F",
-                   help='JSONL requests, one a line: {"prompt": "..."} or {"prompt_token_ids": [...]} '
-                        f"(default: the built-in held-out prompts, chunks of {len(HELD_OUT)} stdlib modules)")
+                   help=f"JSONL requests, one a line (see {EXAMPLE}); default: the built-in held-out prompts, "
+                        f"chunks of {len(HELD_OUT)} stdlib modules")
     p.add_argument("--num-prompts", type=int, default=len(HELD_OUT), metavar="N",
                    help=f"how many built-in held-out prompts (default {len(HELD_OUT)})")
 
 
 def spec_config(args: argparse.Namespace) -> SpecConfig | None:
-    """The SpecConfig the flags ask for (None with --no-mtp); raises ValueError for impossible values."""
+    """The SpecConfig the flags ask for (None with --no-mtp); raises ValueError for impossible values and for
+    draft flags given together with --no-mtp."""
+    given = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "no_mtp", False):
+        if given:
+            raise ValueError(f"--no-mtp decodes without drafts: drop {', '.join(SPEC_FLAGS[k] for k in given)}")
         return None
-    return SpecConfig(num_speculative_tokens=args.num_speculative_tokens, topk=args.topk,
-                      num_draft_tokens=args.num_draft_tokens)
+    return SpecConfig(**given)
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, ignore_eos=args.ignore_eos)
+def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
+    return SamplingParams(**(kw | overrides))
 
 
 def describe(spec: SpecConfig | None) -> str:
     """'MTP k=3 topk=1 budget=3' or 'no MTP'."""
     if spec is None:
         return "no MTP"
-    return f"MTP k={spec.num_speculative_tokens} topk={spec.topk} budget={spec.budget}"
+    relaxed = " relaxed" if spec.acceptance == "relaxed" else ""
+    return f"MTP k={spec.num_speculative_tokens} topk={spec.topk} budget={spec.budget}{relaxed}"
 
 
 def load_llm(args: argparse.Namespace, spec: SpecConfig | None) -> LLM:
@@ -94,44 +118,73 @@ def load_llm(args: argparse.Namespace, spec: SpecConfig | None) -> LLM:
         raise FileNotFoundError(f"{path}: no checkpoint here (no config.json){hint}")
     if args.tp < 1:
         raise ValueError(f"--tp {args.tp}: must be a positive integer")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: must be a positive integer")
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
-    return LLM(path, dtype=dtype, device=device, speculative=spec, backend=args.backend,
-               tensor_parallel_size=args.tp, seed=args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be a positive integer")
+    on_gpu = args.device.startswith("cuda") if args.device else _cuda()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    return LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
+               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- requests ------------------------------------------------------------------------------------------------------
+
+EXAMPLE = "examples/requests.jsonl"
+PER_REQUEST = frozenset(f.name for f in fields(SamplingParams))  # JSONL keys that override the flags per request
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request: text or token ids, and where it came from (for error messages)."""
+    """One request: text or token ids, its own sampling overrides, and where it came from (for error messages)."""
 
     prompt: str | list[int]
     source: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def params(self, args: argparse.Namespace) -> SamplingParams:
+        try:
+            return sampling_params(args, **dict(self.overrides))
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
 
 
 def _parse_request(obj: object, where: str) -> Prompt:
     if not isinstance(obj, dict) or ("prompt" in obj) == ("prompt_token_ids" in obj):
         raise ValueError(f'{where}: expected an object with exactly one of "prompt" or "prompt_token_ids"')
+    unknown = set(obj) - {"prompt", "prompt_token_ids"} - PER_REQUEST
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (allowed: prompt or "
+                         f"prompt_token_ids, and {', '.join(sorted(PER_REQUEST))})")
+    overrides = tuple((k, v) for k, v in obj.items() if k in PER_REQUEST)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise ValueError(f'{where}: "prompt" must be a non-empty string')
-        return Prompt(obj["prompt"], where)
+        check_text(obj["prompt"], where)
+        return Prompt(obj["prompt"], where, overrides)
     ids = obj["prompt_token_ids"]
     if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
         raise ValueError(f'{where}: "prompt_token_ids" must be a non-empty list of non-negative integers')
-    return Prompt(ids, where)
+    return Prompt(ids, where, overrides)
 
 
 def read_requests(path: str | Path) -> list[Prompt]:
     """The requests of a JSONL file (blank lines skipped); errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid UTF-8 (byte {e.start})") from None
         if not line.strip():
             continue
         try:
@@ -157,13 +210,48 @@ def load_prompts(args: argparse.Namespace) -> list[Prompt]:
 def check_prompts(prompts: list[Prompt], llm: LLM) -> None:
     """Raise ValueError naming the request when the model cannot take it: text without a tokenizer, or token ids
     outside the vocabulary."""
-    vocab = llm.config.vocab_size
     for p in prompts:
         if isinstance(p.prompt, str) and llm.tokenizer is None:
             raise ValueError(f"{p.source}: {llm.path} has no tokenizer.json, so prompts must be token ids "
                              '(--input-file with {"prompt_token_ids": [...]} lines)')
-        if isinstance(p.prompt, list) and max(p.prompt) >= vocab:
-            raise ValueError(f"{p.source}: token id {max(p.prompt)} is outside the vocabulary [0, {vocab})")
+        if isinstance(p.prompt, list):
+            check_token_ids(p.prompt, llm.config.vocab_size, p.source)
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+
+def check_output(path: str | None, flag: str, formats: tuple[str, ...] | None = None) -> None:
+    """Fail before a long run, not after, when its output cannot be written: a directory, a missing or read-only
+    directory, an unknown format, a device that refuses writes (/dev/full)."""
+    if path is None:
+        return
+    p = Path(path)
+    if formats is not None and p.suffix.lower().lstrip(".") not in formats:
+        raise ValueError(f"{flag} {path}: unknown format {p.suffix or '(no extension)'!r}; use one of "
+                         f"{', '.join('.' + f for f in formats)}")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the directory {p.parent} does not exist")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{flag} {path}: not writable")
+        if stat.S_ISCHR(p.stat().st_mode):  # a device: find out now whether it takes data
+            try:
+                with open(p, "w") as f:
+                    f.write("\n")
+            except OSError as e:
+                raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
+    elif not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: the directory {p.parent} is not writable")
+
+
+def write_output(path: str, text: str, flag: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
 
 
 def format_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -177,9 +265,3 @@ def format_table(headers: list[str], rows: list[list[str]], align: str | None = 
         return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)).rstrip()
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
-def check_output(path: str | None, flag: str) -> None:
-    """Fail before a long benchmark, not after, when its output file cannot be written."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: the directory {Path(path).parent} does not exist")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from . import cli_common as common
-from .benchmark import latency_ab, timed
-from .cli_bench_latency import format_report
-from .cli_generate import stats_line, stream_text
-from .params import SamplingParams, SpecConfig
-from .prompts import HELD_OUT, held_out_prompts
+from ..benchmark import latency_ab, timed
+from ..params import SamplingParams, SpecConfig
+from ..prompts import HELD_OUT, held_out_prompts
+from . import common
+from .bench_latency import format_report
+from .generate import stats_line, stream_text
 
 STREAMED = "textwrap.py"  # the module whose held-out chunk is streamed
 
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="stream a held-out prompt with and without MTP, then the speedup",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # one thread: the bundled model is too small to gain from intra-op threads, and on a busy CPU they cost ~10x
-    common.add_model_args(p, threads=1)
+    common.add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate per prompt (default 96)")
     p.add_argument("--num-speculative-tokens", type=int, default=SpecConfig().num_speculative_tokens, metavar="K",
                    help=f"MTP draft steps per verify step (default {SpecConfig().num_speculative_tokens})")

@@ -11,78 +11,31 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
 from typing import TextIO
 
-from . import cli_common as common
-from .api import LLM
-from .outputs import Metrics, RequestOutput
-from .params import SamplingParams
-
-
-class Detokenizer:
-    """Incremental decoding (vLLM's prefix/read offsets): each push returns the text its tokens add, holding back an
-    incomplete UTF-8 sequence until a later token completes it. Without a tokenizer, token ids are the text."""
-
-    def __init__(self, tokenizer: object | None, skip: frozenset[int] = frozenset()):
-        self.tokenizer, self.skip = tokenizer, skip
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-
-    def push(self, new: list[int]) -> str:
-        new = [t for t in new if t not in self.skip]
-        if self.tokenizer is None:
-            return "".join(f" {t}" for t in new)
-        self.ids += new
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
-
-    def flush(self) -> str:
-        """The text held back so far (at the end of a stream an incomplete sequence renders as U+FFFD)."""
-        if self.tokenizer is None or self.read == len(self.ids):
-            return ""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(before):]
-
-
-def stream_steps(llm: LLM, prompt: str | list[int], params: SamplingParams) -> Iterator[tuple[list[int], Metrics]]:
-    """Each engine step's new tokens and the request's running Metrics (LLM.stream_steps)."""
-    yield from llm.stream_steps(prompt, params)
-
-
-def hidden_ids(llm: LLM, params: SamplingParams) -> frozenset[int]:
-    """Tokens not rendered as text: the stop tokens that end a request (as RequestOutput.text leaves them out)."""
-    stop = set(params.stop_token_ids or ())
-    if not params.ignore_eos:
-        stop |= set(llm.config.eos_token_ids)
-    return frozenset(stop)
+from ..api import LLM
+from ..inputs import check_text
+from ..outputs import Metrics, RequestOutput
+from ..params import SamplingParams
+from . import common
 
 
 def stream_text(llm: LLM, prompt: str | list[int], params: SamplingParams,
                 out: TextIO | None = None) -> tuple[list[int], Metrics, float]:
-    """Write the generated text to `out` (default: sys.stdout) as it is accepted; returns (token ids, metrics,
-    seconds)."""
+    """Write the generated text to `out` (default: sys.stdout) as it is accepted (token ids without a tokenizer);
+    returns (token ids, metrics, seconds)."""
     out = out or sys.stdout
-    detok = Detokenizer(llm.tokenizer, hidden_ids(llm, params))
     ids: list[int] = []
     metrics = Metrics()
     t0 = time.perf_counter()
-    for new, m in stream_steps(llm, prompt, params):
-        metrics = m
-        ids += new
-        text = detok.push(new)
+    for step in llm.stream_steps(prompt, params):
+        metrics = step.metrics
+        ids += step.token_ids
+        text = step.text if llm.tokenizer is not None else "".join(f" {t}" for t in step.token_ids)
         if text:
             out.write(text)
             out.flush()
-    seconds = time.perf_counter() - t0
-    out.write(detok.flush())
-    return ids, metrics, seconds
+    return ids, metrics, time.perf_counter() - t0
 
 
 def stats_line(spec_desc: str, metrics: list[Metrics], seconds: float) -> str:
@@ -101,24 +54,23 @@ def stats_line(spec_desc: str, metrics: list[Metrics], seconds: float) -> str:
 
 def output_json(o: RequestOutput) -> dict:
     return {"request_id": o.request_id, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-            "prompt_token_ids": o.prompt_token_ids, "metrics": o.metrics.as_dict()}
+            "stop_reason": o.stop_reason, "prompt_token_ids": o.prompt_token_ids, "metrics": o.metrics.as_dict()}
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.input_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --input-file F")
-    if args.prompt == "":
-        raise ValueError("--prompt: the prompt is empty")
     if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
         prompts = [common.Prompt(args.prompt, "--prompt")]
     else:
         prompts = common.read_requests(args.input_file)
-    params = common.sampling_params(args)
+    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     if args.prompt is not None and not args.json:
-        ids, metrics, seconds = stream_text(llm, args.prompt, params)
+        ids, metrics, seconds = stream_text(llm, args.prompt, params[0])
         print()
         print(stats_line(common.describe(spec), [metrics], seconds))
         return 0
@@ -142,8 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, metavar="TEXT", help="one prompt, streamed as it is generated")
     src.add_argument("--input-file", default=None, metavar="F",
-                     help='JSONL, one request a line: {"prompt": "..."} or {"prompt_token_ids": [...]}; run as '
-                          "one batch")
+                     help='JSONL, one request a line: {"prompt": "..."} or {"prompt_token_ids": [...]}, optionally '
+                          "with its own max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos "
+                          f"(see {common.EXAMPLE}); run as one batch")
     common.add_model_args(p)
     common.add_sampling_args(p, max_tokens=64)
     common.add_spec_args(p)
