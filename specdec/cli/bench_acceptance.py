@@ -126,11 +126,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("acceptance", help="acceptance per draft position, accepted lengths, --sweep of draft shapes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_args(p)
-    common.add_input_args(p)
-    common.add_sampling_args(p, max_tokens=128, ignore_eos=True)
-    common.add_spec_args(p, no_mtp=False)
-    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
+    common.add_bench_args(p)
     p.add_argument("--sweep", action="store_true",
                    help=f"also measure no MTP and {len(SWEEP_GRID)} draft shapes (chains k=1..4, trees of topk 2); "
                         "report the fastest")

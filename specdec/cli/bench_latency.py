@@ -60,14 +60,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="tokens/s, ms/token, TTFT with and without MTP, and the speedup",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_args(p)
-    common.add_input_args(p)
-    common.add_sampling_args(p, max_tokens=128, ignore_eos=True)
-    common.add_spec_args(p, no_mtp=False)
+    common.add_bench_args(p)
     p.add_argument("--runs", type=int, default=3, help="timed passes over the requests (default 3)")
     p.add_argument("--num-iters-warmup", type=int, default=1, metavar="N",
                    help="untimed passes of the first batch per configuration (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write the results as JSON: speedup, mean_accepted_length, with_mtp, without_mtp")
     p.set_defaults(func=run)

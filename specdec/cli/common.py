@@ -85,6 +85,16 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
                    help=f"how many built-in held-out prompts (default {len(HELD_OUT)})")
 
 
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """The flags every benchmark takes: model, requests, sampling (exactly --max-tokens each, EOS ignored, as
+    vLLM's benchmarks do), the draft shape, the batch size."""
+    add_model_args(p)
+    add_input_args(p)
+    add_sampling_args(p, max_tokens=128, ignore_eos=True)
+    add_spec_args(p, no_mtp=False)
+    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
+
+
 def spec_config(args: argparse.Namespace) -> SpecConfig | None:
     """The SpecConfig the flags ask for (None with --no-mtp); raises ValueError for impossible values and for
     draft flags given together with --no-mtp."""

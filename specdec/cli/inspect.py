@@ -119,7 +119,7 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_table(s: dict[str, Any]) -> str:
+def format_summary(s: dict[str, Any]) -> str:
     """The summary as an aligned table for humans."""
     p, kv, tp, w = s["params"], s["kv_cache_bytes_per_token"], s["tp"], s["weight_bytes_per_rank"]
     what = ("checkpoint, names/shapes/dtypes/file lengths checked from headers" if s["headers_validated"]
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s))
     else:
-        print(format_table(s))
+        print(format_summary(s))
     return 0
 
 
