@@ -5,6 +5,7 @@ Every attention implementation (kernels/mla.py, kernels/cpu.py, kernels/flashinf
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ class AttnMeta:
     slots: torch.Tensor  # [T] int64 slot where each query token's own key is written
     host_ctx_lens: tuple[int, ...]
     host_cu_q: tuple[int, ...]
+    host_base: tuple[int, ...] | None = None  # set when sequence b's keys sit at slots base[b], base[b] + 1, ...
 
     @classmethod
     def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int],
@@ -46,12 +48,16 @@ class AttnMeta:
     @classmethod
     def contiguous(cls, base: torch.Tensor, ctx_lens: list[int], n_new: list[int],
                    tree_mask: torch.Tensor | None = None) -> AttnMeta:
-        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask defaults to causal."""
+        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask defaults to causal.
+        A CPU base also fills host_base, so CPU attention can slice the cache instead of gathering it."""
         width = max(c + n for c, n in zip(ctx_lens, n_new))
         block_table = base[:, None] + torch.arange(width, device=base.device)[None, :]
         if tree_mask is None:
             tree_mask = causal_tree_mask(n_new, base.device)
-        return cls.build(block_table, ctx_lens, n_new, tree_mask)
+        meta = cls.build(block_table, ctx_lens, n_new, tree_mask)
+        if base.device.type == "cpu":
+            meta = dataclasses.replace(meta, host_base=tuple(base.tolist()))
+        return meta
 
     @property
     def num_seqs(self) -> int:
@@ -74,6 +80,13 @@ class AttnMeta:
 
     def seq_slots(self, b: int) -> torch.Tensor:
         return self.block_table[b, : self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]
+
+    def seq_rows(self, kv_cache: torch.Tensor, b: int) -> torch.Tensor:
+        """kv_cache's rows of sequence b's keys [S, row], in key order: a view when the slots are consecutive."""
+        if self.host_base is None:
+            return kv_cache[self.seq_slots(b)]
+        start = self.host_base[b]
+        return kv_cache[start:start + self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]
 
     @property
     def max_new(self) -> int:

@@ -69,5 +69,7 @@ class Backend:
             block: tuple[int, int]) -> torch.Tensor:
         """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
         if self.name == "torch":
-            return cpu.moe_dense(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+            if s13 is not None:  # FP8 weights kept on the torch backend: the reference dequantizes per expert
+                return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+            return cpu.moe_sparse(x, topk_ids, topk_w, w13, w2)
         return moe.moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)

@@ -1,7 +1,8 @@
 """Fast plain-torch paths for the CPU backend: the same functions as the references, in fewer, larger ops.
 
-On a CPU a tiny model's step is dominated by per-op overhead, so these batch what the references loop over.
-Each is tested against its reference (tests/test_kernels_cpu.py).
+On a CPU a small model's step is dominated by per-op overhead and by small-M GEMMs, so these batch what the
+references loop over and read weights in the layout a small-M GEMM wants. Each is tested against its reference
+(tests/test_kernels_cpu.py).
 """
 
 from __future__ import annotations
@@ -10,72 +11,65 @@ import torch
 import torch.nn.functional as F
 
 from .attn_meta import AttnMeta
-from .moe import moe_ref
-
-DENSE_LIMIT = 1 << 26  # multiply-adds up to which running every local expert on every token beats the loop
 
 
 def mla_attention_mqa(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
                       scale: float) -> torch.Tensor:
-    """Same contract as mla_attention_ref. Every head shares the one latent row per key (MQA), so each sequence
-    is two matmuls: scores [n*H, S] = q [n*H, C+R] @ rows.T, out = softmax(scores) @ rows[:, :C]."""
-    t, h, c = q_lat.shape
-    q = torch.cat([q_lat, q_pe], dim=-1).to(kv_cache.dtype)  # [T, H, C+R]
-    out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
+    """Same contract as mla_attention_ref (see mqa_attention)."""
+    return mqa_attention(torch.cat([q_lat, q_pe], dim=-1), kv_cache, meta, scale, q_lat.shape[-1])
+
+
+def mqa_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta, scale: float, c: int) -> torch.Tensor:
+    """q [T, H, C+R] = [absorbed q_lat | rotated q_pe], kv_cache [slots, C+R] -> [T, H, C] float32.
+
+    Every head shares the one latent row per key (MQA), so each sequence is two matmuls: scores [n*H, S] =
+    q [n*H, C+R] @ rows.T, out = softmax(scores) @ rows[:, :C]; rows are a view of the cache when the sequence's
+    slots are consecutive (meta.host_base), else gathered."""
+    t, h, _ = q.shape
+    q = q.to(kv_cache.dtype)
+    out = torch.empty(t, h, c, dtype=torch.float32, device=q.device)
     for b, s, e in meta.sequences():
-        rows = kv_cache[meta.seq_slots(b)]  # [S, C+R]
-        scores = (q[s:e].reshape((e - s) * h, -1) @ rows.T).float().view(e - s, h, -1) * scale
+        rows = meta.seq_rows(kv_cache, b)  # [S, C+R]
+        scores = (q[s:e].reshape((e - s) * h, -1) @ rows.T).view(e - s, h, -1).float().mul_(scale)
         if e - s > 1:  # one query sees every key; several see the prefix plus their tree ancestors
             scores = scores.masked_fill(~meta.seq_mask(b)[:, None, :], float("-inf"))
         out[s:e] = (scores.softmax(-1).to(rows.dtype).view((e - s) * h, -1) @ rows[:, :c]).view(e - s, h, c)
     return out
 
 
-def moe_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              s13: torch.Tensor | None = None, s2: torch.Tensor | None = None,
-              block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """Same contract as moe_ref. When the tokens choose about as many (token, expert) pairs as there are local
-    experts, it runs every expert on every token in three large ops and zero-weights the unchosen ones (no host
-    sync, no per-expert loop). With fewer pairs (decode), beyond DENSE_LIMIT multiply-adds, or with FP8 weights,
-    it calls moe_ref, which reads only the chosen experts' weights."""
-    t, k = topk_ids.shape
-    e, two_i, d = w13.shape
-    if s13 is not None:
-        return moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
-    if t * k < e or t * e * (two_i * d + w2[0].numel()) > DENSE_LIMIT:
-        return moe_grouped(x, topk_ids, topk_w, w13, w2)
-    gate, up = F.linear(x, w13.reshape(e * two_i, d)).view(t, e, two_i).chunk(2, dim=-1)  # [T, E, I] each
-    h = (F.silu(gate) * up).transpose(0, 1)  # [E, T, I]
-    y = torch.bmm(h, w2.transpose(1, 2))  # [E, T, D]
-    valid = topk_ids >= 0
-    route = torch.zeros(t, e + 1, dtype=torch.float32, device=x.device)
-    route.scatter_add_(1, torch.where(valid, topk_ids, e), topk_w.float() * valid)  # [T, E+1]
-    return torch.einsum("etd,te->td", y.float(), route[:, :e]).to(x.dtype)
+def moe_sparse(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """Same contract as moe_ref for plain (not FP8) weights: only the experts the tokens chose run, each once on
+    all of its tokens (the union of a verify step's choices, never every expert densely).
 
-
-def moe_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
-    """Same contract as moe_ref (plain weights): the (token, expert) pairs sorted by expert, gathered once, each
-    chosen expert run on its contiguous run of rows, the weighted results summed back per token in one scatter.
-    Reads only the chosen experts' weights; differentiable (training uses it)."""
+    One token (decode) loops over its K experts directly; more tokens sort their (token, expert) pairs by expert,
+    gather once and scatter the weighted results back in one index_add. The weights are used as w13[e].T /
+    w2[e].T: laid out [E, D, 2I] / [E, I, D] in memory (model.lay_out_for_cpu) these are contiguous, and a
+    small-M GEMM then costs about what its weights cost to read. Differentiable (training runs it)."""
     t, k = topk_ids.shape
-    e = w13.shape[0]
+    i = w2.shape[2]
+    if t == 1:
+        y = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
+        for j, e in enumerate(topk_ids[0].tolist()):  # the one host sync
+            if e >= 0:
+                h = x @ w13[e].t()  # [1, 2I]
+                y = y + (F.silu(h[:, :i]) * h[:, i:]) @ w2[e].t() * topk_w[:, j:j + 1]
+        return y.to(x.dtype)
+    e_count = w13.shape[0]
     flat = topk_ids.reshape(-1)
-    order = torch.argsort(torch.where(flat >= 0, flat, e), stable=True)  # pairs grouped by expert, -1 last
-    counts = torch.bincount(flat[flat >= 0], minlength=e).tolist()  # the one host sync
-    n = sum(counts)
-    pairs = order[:n]
+    order = torch.argsort(torch.where(flat >= 0, flat, e_count), stable=True)  # pairs grouped by expert, -1 last
+    counts = torch.bincount(flat[flat >= 0], minlength=e_count).tolist()  # the one host sync
+    pairs = order[:sum(counts)]
     tok = pairs // k
     xs = x[tok]  # [n, D]
     outs = []
     start = 0
-    for j, c in enumerate(counts):
+    for e, c in enumerate(counts):
         if c:
-            gate, up = F.linear(xs[start:start + c], w13[j]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w2[j]))
+            h = xs[start:start + c] @ w13[e].t()
+            outs.append((F.silu(h[:, :i]) * h[:, i:]) @ w2[e].t())
             start += c
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if outs:
-        y = torch.cat(outs).float() * topk_w.reshape(-1)[pairs, None].float()
-        out = out.index_add(0, tok, y)
+        out = out.index_add(0, tok, torch.cat(outs).float() * topk_w.reshape(-1)[pairs, None].float())
     return out.to(x.dtype)

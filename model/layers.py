@@ -24,8 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, same math
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, fewer dispatches
+            return x * torch.rsqrt((x * x).mean(-1, keepdim=True).add_(self.eps)) * self.weight
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -55,8 +55,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale_inv is None:
-            return F.linear(x, self.weight)
+            return x @ self.weight.t() if self.weight.t().is_contiguous() else F.linear(x, self.weight)
         return self.backend.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block)
+
+    def lay_out_for_cpu(self) -> None:
+        """Store W as [in, out] in memory (self.weight stays its [out, in] view): a small-M GEMM x @ W.T then
+        reads W row by row and costs about what its bytes cost, where the [out, in] layout costs ~linearly in M."""
+        if self.weight_scale_inv is None:
+            transposed_storage(self.weight)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype` (dequantized when it stays FP8)."""
@@ -101,6 +107,22 @@ class Build:
         return RMSNorm(dim, self.cfg.rms_norm_eps, self.dtype)
 
 
+def transposed_storage(p: torch.Tensor) -> None:
+    """Re-store the last two dims of p's data transposed in memory; p keeps its shape and values."""
+    p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def fuse_columns(*linears: Linear) -> torch.Tensor:
+    """One [in, sum(out)] tensor whose column blocks are the linears' weights (each linear's weight becomes a
+    [out, in] view of its block): x @ fused computes every linear of the same input in one GEMM."""
+    fused = torch.cat([lin.weight.data.t() for lin in linears], dim=1).contiguous()
+    start = 0
+    for lin in linears:
+        lin.weight.data = fused[:, start:start + lin.out_features].t()
+        start += lin.out_features
+    return fused
+
+
 class VocabEmbedding(nn.Module):
     """Embedding whose rows are split across ranks; each rank looks up its rows and the results are summed."""
 
@@ -132,7 +154,9 @@ class VocabHead(nn.Module):
         self.weight.shard_dim = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dist.all_gather_last(F.linear(h, self.weight).float())
+        w = self.weight
+        logits = h @ w.t() if w.t().is_contiguous() else F.linear(h, w)
+        return self.dist.all_gather_last(logits.float())
 
 
 class Rope(nn.Module):

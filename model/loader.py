@@ -185,10 +185,12 @@ def _load_linear(ck: Checkpoint, name: str, m: Linear, dist: DistInfo) -> None:
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                backend: Backend | None = None, keep_fp8: bool = False, dist: DistInfo | None = None,
-               mla_mode: str = "auto", progress: bool = True) -> DeepseekV3:
+               mla_mode: str = "auto", progress: bool = True, cpu_layout: bool | None = None) -> DeepseekV3:
     """Build DeepSeek-V3 (+ MTP) for `path` and load this rank's share of its weights.
 
     FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths), else they are dequantized at load to dtype.
+    cpu_layout: lay the weights out for CPU decoding (DeepseekV3.lay_out_for_cpu); default: on a CPU with the
+    torch backend and dense weights.
     Raises CheckpointError (a ValueError) naming the tensor and file for any defect.
     """
     ck = Checkpoint(path)
@@ -214,5 +216,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
         rows = _shard_range(full[0], p.shape[0], dist.rank) if shard == 0 and p.shape[0] != full[0] else None
         p.data.copy_(ck.read(name, rows).to(p.dtype))
     model.finalize()
+    if cpu_layout is None:
+        cpu_layout = device.type == "cpu" and (backend is None or backend.name == "torch") and not keep_fp8
+    if cpu_layout:
+        model.lay_out_for_cpu()
     return model.eval()
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from specdec.kernels.attn_meta import AttnMeta
+from specdec.kernels.cpu import mqa_attention
 from torch import nn
 
-from .layers import Build, apply_rope
+from .layers import Build, apply_rope, fuse_columns
 
 MLA_MODES = ("auto", "naive", "absorbed")
 
@@ -37,15 +38,47 @@ class MLA(nn.Module):
                                       what="kv_b_proj")
         self.o_proj = build.linear(h * cfg.v_head_dim, cfg.hidden_size, shard_dim=1, what="o_proj")
         self.w_kvb: torch.Tensor | None = None  # [H, dn + dv, C] for the absorbed path, set by finalize()
+        # the CPU decode path's weights, set by lay_out_for_cpu(): x -> [q_a | latent | k_pe] in one GEMM; the
+        # query input -> [absorbed q_lat | q_pe] per head; the latent attention output -> o_proj's output
+        self.w_a = self.w_q_abs = self.w_o_abs = None
 
     def finalize(self) -> None:
         """After loading: kv_b as [H, dn + dv, C] in the compute dtype (dequantized once when it stays FP8)."""
         self.w_kvb = self.kv_b_proj.dense_weight(self.dtype).view(self.n_heads, -1, self.cfg.kv_lora_rank)
 
+    @torch.no_grad()
+    def lay_out_for_cpu(self) -> None:
+        """Weights for the CPU decode path (dense weights only): q_a and kv_a fused into one GEMM; W_UK folded into
+        q_b (w_q_abs [q_in, H*(C+R)] yields the absorbed query and q_pe at once) and W_UV into o_proj
+        (w_o_abs [H*C, D]), the products taken in float64. Prefill keeps the checkpoint's projections, laid out
+        for small-M GEMMs too."""
+        if self.kv_b_proj.weight_scale_inv is not None:
+            return
+        cfg, h = self.cfg, self.n_heads
+        dn, dv, c, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            q_lin = self.q_proj
+            self.kv_a_proj_with_mqa.lay_out_for_cpu()
+            self.w_a = self.kv_a_proj_with_mqa.weight.t()
+        else:
+            q_lin = self.q_b_proj
+            self.w_a = fuse_columns(self.q_a_proj, self.kv_a_proj_with_mqa)
+        wq = q_lin.weight.double().view(h, dn + r, -1)  # [H, dn+R, q_in]
+        w_kvb = self.w_kvb.double()
+        q_abs = torch.cat([torch.einsum("hdc,hdq->hcq", w_kvb[:, :dn], wq[:, :dn]), wq[:, dn:]], 1)
+        self.w_q_abs = q_abs.reshape(h * (c + r), -1).t().to(self.dtype).contiguous()
+        w_o = self.o_proj.weight.double().view(cfg.hidden_size, h, dv)
+        o_abs = torch.einsum("dhv,hvc->dhc", w_o, w_kvb[:, dn:])
+        self.w_o_abs = o_abs.reshape(cfg.hidden_size, h * c).t().to(self.dtype).contiguous()
+        for lin in (q_lin, self.kv_b_proj, self.o_proj):
+            lin.lay_out_for_cpu()
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
         """x [T, D], rope = cos/sin [T, R/2] of the tokens' positions -> [T, D]. Writes this step's latent rows to
         kv_cache[meta.slots] first, then attends."""
+        if self.w_q_abs is not None and self.mode != "naive" and any(meta.host_ctx_lens):
+            return self._absorbed_cpu(x, rope, kv_cache, meta)
         cfg, t = self.cfg, x.shape[0]
         dn, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank is None:
@@ -68,6 +101,23 @@ class MLA(nn.Module):
         else:
             o = self._absorbed(q_nope, q_pe, kv_cache, meta)
         return self.dist.all_reduce(self.o_proj(o.reshape(t, -1).to(x.dtype)))
+
+    def _absorbed_cpu(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                      meta: AttnMeta) -> torch.Tensor:
+        """The absorbed path on lay_out_for_cpu's weights: five GEMMs, q_pe and k_pe rotated together, MQA over
+        the latent rows. Same math as forward -> _absorbed (tested against it)."""
+        cfg, t, h = self.cfg, x.shape[0], self.n_heads
+        c = cfg.kv_lora_rank
+        a = x @ self.w_a  # [T, (q_lora) + C + R]
+        if cfg.q_lora_rank is None:
+            q_in = x
+        else:
+            q_in, a = self.q_a_layernorm(a[:, :cfg.q_lora_rank]), a[:, cfg.q_lora_rank:]
+        q = (q_in @ self.w_q_abs).view(t, h, -1)  # [T, H, C+R]
+        pe = apply_rope(torch.cat([q[..., c:], a[:, None, c:]], 1), rope)  # [T, H+1, R]: q_pe heads, then k_pe
+        kv_cache[meta.slots] = torch.cat([self.kv_a_layernorm(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype)
+        o = mqa_attention(torch.cat([q[..., :c], pe[:, :h]], -1), kv_cache, meta, cfg.softmax_scale, c)
+        return self.dist.all_reduce(o.view(t, h * c).to(x.dtype) @ self.w_o_abs)
 
     def _causal(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         """Sequences with no cached prefix and causal masks: K/V from this step's own latent rows [T, C+R], one

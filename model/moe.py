@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Build
+from .layers import Build, fuse_columns, transposed_storage
 
 
 class MLP(nn.Module):
@@ -20,9 +20,19 @@ class MLP(nn.Module):
         self.gate_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.gate_proj")
         self.up_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.up_proj")
         self.down_proj = build.linear(inter, d, shard_dim=1, what=f"{what}.down_proj")
+        self.w_gate_up: torch.Tensor | None = None  # [D, 2I]: gate and up in one GEMM (lay_out_for_cpu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.w_gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = x @ self.w_gate_up
+        i = self.gate_proj.out_features
+        return self.down_proj(F.silu(h[:, :i]) * h[:, i:])
+
+    def lay_out_for_cpu(self) -> None:
+        if self.gate_proj.weight_scale_inv is None:
+            self.w_gate_up = fuse_columns(self.gate_proj, self.up_proj)
+            self.down_proj.lay_out_for_cpu()
 
 
 class DenseMLP(MLP):
@@ -43,7 +53,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K] int64)."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        scores = (x.float() @ self.weight.t()).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         if cfg.n_group > 1:
             t = x.shape[0]
@@ -103,6 +113,16 @@ class MoE(nn.Module):
                                       for m in ex]))
             self.s2 = p(torch.stack([m.down_proj.weight_scale_inv for m in ex]))
         del self.experts
+
+    def lay_out_for_cpu(self) -> None:
+        """Stacked experts as [E, D, 2I] / [E, I, D] in memory (w13/w2 keep their shapes), the router as [D, E]:
+        what kernels/cpu.py's small-M GEMMs read fastest. Not for FP8 weights kept FP8."""
+        if self.s13 is None:
+            transposed_storage(self.w13)
+            transposed_storage(self.w2)
+        transposed_storage(self.gate.weight)
+        if self.shared_experts is not None:
+            self.shared_experts.lay_out_for_cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.gate(x)

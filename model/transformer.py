@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .layers import Build, Rope, VocabEmbedding, VocabHead
+from .layers import Build, Rope, VocabEmbedding, VocabHead, transposed_storage
 from .mla import MLA
 from .moe import DenseMLP, MoE
 from .parallel import DistInfo
@@ -92,6 +92,17 @@ class DeepseekV3(nn.Module):
         for m in self.modules():
             if isinstance(m, (MoE, MLA)):
                 m.finalize()
+
+    def lay_out_for_cpu(self) -> None:
+        """After finalize, for the torch backend on a CPU: every dense weight stored the way small-M GEMMs read it
+        fastest, projections of the same input fused, MLA's absorbed weights folded (model/mla.py). Values and
+        parameter shapes stay as loaded."""
+        for layer in self.model.layers:
+            layer.self_attn.lay_out_for_cpu()
+            layer.mlp.lay_out_for_cpu()
+            if isinstance(layer, MTPLayer):
+                layer.eh_proj.lay_out_for_cpu()
+        transposed_storage(self.lm_head.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 cache: LatentCache) -> torch.Tensor:

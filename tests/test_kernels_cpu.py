@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
-from specdec.kernels.cpu import mla_attention_mqa, moe_dense, moe_grouped
+from specdec.kernels.cpu import mla_attention_mqa, moe_sparse, mqa_attention
 from specdec.kernels.mla import mla_attention_ref
 from specdec.kernels.moe import moe_ref
 
@@ -30,17 +30,6 @@ def test_mla_mqa_matches_reference(dtype, tol):
     assert rel(mla_attention_mqa(q_lat, q_pe, cache, meta, 0.3), ref) < tol
 
 
-@pytest.mark.parametrize("t,k", [(1, 2), (3, 4), (5, 1), (6, 2)])
-def test_moe_dense_matches_reference(t, k):
-    e, d, i = 6, 16, 8
-    x = torch.randn(t, d)
-    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
-    ids[0, 0] = -1  # an expert on another rank
-    w = torch.rand(t, k)
-    w13, w2 = torch.randn(e, 2 * i, d), torch.randn(e, d, i)
-    assert rel(moe_dense(x, ids, w, w13, w2), moe_ref(x, ids, w, w13, w2)) < 1e-5
-
-
 def test_contiguous_meta_equals_an_explicit_block_table():
     base, ctx, new = torch.tensor([0, 40, 100]), [3, 0, 7], [2, 5, 1]
     meta = AttnMeta.contiguous(base, ctx, new)
@@ -51,14 +40,40 @@ def test_contiguous_meta_equals_an_explicit_block_table():
         assert torch.equal(meta.seq_slots(b), explicit.seq_slots(b))
 
 
-@pytest.mark.parametrize("t,k", [(1, 2), (9, 2), (40, 3)])
-def test_moe_grouped_matches_reference(t, k, seed):
+@pytest.mark.parametrize("t,k", [(1, 2), (1, 1), (4, 2), (9, 2), (40, 3)])
+@pytest.mark.parametrize("layout", ["checkpoint", "cpu"])
+def test_moe_sparse_matches_reference(t, k, layout, seed):
+    """Decode (one token) and grouped paths, on the checkpoint's [E, 2I, D] storage and on the CPU layout's
+    transposed storage; an expert on another rank (-1) is skipped."""
+    from specdec.model.layers import transposed_storage
+
     g = torch.Generator().manual_seed(seed)
     e, d, i = 6, 16, 8
     x = torch.randn(t, d, generator=g)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    ids[0, 0] = -1  # an expert on another rank
+    if k > 1:
+        ids[0, 0] = -1
     w = torch.rand(t, k, generator=g)
     w13, w2 = torch.randn(e, 2 * i, d, generator=g), torch.randn(e, d, i, generator=g)
-    err = rel(moe_grouped(x, ids, w, w13, w2), moe_ref(x, ids, w, w13, w2))
+    ref = moe_ref(x, ids, w, w13, w2)
+    if layout == "cpu":
+        for p in (w13, w2):
+            transposed_storage(p)
+        assert w13[0].t().is_contiguous()
+    err = rel(moe_sparse(x, ids, w, w13, w2), ref)
     assert err < 1e-5, f"seed={seed}: rel err {err:.2e}"
+
+
+def test_mqa_attention_slices_consecutive_slots(seed):
+    """A contiguous AttnMeta on the CPU reads rows as views (host_base) and gives what gathering gives."""
+    g = torch.Generator().manual_seed(seed)
+    h, c, r = 4, 16, 8
+    cache = torch.randn(100, c + r, generator=g)
+    meta = AttnMeta.contiguous(torch.tensor([3, 50]), [10, 4], [1, 3])
+    assert meta.host_base == (3, 50)
+    gathered = AttnMeta.build(meta.block_table, [10, 4], [1, 3], meta.tree_mask)
+    assert gathered.host_base is None
+    q = torch.randn(4, h, c + r, generator=g)
+    assert torch.equal(mqa_attention(q, cache, meta, 0.2, c), mqa_attention(q, cache, gathered, 0.2, c))
+    ref = mla_attention_ref(q[..., :c], q[..., c:], cache, meta, 0.2)
+    assert rel(mqa_attention(q, cache, meta, 0.2, c), ref) < 1e-5, f"seed={seed}"

@@ -138,8 +138,15 @@ def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.fixture
 def models(make_checkpoint) -> dict[str, torch.nn.Module]:
+    """naive; absorbed on the CPU layout (fused, pre-absorbed weights: MLA._absorbed_cpu, kernels/cpu.py);
+    absorbed_ref on the checkpoint's layout (the reference path)."""
     ckpt = make_checkpoint(tiny_config(rope_scaling=YARN))
-    return {m: load_model(ckpt, dtype=torch.float32, mla_mode=m, progress=False) for m in ("naive", "absorbed")}
+    out = {m: load_model(ckpt, dtype=torch.float32, mla_mode=m, progress=False) for m in ("naive", "absorbed")}
+    out["absorbed_ref"] = load_model(ckpt, dtype=torch.float32, mla_mode="absorbed", progress=False,
+                                     cpu_layout=False)
+    assert out["absorbed"].model.layers[0].self_attn.w_q_abs is not None
+    assert out["absorbed_ref"].model.layers[0].self_attn.w_q_abs is None
+    return out
 
 
 def test_naive_equals_absorbed_on_prefill(models, seed: int) -> None:
@@ -147,7 +154,7 @@ def test_naive_equals_absorbed_on_prefill(models, seed: int) -> None:
     _check(full_hidden(models["absorbed"], ids), full_hidden(models["naive"], ids), f"seed={seed}")
 
 
-@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+@pytest.mark.parametrize("mode", ["naive", "absorbed", "absorbed_ref"])
 def test_cached_steps_at_shuffled_slots_equal_full_forward(models, mode: str, seed: int) -> None:
     """Prefill, a one-token step, then a three-token chain step; a batch of three sequences of different
     lengths (one prefilling, one decoding, one chain) in one forward."""
@@ -166,7 +173,7 @@ def test_cached_steps_at_shuffled_slots_equal_full_forward(models, mode: str, se
         _check(out[b], full_hidden(model, kv.tokens[b])[-n:], f"{mode} seed={seed} mixed batch seq {b}")
 
 
-@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+@pytest.mark.parametrize("mode", ["naive", "absorbed", "absorbed_ref"])
 def test_tree_step_equals_full_forward_of_each_path(models, mode: str, seed: int) -> None:
     """A token tree verified in one forward after a cached prefix: node i's output equals the full forward of
     prefix + (root -> ... -> node i), for a tree that is not a chain, batched with a plain decode step."""
@@ -208,3 +215,33 @@ def test_fused_causal_prefill_equals_naive(models, lens: list[int], seed: int) -
     cache[meta.slots] = rows
     with torch.inference_mode():
         _check(attn._causal(q_nope, q_pe, rows, meta), attn._naive(q_nope, q_pe, cache, meta), f"seed={seed} {lens}")
+
+
+@pytest.mark.parametrize("q_lora", [48, None])
+def test_cpu_layout_equals_the_checkpoint_layout(make_checkpoint, q_lora: int | None, seed: int) -> None:
+    """Decode and tree steps, MTP forwards and logits on the CPU layout (fused projections, absorbed MLA weights,
+    transposed expert/router/head storage) equal the checkpoint layout's, with and without q_lora."""
+    ckpt = make_checkpoint(tiny_config(q_lora_rank=q_lora))
+    fast, ref = (load_model(ckpt, dtype=torch.float32, progress=False, cpu_layout=c) for c in (True, False))
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
+    kv = {m: Paged(model, n_seqs=2, max_len=24, g=torch.Generator().manual_seed(seed)) for m, model in
+          (("fast", fast), ("ref", ref))}
+    steps = [{0: rand(6), 1: rand(3)}, {0: rand(1), 1: rand(1)}, {0: rand(4)}, {1: rand(2), 0: rand(1)}]
+    for i, new in enumerate(steps):
+        out = {m: p.step(new) for m, p in kv.items()}
+        for b in new:
+            _check(out["fast"][b], out["ref"][b], f"seed={seed} step {i} seq {b}")
+            with torch.inference_mode():
+                _check(fast.logits(out["fast"][b]), ref.logits(out["ref"][b]), f"seed={seed} logits {i}")
+    ids = torch.tensor(rand(7))
+    h = torch.randn(7, fast.cfg.hidden_size, generator=g)
+    with torch.inference_mode():
+        outs = []
+        for model in (fast, ref):
+            cache = LatentCache(1, 16, model.cfg.kv_cache_dim, torch.float32, torch.device("cpu"))
+            base = torch.zeros(1, dtype=torch.long)
+            model.mtp_forward(0, ids[:5], h[:5], torch.arange(1, 6), AttnMeta.contiguous(base, [0], [5]), cache)
+            outs.append(model.mtp_forward(0, ids[5:], h[5:], torch.arange(6, 8), AttnMeta.contiguous(base, [5], [2]),
+                                          cache))
+    _check(outs[0], outs[1], f"seed={seed} MTP decode")
