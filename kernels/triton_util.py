@@ -7,12 +7,16 @@ set TRITON_INTERPRET=1. So no module here imports triton at import time: a kerne
 and decorates its kernels with `lazy_jit`; the first launch imports triton, binds the module's `tl` to
 `triton.language` and applies `triton.jit` / `triton.autotune`. Only the environment at the first launch matters,
 and `import specdec` never imports triton.
+
+Every launch runs under `torch.cuda.device(<its first tensor's device>)`: Triton launches on the current CUDA device,
+not on the tensors' one. `compile_only` (used by kernels/aot.py) turns launches into ahead-of-time compiles.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -59,11 +63,40 @@ def _triton() -> Any:
     return triton
 
 
-class LazyKernel:
-    """A kernel that becomes `triton.jit(fn)` (autotuned over `configs()` when given) at its first launch."""
+# kernels/aot.py's hook: (kernel, args, kwargs) -> None, called instead of a launch; and its target's SM count
+_compile_hook: Callable[[LazyKernel, tuple, dict], None] | None = None
+_compile_sms = 0
 
-    def __init__(self, fn: Callable[..., None], configs: Callable[[], list[Any]] | None, key: Sequence[str]):
-        self.fn, self.configs, self.key = fn, configs, list(key)
+
+@contextmanager
+def compile_only(hook: Callable[[LazyKernel, tuple, dict], None], sms: int) -> Iterator[None]:
+    """Inside the block no kernel runs: each launch calls hook(kernel, args, kwargs) instead, launchers accept
+    tensors on the meta device (shapes and strides without memory), and sm_count() answers `sms`."""
+    global _compile_hook, _compile_sms
+    saved = _compile_hook, _compile_sms
+    _compile_hook, _compile_sms = hook, sms
+    try:
+        yield
+    finally:
+        _compile_hook, _compile_sms = saved
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the compile target's under compile_only; 1 elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _compile_sms if device.type == "meta" and _compile_hook is not None else 1
+
+
+class LazyKernel:
+    """A kernel that becomes `triton.jit(fn)` at its first launch, autotuned over `configs()` when given: `prune`
+    (Triton's early_config_prune: (configs, named_args, **kwargs) -> the candidates for this launch, the default
+    first) narrows them per launch. Under the interpreter only that default runs; on a GPU the others are benchmarked
+    once per tuning key and the choice is kept in Triton's cache directory."""
+
+    def __init__(self, fn: Callable[..., None], configs: Callable[[], list[Any]] | None, key: Sequence[str],
+                 prune: Callable[..., list[Any]] | None):
+        self.fn, self.configs, self.key, self.prune = fn, configs, list(key), prune
         self._kernel: Any = None
 
     @property
@@ -73,23 +106,37 @@ class LazyKernel:
             self.fn.__globals__["tl"] = triton.language
             k = triton.jit(self.fn)
             if self.configs is not None:
-                cfgs = self.configs()
-                # autotuning benchmarks on a GPU; the interpreter can only run one config
-                k = triton.autotune(cfgs[:1] if interpreting() else cfgs, key=self.key)(k)
+                prune = self.prune or (lambda configs, named_args, **kwargs: configs)
+                if interpreting():  # autotuning benchmarks on a GPU; the interpreter runs the default
+                    prune = (lambda p: lambda configs, named_args, **kwargs: p(configs, named_args, **kwargs)[:1])(
+                        prune)
+                k = triton.autotune(self.configs(), key=self.key, prune_configs_by={"early_config_prune": prune},
+                                    cache_results=not interpreting())(k)
             self._kernel = k
         return self._kernel
 
-    def __getitem__(self, grid: Any) -> Any:
-        return self.kernel[grid]
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid: Any, args: tuple, kwargs: dict) -> None:
+        if _compile_hook is not None:
+            _compile_hook(self, args, kwargs)
+            return
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                self.kernel[grid](*args, **kwargs)
+        else:
+            self.kernel[grid](*args, **kwargs)
 
 
 def lazy_jit(fn: Callable[..., None] | None = None, *, configs: Callable[[], list[Any]] | None = None,
-             key: Sequence[str] = ()) -> Any:
-    """Decorator: `@lazy_jit` or `@lazy_jit(configs=..., key=[...])`, where configs() returns triton.Config objects
-    (the first is the interpreter's). A kernel must not call other kernels: keep each one self-contained."""
+             key: Sequence[str] = (), prune: Callable[..., list[Any]] | None = None) -> Any:
+    """Decorator: `@lazy_jit` or `@lazy_jit(configs=..., key=[...], prune=...)`, where configs() returns
+    triton.Config objects (see LazyKernel). A kernel must not call other kernels: keep each one self-contained."""
     if fn is not None:
-        return LazyKernel(fn, None, ())
-    return lambda f: LazyKernel(f, configs, key)
+        return LazyKernel(fn, None, (), None)
+    return lambda f: LazyKernel(f, configs, key, prune)
 
 
 def config(num_warps: int = 4, num_stages: int = 3, **meta: int) -> Any:
@@ -98,7 +145,11 @@ def config(num_warps: int = 4, num_stages: int = 3, **meta: int) -> Any:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """Triton runs CUDA tensors, or CPU tensors under the interpreter; anything else is a clear error."""
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter (meta tensors under compile_only), all on one
+    device; anything else is a clear error."""
+    allowed = "meta" if _compile_hook is not None else ("cpu" if interpreting() else None)
     for t in tensors:
-        if t.device.type != "cuda" and not interpreting():
+        if t.device.type != "cuda" and t.device.type != allowed:
             raise ValueError(f"Triton kernels need CUDA tensors (got {t.device}); on CPU set TRITON_INTERPRET=1")
+        if t.device != tensors[0].device:
+            raise ValueError(f"Triton kernels need all tensors on one device (got {tensors[0].device} and {t.device})")
