@@ -69,7 +69,8 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, INTERP: tl.constexpr):
     # x [M, K] -> q [M, K] fp8, s [M, ceil(K/GROUP)]; program (i, g): rows i*BLOCK_M.., group g
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # row offsets in int64: Triton types int arguments below 2^31 as i32, and rows * stride would wrap
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     g = tl.program_id(1)
     lk = tl.arange(0, BLOCK_G)
     rk = g * GROUP + lk
@@ -112,7 +113,7 @@ def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, stri
     # w [N, K] fp8, s [ceil(N/BN), ceil(K/BK)] -> y [N, K]; one program per scale block
     pn, pk = tl.program_id(0), tl.program_id(1)
     ln, lk = tl.arange(0, TILE_N), tl.arange(0, TILE_K)
-    rn, rk = pn * BN + ln, pk * BK + lk
+    rn, rk = (pn * BN + ln).to(tl.int64), pk * BK + lk  # int64 row offsets (see _act_quant_kernel)
     mask = ((ln < BN) & (rn < N))[:, None] & ((lk < BK) & (rk < K))[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + pn * stride_sn + pk)
@@ -136,25 +137,40 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_n: int = 128, block_k
     return y
 
 
+# BLOCK_M -> the (BLOCK_N, warps, stages) candidates, the default first. M up to 16 (decode), 32, 64 (verify
+# batches) and 128+ (prefill) each get a BLOCK_M of their own; at the DeepSeek-V3 shapes (N = 576..24576,
+# K = 512..18432) what is left to tune is the N tile. On sm_90 every candidate fits shared memory without spilling
+# (kernels/aot.py --alternatives; a 128 x 256 tile spilled).
+GEMM_TILES = {16: [(64, 4, 5), (128, 4, 4)], 32: [(64, 4, 5), (128, 4, 4)], 64: [(128, 4, 4), (64, 4, 4)],
+              128: [(128, 8, 3), (64, 4, 4)]}
+
+
+def gemm_block_m(m: int) -> int:
+    """The M tile of fp8_gemm for m rows: the power-of-two bucket of m, 16 to 128."""
+    return min(pow2(m, 16), 128)
+
+
 def _gemm_configs() -> list:
-    # (BLOCK_M, BLOCK_N, warps, stages); the first one is also the interpreter's
-    shapes = [(64, 128, 4, 4), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 5), (32, 128, 4, 4), (64, 64, 4, 4),
-              (128, 128, 8, 3), (128, 64, 4, 4), (64, 256, 8, 3)]
-    return [config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in shapes]
+    return [config(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, tiles in GEMM_TILES.items() for bn, w, s in tiles]
 
 
-@lazy_jit(configs=_gemm_configs, key=["M_BUCKET", "N", "K"])
+def _gemm_prune(configs: list, named_args: dict, **kwargs: object) -> list:
+    bm = gemm_block_m(named_args["M"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] == bm]
+
+
+@lazy_jit(configs=_gemm_configs, key=["M_BUCKET", "N", "K"], prune=_gemm_prune)
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                      GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # a [M, K] fp8 with as [M, ceil(K/GROUP_K)]; b [N, K] fp8 with bs [ceil(N/GROUP_N), ceil(K/GROUP_K)];
     # c [M, N] = sum over k tiles of (a_tile @ b_tile.T) * as * bs. BLOCK_K divides GROUP_K, so one scale per tile.
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * N passes 2^31
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None]  # [BLOCK_K, BLOCK_N]: b.T, K-major
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]  # [BLOCK_K, BLOCK_N]: b.T, K-major
     as_ptrs = as_ptr + rm * stride_asm
     bs_ptrs = bs_ptr + (rn // GROUP_N) * stride_bsn
     mmask, nmask = rm < M, rn < N
@@ -174,11 +190,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
 
 
 def gemm_block_k(block_k: int) -> int:
-    """The K tile of the FP8 kernels: the largest power of two <= 128 dividing the scale block (>= 16 for tl.dot)."""
-    bk = block_k & -block_k
-    bk = min(bk, 128)
-    if bk < 16:
-        raise ValueError(f"FP8 block_k={block_k}: the Triton kernels need a multiple of 16")
+    """The K tile of the FP8 kernels: the largest power of two <= 128 dividing the scale block. At least 32: an FP8
+    tl.dot on sm_90 needs K >= 32 (the interpreter would run 16, the GPU compiler rejects it)."""
+    bk = min(block_k & -block_k, 128)
+    if bk < 32:
+        raise ValueError(f"FP8 block_k={block_k}: the Triton FP8 kernels need a multiple of 32")
     return bk
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .attn_meta import AttnMeta
-from .triton_util import cdiv, check_device, interpreting, lazy_jit, pow2, tl, upcast
+from .triton_util import cdiv, check_device, interpreting, lazy_jit, pow2, sm_count, tl, upcast
 
 
 def mla_attention_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
@@ -55,7 +55,7 @@ def _mla_kernel(q_ptr, qpe_ptr, kv_ptr, bt_ptr, ctx_ptr, cuq_ptr, tm_ptr, o_ptr,
     ctx = tl.load(ctx_ptr + b)
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_new * H
-    t = q0 + rows // H  # [BLOCK_M] global query token
+    t = (q0 + rows // H).to(tl.int64)  # [BLOCK_M] global query token; int64 offsets: t * stride_qt passes 2^31
     h = rows % H
     rc, rr = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     cmask, pmask = rc < C, rr < R
@@ -73,7 +73,7 @@ def _mla_kernel(q_ptr, qpe_ptr, kv_ptr, bt_ptr, ctx_ptr, cuq_ptr, tm_ptr, o_ptr,
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         kmask = keys < end
-        slot = tl.load(bt_ptr + b * stride_bt + keys, mask=kmask, other=0)
+        slot = tl.load(bt_ptr + b * stride_bt + keys, mask=kmask, other=0).to(tl.int64)
         kv = tl.load(kv_ptr + slot[:, None] * stride_kv + rc[None, :], mask=kmask[:, None] & cmask[None, :],
                      other=0.0)  # [BLOCK_N, BLOCK_C]: keys and values
         kpe = tl.load(kv_ptr + slot[:, None] * stride_kv + C + rr[None, :], mask=kmask[:, None] & pmask[None, :],
@@ -97,36 +97,50 @@ def _mla_kernel(q_ptr, qpe_ptr, kv_ptr, bt_ptr, ctx_ptr, cuq_ptr, tm_ptr, o_ptr,
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     orow = t * H + h
-    tl.store(o_ptr + s * stride_os + orow[:, None] * C + rc[None, :], out,
+    tl.store(o_ptr + s.to(tl.int64) * stride_os + orow[:, None] * C + rc[None, :], out,
              mask=rmask[:, None] & cmask[None, :])
     if SPLIT:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(lse_ptr + s * stride_ls + orow, lse, mask=rmask)
+        tl.store(lse_ptr + s.to(tl.int64) * stride_ls + orow, lse, mask=rmask)
 
 
 @lazy_jit
 def _mla_merge_kernel(po_ptr, lse_ptr, o_ptr, S, C, stride_ps, stride_ls,
                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     # po [S, rows, C] f32 partials, lse [S, rows] log2 -> o [rows, C]; one program per row
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # int64: r * C and s * stride_ps pass 2^31 in long prefills
     rs, rc = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
-    lse = tl.load(lse_ptr + rs * stride_ls + r, mask=rs < S, other=float("-inf"))
+    lse = tl.load(lse_ptr + rs.to(tl.int64) * stride_ls + r, mask=rs < S, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     denom = tl.maximum(tl.sum(tl.exp2(lse - mx), axis=0), 1e-30)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s in range(0, S):  # one [C] partial at a time keeps registers small at 64 splits x 512
-        w = tl.exp2(tl.load(lse_ptr + s * stride_ls + r) - mx) / denom
-        acc += w * tl.load(po_ptr + s * stride_ps + r * C + rc, mask=rc < C, other=0.0)
+    po, ls = po_ptr + r * C + rc, lse_ptr + r  # stepped by the strides: s * stride_ps would pass 2^31 in int32
+    for _ in range(0, S):  # one [C] partial at a time keeps registers small at 64 splits x 512
+        w = tl.exp2(tl.load(ls) - mx) / denom
+        acc += w * tl.load(po, mask=rc < C, other=0.0)
+        po += stride_ps
+        ls += stride_ls
     tl.store(o_ptr + r * C + rc, acc, mask=rc < C)
+
+
+def mla_tiles(max_rows: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M query rows, BLOCK_N keys, warps, stages) for up to max_rows (token, head) rows per sequence. At
+    C = 512 on sm_90 (kernels/aot.py): 16-bit inputs use 57 KB of shared memory and 190-194 registers, no spills;
+    float32 75 KB, no spills (the 16-bit tiles would need 190-230 KB and spill 9-18 KB per thread)."""
+    if interpreting():
+        return min(pow2(max_rows, 16), 64), 32, 4, 2
+    if dtype == torch.float32:
+        return 16, 16, 8, 2
+    return (16, 32, 8, 2) if max_rows <= 16 else (32, 16, 8, 2)
 
 
 def mla_splits(meta: AttnMeta, rows_blocks: int, device: torch.device) -> int:
     """How many KV splits: enough programs to fill the GPU twice, chunks of at least 256 keys."""
     longest = max((c + e - s for c, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:])), default=0)
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms == 1:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = cdiv(2 * sms, max(1, meta.num_seqs * rows_blocks))
     return max(1, min(want, cdiv(longest, 256), 64))
 
@@ -152,8 +166,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     max_rows = meta.max_new * h
     if t == 0 or max_rows == 0:
         return out
-    block_m = min(pow2(max_rows, 16), 64 if interpreting() else (16 if max_rows <= 16 else 32))
-    block_n = 32 if interpreting() or c < 256 else 64
+    block_m, block_n, warps, stages = mla_tiles(max_rows, q_lat.dtype)
     m_blocks = cdiv(max_rows, block_m)
     splits = num_splits or mla_splits(meta, m_blocks, q_lat.device)
     longest = max(cl + e - s for cl, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:]))
@@ -170,7 +183,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), bt.stride(0),
         tm.stride(0), tm.stride(1), po.stride(0) if splits > 1 else 0, lse.stride(0) if splits > 1 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=pow2(c, 16), BLOCK_R=pow2(r, 16), SPLIT=splits > 1,
-        UPCAST=upcast(q_lat.dtype), num_warps=4 if block_m <= 16 else 8, num_stages=2)
+        UPCAST=upcast(q_lat.dtype), num_warps=warps, num_stages=stages)
     if splits > 1:
         _mla_merge_kernel[(t * h,)](po, lse, out, splits, c, po.stride(0), lse.stride(0), BLOCK_S=pow2(splits),
                                     BLOCK_C=pow2(c))

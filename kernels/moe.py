@@ -94,7 +94,8 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[tor
     flat = topk_ids.reshape(-1)
     n, dev = flat.numel(), flat.device
     key = torch.where(flat >= 0, flat, n_experts).long()  # absent rows sort last
-    counts = torch.bincount(key, minlength=n_experts + 1)  # [E+1]
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    # [E+1] rows per key (CUDA bincount reads its input's max on the host: a sync)
     padded = (counts[:n_experts] + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     p = cdiv(n + min(n_experts, n) * (block_m - 1), block_m) * block_m
@@ -112,8 +113,9 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[tor
 
 
 def _moe_configs() -> list:
-    # (BLOCK_N, warps, stages); the first one is also the interpreter's
-    return [config(w, s, BLOCK_N=n) for n, w, s in [(64, 4, 4), (128, 4, 3), (64, 4, 5), (128, 8, 3), (32, 4, 4)]]
+    # (BLOCK_N, warps, stages), the default (also the interpreter's) first: with a few rows per expert the grouped
+    # GEMMs stream expert weights, and the N tile sets how many programs share that stream
+    return [config(w, s, BLOCK_N=n) for n, w, s in [(64, 4, 4), (128, 4, 3)]]
 
 
 @lazy_jit(configs=_moe_configs, key=["N", "K", "BLOCK_M", "FP8"])
@@ -127,7 +129,7 @@ def _moe_gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, rows_ptr, bexp_ptr,
     e = tl.load(bexp_ptr + pid).to(tl.int64)  # e * stride_we passes 2^31 at 256 DeepSeek experts
     if e < 0:
         return
-    rows = tl.load(rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: rows * stride > 2^31
     rmask = rows < n_rows
     tok = rows // TOPK
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,7 +177,7 @@ def _moe_down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, tw_ptr, y_ptr, rows_ptr, bexp
     e = tl.load(bexp_ptr + pid).to(tl.int64)  # e * stride_we passes 2^31 at 256 DeepSeek experts
     if e < 0:
         return
-    rows = tl.load(rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: rows * stride > 2^31
     rmask = rows < n_rows
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -224,7 +226,8 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torc
     block_m = min(64, pow2(cdiv(n, e_count), 16))
     rows, bexp = moe_align(topk_ids, e_count, block_m)
     grid = lambda cols: lambda meta: (bexp.numel(), cdiv(cols, meta["BLOCK_N"]))
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
     h = torch.empty(n, i, dtype=x.dtype, device=x.device)
     y = torch.zeros(n, d, dtype=torch.float32, device=x.device)
     if fp8:

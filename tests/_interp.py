@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -40,3 +41,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (NaN anywhere gives NaN)."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def wide_rows(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] view (rows >= 3) whose row stride, 2^30 + 64 elements, puts row 2 past 2^31 elements: a kernel
+    that multiplies row * stride in int32 wraps there. The buffer also spans the 2^31 elements before the view, so
+    a wrapped offset reads the wrong (untouched, zero) memory instead of faulting. Reserves 4-8 GiB of virtual memory
+    (CPU) but touches only rows x cols elements; on a GPU the memory is real."""
+    stride, before = 2**30 + 64, 2**31
+    n = before + (rows - 1) * stride + cols
+    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    try:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve {nbytes / 2**30:.0f} GiB for a wide-stride view: {e}")
+    return buf.view(dtype).as_strided((rows, cols), (stride, 1), before)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interp import DEVICE, poisoned, rel
+from _interp import DEVICE, poisoned, rel, wide_rows
 from specdec.kernels import fp8
 
 pytestmark = pytest.mark.interpreter
@@ -65,9 +65,30 @@ def test_fp8_gemm(seed: int, m: int, n: int, k: int, bn: int, bk: int) -> None:
 
 def test_fp8_gemm_checks_inputs() -> None:
     a = torch.zeros(4, 48, dtype=fp8.FP8, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        fp8.fp8_gemm(a, torch.ones(4, 2, device=DEVICE), a, torch.ones(1, 2, device=DEVICE), 24, 24)
+    with pytest.raises(ValueError, match="multiple of 32"):  # an FP8 tl.dot on sm_90 needs K >= 32
+        fp8.fp8_gemm(a, torch.ones(4, 3, device=DEVICE), a, torch.ones(1, 3, device=DEVICE), 16, 16)
     with pytest.raises(ValueError, match="do not fit"):
         fp8.fp8_gemm(a, torch.ones(4, 1, device=DEVICE), a, torch.ones(1, 2, device=DEVICE), 32, 32)
     with pytest.raises(ValueError, match="float8"):
         fp8.fp8_gemm(a.float(), torch.ones(4, 2, device=DEVICE), a, torch.ones(1, 2, device=DEVICE), 32, 32)
+
+
+def test_act_quant_row_offsets_past_int32(seed: int) -> None:
+    """Row 2 of x starts 2^31 + 128 elements in: an int32 rows * stride would read the wrong row."""
+    g = torch.Generator().manual_seed(seed)
+    x = wide_rows(3, 128, torch.bfloat16)
+    x.copy_(_randn(g, 3, 128).bfloat16())
+    q, s = fp8.act_quant(x, 128)
+    q_ref, s_ref = fp8.act_quant_ref(x.clone(), 128)
+    assert torch.equal(s, s_ref), f"seed {seed}: scales {s.tolist()} vs {s_ref.tolist()}"
+    assert torch.equal(q.float(), q_ref.float()), f"seed {seed}"
+
+
+def test_fp8_gemm_row_offsets_past_int32(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    aq, a_s = fp8.act_quant_ref(_randn(g, 3, 64), 32)
+    a = wide_rows(3, 64, fp8.FP8)
+    a.copy_(aq)
+    wq, w_s = fp8.weight_quant_ref(_randn(g, 48, 64, scale=0.1), 32, 32)
+    c = fp8.fp8_gemm(a, a_s, wq, w_s, 32, 32)
+    assert rel(c, fp8.fp8_gemm_ref(aq, a_s, wq, w_s, 32, 32)) < 1e-5, f"seed {seed}"

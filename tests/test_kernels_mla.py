@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interp import DEVICE, poisoned, rel
+from _interp import DEVICE, poisoned, rel, wide_rows
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.mla import mla_attention, mla_attention_ref
 
@@ -84,3 +84,16 @@ def test_mla_64_node_trees_long_context(seed: int) -> None:
     q, q_pe, kv, meta = _case(g, [200, 40], [64, 33], "tree", h=2, c=32, r=8, dtype=torch.float32)
     out = mla_attention(q, q_pe, kv, meta, 0.15, num_splits=4)
     assert rel(out, mla_attention_ref(q, q_pe, kv, meta, 0.15)) < 1e-5, f"seed {seed}"
+
+
+def test_mla_slot_offsets_past_int32(seed: int) -> None:
+    """The cache's slot 2 starts 2^31 + 128 elements in; slot * stride must stay 64-bit (slots come from the int64
+    block table)."""
+    g = torch.Generator().manual_seed(seed)
+    kv = wide_rows(3, 40, torch.bfloat16)
+    kv.copy_(torch.randn(3, 40, generator=g).bfloat16())
+    q = torch.randn(1, 2, 32, generator=g).to(DEVICE, torch.bfloat16)
+    q_pe = torch.randn(1, 2, 8, generator=g).to(DEVICE, torch.bfloat16)
+    meta = AttnMeta.build(torch.tensor([[2, 0, 1]], device=DEVICE), [2], [1], causal_tree_mask([1], DEVICE))
+    out = mla_attention(q, q_pe, kv, meta, 0.3)
+    assert rel(out, mla_attention_ref(q, q_pe, kv.clone(), meta, 0.3)) < 1e-2, f"seed {seed}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interp import DEVICE, poisoned, rel
+from _interp import DEVICE, poisoned, rel, wide_rows
 from specdec.kernels.fp8 import weight_quant_ref
 from specdec.kernels.moe import moe, moe_align, moe_ref, moe_w8a8_ref
 
@@ -98,6 +98,26 @@ def test_moe_fp8_w8a8(seed: int, t: int) -> None:
     assert row_err.max() < 0.1, f"seed {seed}"
     # activation quantization on top of the weights' own: within block-quantization error of the float model
     assert rel(y, moe_ref(x, ids, w, w13, w2)) < 0.1, f"seed {seed}"
+
+
+def test_moe_row_offsets_past_int32(seed: int) -> None:
+    """x's row 2 starts 2^31 + 128 elements in (the gate/up kernel reads x by token * stride)."""
+    g = torch.Generator().manual_seed(seed)
+    e, d, i = 4, 32, 16
+    x = wide_rows(3, d, torch.bfloat16)
+    x.copy_(torch.randn(3, d, generator=g).bfloat16())
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]], device=DEVICE)
+    w = torch.rand(3, 2, generator=g).to(DEVICE)
+    w13, w2 = (a.bfloat16() for a in _weights(g, e, d, i))
+    y = moe(x, ids, w, w13, w2)
+    assert rel(y, moe_ref(x.clone(), ids, w, w13, w2)) < 2e-2, f"seed {seed}"
+
+
+def test_moe_align_needs_no_data(seed: int) -> None:
+    """Every shape in moe_align follows from the input shapes (no bincount, nothing read back): it runs on the
+    meta device, which has no data, so it cannot sync with the host either."""
+    rows, bexp = moe_align(torch.empty(9, 3, dtype=torch.long, device="meta"), 7, 4)
+    assert rows.device.type == "meta" and rows.shape[0] == bexp.shape[0] * 4, f"seed {seed}"
 
 
 def test_moe_no_expert_on_this_rank() -> None:
