@@ -3,7 +3,9 @@
 torch: plain torch (FP8 weights are dequantized at load, so fp8_linear is rarely reached); MLA and MoE take the
     batched paths of kernels/cpu.py, which are tested against the references.
 triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
-    Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it.
+    Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it. GPUs without FP8 (before sm_89, e.g.
+    A100) get `fp8=False`: FP8 checkpoints load dequantized to BF16 (`keep_fp8`), linears run in torch, the MoE and
+    MLA kernels on BF16 weights.
 flashinfer: as triton, but MLA attention runs flashinfer's BatchMLAPagedAttentionWrapper (page size 1 over our slot
     pool) where it fits: causal masks (decode, chain verification), kv_lora_rank 512 + rope 64, 16-bit dtypes. Token
     trees need a custom mask that kernel does not take, so they (and anything else) fall back to the Triton kernel.
@@ -11,6 +13,7 @@ flashinfer: as triton, but MLA attention runs flashinfer's BatchMLAPagedAttentio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +27,21 @@ from .triton_util import interpreting
 BACKENDS = ("torch", "triton", "flashinfer")
 
 
+def fp8_capable(device: torch.device) -> bool:
+    """Whether the device runs FP8 (e4m3) math: CUDA sm_89 and later; the CPU interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str = "torch"
+    fp8: bool = True  # the device runs FP8 kernels (False before sm_89: FP8 weights load dequantized)
     flashinfer_mla: Any = field(default=None, compare=False, repr=False)  # FlashinferMLA (plans per AttnMeta)
+
+    @property
+    def keep_fp8(self) -> bool:
+        """Whether FP8 checkpoint weights stay FP8 at run time (the W8A8 kernels) or are dequantized at load."""
+        return self.name != "torch" and self.fp8
 
     @classmethod
     def resolve(cls, name: str, device: torch.device) -> Backend:
@@ -42,15 +56,20 @@ class Backend:
         if name == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError(f"backend='triton' on {device.type} runs only in Triton's interpreter: set "
                              "TRITON_INTERPRET=1 before anything imports triton, or use backend='torch'")
+        fp8 = fp8_capable(device)
+        if not fp8 and name != "torch":
+            cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            warnings.warn(f"backend={name!r}: {torch.cuda.get_device_name(device)} (sm {cap}) has no FP8; FP8 weights "
+                          "load dequantized to BF16 (Triton MLA and BF16 MoE, torch linears)", stacklevel=2)
         if name == "flashinfer":
             from .flashinfer_mla import FlashinferMLA
 
-            return cls(name, FlashinferMLA(device))
-        return cls(name)
+            return cls(name, fp8, FlashinferMLA(device))
+        return cls(name, fp8)
 
     def fp8_linear(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
         """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype (W8A8 on the Triton backends)."""
-        if self.name == "torch":
+        if not self.keep_fp8:
             return F.linear(x, fp8.weight_dequant_ref(w, s, *block, dtype=x.dtype))
         a, a_s = fp8.act_quant(x.reshape(-1, x.shape[-1]), block[1])
         return fp8.fp8_gemm(a, a_s, w, s, *block, out_dtype=x.dtype).view(*x.shape[:-1], w.shape[0])
@@ -60,7 +79,7 @@ class Backend:
         """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
         if self.name == "torch":
             return cpu.mla_attention_mqa(q_lat, q_pe, kv_cache, meta, scale)
-        if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, meta):
+        if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, kv_cache, meta):
             return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
         return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)
 
@@ -72,4 +91,6 @@ class Backend:
             if s13 is not None:  # FP8 weights kept on the torch backend: the reference dequantizes per expert
                 return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
             return cpu.moe_sparse(x, topk_ids, topk_w, w13, w2)
+        if s13 is not None and not self.fp8:
+            raise ValueError("moe: FP8 expert weights on a GPU without FP8: load them dequantized (Backend.keep_fp8)")
         return moe.moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)
