@@ -4,10 +4,11 @@
     python bench/kernels.py --smoke    # tiny shapes; on a machine without a GPU it runs Triton's interpreter
 
 Times are medians of triton.testing.do_bench. Bytes and FLOPs are counted from shapes (the unique bytes a kernel
-must move, the FLOPs it must do); %roof compares the time with max(bytes / bandwidth, FLOPs / peak). Targets:
-MLA decode at batch 64 x 4k context >= 70% of HBM bandwidth; FP8 GEMM at M = 64..128 >= 60% of DeepGEMM's published
-TFLOPS (its README, H800). flashinfer's MLA decode and top-k/top-p sampling run on the same inputs where installed.
-Exit status 1 when a kernel disagrees with its reference (perf misses are reported, not fatal).
+must move, the FLOPs it must do; MLA's bytes by FlashMLA's formula); %roof compares the time with
+max(bytes / bandwidth, FLOPs / peak). Targets: MLA decode at batch 64 x 4k context >= 70% of HBM bandwidth;
+FP8 GEMM at M = 64..128 >= 60% of DeepGEMM's published TFLOPS (its README, H800). flashinfer's MLA decode and
+top-k/top-p sampling run on the same inputs where installed. Exit status 1 when a kernel disagrees with its
+reference (perf misses are reported, not fatal).
 """
 
 from __future__ import annotations
@@ -84,16 +85,24 @@ def tree_mask(g: torch.Generator, n: int) -> torch.Tensor:
     return m
 
 
-def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: bool) -> None:
+def flashmla_bytes(b: int, ctx: int, n: int, heads: int, c: int, r: int) -> int:
+    """Bytes an MLA step moves by FlashMLA's benchmark formula: the whole latent cache once, plus queries and outputs
+    at 2 bytes (our outputs are float32, so this undercounts the writes a little)."""
+    return (b * (ctx + n) * (c + r) + b * n * heads * (c + r) + b * n * heads * c) * 2
+
+
+def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: bool,
+              cases: list[tuple[int, int, int, str]] | None = None) -> None:
+    """(batch, context, new tokens, "decode" | "chain" | "tree") cases, default a sweep; bytes by flashmla_bytes."""
     from specdec.kernels.attn_meta import AttnMeta
     from specdec.kernels.mla import mla_attention, mla_attention_ref
 
     c, r = (32, 16) if smoke else (512, 64)
     mscale = 0.1 * math.log(40) + 1  # YaRN factor 40 with mscale_all_dim 1: scale carries mscale^2
     scale = 192**-0.5 * mscale**2
-    if smoke:
+    if cases is None and smoke:
         cases = [(2, 40, 1, "decode"), (2, 40, 4, "tree"), (1, 70, 3, "chain")]
-    else:
+    elif cases is None:
         cases = [(b, ctx, 1, "decode") for b, ctx in [(1, 4096), (1, 32768), (16, 4096), (64, 1024), (64, 4096),
                                                        (64, 32768)]]
         cases += [(b, ctx, n, "tree") for n in (2, 4, 8, 16) for b, ctx in [(64, 4096), (1, 32768)]]
@@ -113,7 +122,7 @@ def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: b
         q_pe = torch.randn(b * n, heads, r, device=dev, dtype=torch.bfloat16)
         kv = torch.randn(total, c + r, device=dev, dtype=torch.bfloat16)
         ref = mla_attention_ref(q, q_pe, kv, meta, scale)
-        nbytes = total * (c + r) * 2 + q.numel() * 2 + q_pe.numel() * 2 + q.numel() * 4
+        nbytes = flashmla_bytes(b, ctx, n, heads, c, r)
         flops = b * n * heads * (ctx + n) * (4 * c + 2 * r)
         name = f"B={b} ctx={ctx} T={n} {kind} H={heads}"
         out = mla_attention(q, q_pe, kv, meta, scale)
@@ -127,11 +136,14 @@ def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: b
         del slots, kv, ref, out
 
 
-def bench_gemm(rows: list[Row], dev: torch.device, smoke: bool) -> None:
+def bench_gemm(rows: list[Row], dev: torch.device, smoke: bool, shapes: list[tuple[int, int, int]] | None = None,
+               baseline: Callable[..., None] | None = None) -> None:
+    """(M, N, K) cases, default DeepGEMM's; baseline(rows, a [M, K] bf16, w [N, K] fp8) adds a row to compare."""
     from specdec.kernels.fp8 import act_quant, act_quant_ref, fp8_gemm, fp8_gemm_ref, weight_quant_ref
 
     bn = bk = 32 if smoke else 128
-    shapes = [(8, 64, 96), (1, 48, 64)] if smoke else [(1, 7168, 2048), (16, 4096, 7168), *DEEPGEMM]
+    if shapes is None:
+        shapes = [(8, 64, 96), (1, 48, 64)] if smoke else [(1, 7168, 2048), (16, 4096, 7168), *DEEPGEMM]
     for m, n, k in shapes:
         a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w, w_s = weight_quant_ref(torch.randn(n, k, device=dev) * 0.05, bn, bk)
@@ -145,6 +157,8 @@ def bench_gemm(rows: list[Row], dev: torch.device, smoke: bool) -> None:
         if (m, n, k) in DEEPGEMM:
             target = ("DeepGEMM", flops / (ms / 1e3) / 1e12 / DEEPGEMM[m, n, k], 0.6)
         rows.append(Row("fp8_gemm", f"M={m} N={n} K={k}", ms, nbytes, flops, "fp8", err, 1e-2, target))
+        if baseline is not None:
+            baseline(rows, a, w)
         if m >= 64 or smoke:
             q_ref, s_ref = act_quant_ref(a, bk)
             err = max(rel(aq.float(), q_ref.float()), rel(a_s, s_ref))
@@ -152,14 +166,27 @@ def bench_gemm(rows: list[Row], dev: torch.device, smoke: bool) -> None:
             rows.append(Row("act_quant", f"M={m} K={k}", ms, m * k * 3 + a_s.numel() * 4, 0, "fp8", err, 1e-6))
 
 
-def bench_moe(rows: list[Row], dev: torch.device, smoke: bool, tp: int) -> None:
+def bench_dequant(rows: list[Row], dev: torch.device, smoke: bool) -> None:
+    """weight_dequant (FP8 weights to bf16, at load) against weight_dequant_ref."""
+    from specdec.kernels.fp8 import weight_dequant, weight_dequant_ref, weight_quant_ref
+
+    blk = 32 if smoke else 128
+    for n, k in [(48, 80)] if smoke else [(7168, 2048), (2304, 7168)]:
+        w, s = weight_quant_ref(torch.randn(n, k, device=dev), blk, blk)
+        err = rel(weight_dequant(w, s, blk, blk), weight_dequant_ref(w, s, blk, blk))
+        ms = timer(dev.type == "cuda", weight_dequant, w, s, blk, blk, dtype=torch.bfloat16)
+        rows.append(Row("weight_dequant", f"N={n} K={k}", ms, n * k * 3 + s.numel() * 4, 0, "bf16", err, 0.0))
+
+
+def bench_moe(rows: list[Row], dev: torch.device, smoke: bool, tp: int, tokens: list[int] | None = None) -> None:
     from specdec.kernels.fp8 import weight_quant_ref
     from specdec.kernels.moe import moe, moe_w8a8_ref
 
     if smoke:
-        e_all, d, i, topk, blk, tokens = 8, 64, 32, 2, 32, [1, 6]
+        e_all, d, i, topk, blk, default = 8, 64, 32, 2, 32, [1, 6]
     else:
-        e_all, d, i, topk, blk, tokens = 256, 7168, 2048, 8, 128, [1, 16, 64, 256]
+        e_all, d, i, topk, blk, default = 256, 7168, 2048, 8, 128, [1, 16, 64, 256]
+    tokens = tokens or default
     e = e_all // tp  # expert parallel: this rank's experts, the rest routed elsewhere (-1)
     # bf16 activations on a GPU; the interpreter's f32 -> bf16 cast truncates, which moves fp8 rounding boundaries
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -247,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         if "gemm" in only:
             bench_gemm(rows, dev, args.smoke)
+            bench_dequant(rows, dev, args.smoke)
         if "moe" in only:
             bench_moe(rows, dev, args.smoke, 1 if args.smoke else args.tp)
         if "mla" in only:

@@ -20,6 +20,6 @@ def test_bench_smoke(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    kernels = {line.split()[0] for line in lines[-9:]}
-    assert {"fp8_gemm", "act_quant", "moe", "mla"} <= kernels, "the table comes last"
+    kernels = {line.split()[0] for line in lines[-10:]}
+    assert {"fp8_gemm", "act_quant", "weight_dequant", "moe", "mla"} <= kernels, "the table comes last"
     assert not any(" FAIL" in line for line in lines)
