@@ -150,15 +150,17 @@ def decode(model: Any, spec: Any, prompts: list[list[int]], max_tokens: int, dev
     from specdec.engine import Engine
     from specdec.params import SamplingParams
 
-    engine = Engine(model, spec, dev, dtype, seed=0)
-    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)] * len(prompts)
-    reqs: dict[int, Any] = {}
+    need = sum(len(p) + max_tokens + 64 for p in prompts)
+    engine = Engine(model, spec, dev, dtype, seed=0, kv_cache_tokens=64 * (need // 64 + len(prompts) + 1))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
-    for step in engine.run(prompts, params):
-        reqs.update((out.request.index, out.request) for out in step)
+    reqs = [engine.add(p, params) for p in prompts]
+    while engine.has_unfinished:
+        engine.step()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
+    reqs = dict(enumerate(reqs))
     return [reqs[i].generated for i in range(len(prompts))], seconds, max(r.metrics.num_steps for r in reqs.values())
 
 

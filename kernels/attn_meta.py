@@ -5,7 +5,6 @@ Every attention implementation (kernels/mla.py, kernels/cpu.py, kernels/flashinf
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,18 +31,23 @@ class AttnMeta:
     host_base: tuple[int, ...] | None = None  # set when sequence b's keys sit at slots base[b], base[b] + 1, ...
 
     @classmethod
-    def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int],
-              tree_mask: torch.Tensor) -> AttnMeta:
+    def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int], tree_mask: torch.Tensor,
+              host_base: tuple[int, ...] | None = None) -> AttnMeta:
+        """host_base: pass it when sequence b's keys sit at slots host_base[b], host_base[b] + 1, ... (CPU
+        attention then slices the cache)."""
         dev = block_table.device
         cu = [0]
         for n in n_new:
             cu.append(cu[-1] + n)
-        seq = torch.repeat_interleave(torch.arange(len(n_new), device=dev), torch.tensor(n_new, device=dev))
         ctx = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
         cu_t = torch.tensor(cu, dtype=torch.long, device=dev)
-        idx = ctx[seq] + torch.arange(cu[-1], device=dev) - cu_t[seq]
-        slots = block_table[seq, idx]
-        return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu))
+        if len(n_new) == 1:  # one sequence (decode at batch 1): its new keys' slots are a slice of its row map
+            slots = block_table[0, ctx_lens[0]:ctx_lens[0] + n_new[0]]
+        else:
+            seq = torch.repeat_interleave(torch.arange(len(n_new), device=dev), torch.tensor(n_new, device=dev))
+            idx = ctx[seq] + torch.arange(cu[-1], device=dev) - cu_t[seq]
+            slots = block_table[seq, idx]
+        return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu), host_base)
 
     @classmethod
     def contiguous(cls, base: torch.Tensor, ctx_lens: list[int], n_new: list[int],
@@ -54,10 +58,8 @@ class AttnMeta:
         block_table = base[:, None] + torch.arange(width, device=base.device)[None, :]
         if tree_mask is None:
             tree_mask = causal_tree_mask(n_new, base.device)
-        meta = cls.build(block_table, ctx_lens, n_new, tree_mask)
-        if base.device.type == "cpu":
-            meta = dataclasses.replace(meta, host_base=tuple(base.tolist()))
-        return meta
+        return cls.build(block_table, ctx_lens, n_new, tree_mask,
+                         tuple(base.tolist()) if base.device.type == "cpu" else None)
 
     @property
     def num_seqs(self) -> int:
@@ -80,6 +82,14 @@ class AttnMeta:
 
     def seq_slots(self, b: int) -> torch.Tensor:
         return self.block_table[b, : self.host_ctx_lens[b] + self.host_cu_q[b + 1] - self.host_cu_q[b]]
+
+    def write(self, kv_cache: torch.Tensor, rows: torch.Tensor) -> None:
+        """kv_cache[slots] = rows: the step's new keys (a slice copy for one sequence at consecutive slots)."""
+        if self.host_base is not None and self.num_seqs == 1:
+            start = self.host_base[0] + self.host_ctx_lens[0]
+            kv_cache[start:start + rows.shape[0]] = rows
+        else:
+            kv_cache[self.slots] = rows
 
     def seq_rows(self, kv_cache: torch.Tensor, b: int) -> torch.Tensor:
         """kv_cache's rows of sequence b's keys [S, row], in key order: a view when the slots are consecutive."""

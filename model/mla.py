@@ -90,7 +90,7 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([c, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope(k_pe[:, None, :], rope)[:, 0]
-        kv_cache[meta.slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+        meta.write(kv_cache, torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype))
 
         fresh = not any(meta.host_ctx_lens)
         if fresh and self.mode != "absorbed" and meta.is_causal:  # prompts from scratch (prefill, training)
@@ -115,7 +115,7 @@ class MLA(nn.Module):
             q_in, a = self.q_a_layernorm(a[:, :cfg.q_lora_rank]), a[:, cfg.q_lora_rank:]
         q = (q_in @ self.w_q_abs).view(t, h, -1)  # [T, H, C+R]
         pe = apply_rope(torch.cat([q[..., c:], a[:, None, c:]], 1), rope)  # [T, H+1, R]: q_pe heads, then k_pe
-        kv_cache[meta.slots] = torch.cat([self.kv_a_layernorm(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype)
+        meta.write(kv_cache, torch.cat([self.kv_a_layernorm(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype))
         o = mqa_attention(torch.cat([q[..., :c], pe[:, :h]], -1), kv_cache, meta, cfg.softmax_scale, c)
         return self.dist.all_reduce(o.view(t, h * c).to(x.dtype) @ self.w_o_abs)
 

@@ -22,6 +22,7 @@ from .model import LatentCache, load_model
 from .model.transformer import DeepseekV3
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams, SpecConfig, check_seed
+from .request import Request
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
@@ -87,6 +88,11 @@ class LLM:
     threads: CPU intra-op threads (torch.set_num_threads, process-wide); default one for models under 1B
     parameters on CPU (see `default_threads`), else torch's choice.
 
+    The engine is continuously batched over one KV pool allocated here: kv_cache_tokens rows (default: 90% of a
+    GPU's free memory, 10% of a CPU's available memory), at most max_num_seqs requests running at once; more wait
+    their turn, and calls from several threads share the batch. warmup (default: on CUDA with Triton) compiles and
+    tunes the kernels for the decode, verify and prefill shapes at load, not in the first request.
+
     Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
     and every call decodes in caches of its own, so concurrent calls give the results they give alone. Calls into
     spawned tensor-parallel workers run one at a time (a lock serializes them; a stream holds it until it ends).
@@ -95,7 +101,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
-                 threads: int | None = None, progress: bool = False):
+                 threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
+                 warmup: bool | None = None, progress: bool = False):
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -110,7 +117,9 @@ class LLM:
         self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
         factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
-                                    seed=seed, threads=threads)
+                                    seed=seed, threads=threads, kv_cache_tokens=kv_cache_tokens,
+                                    max_num_seqs=max_num_seqs, warmup=warmup)
+        self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs)
         self.tp = join(tensor_parallel_size, self.device, self.path, factory)
         self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
         if self._driver is not None:
@@ -119,7 +128,7 @@ class LLM:
         try:
             self.backend = Backend.resolve(backend, self.device)
             self.speculative = speculative
-            keep_fp8 = self.backend.name != "torch"
+            keep_fp8 = self.backend.keep_fp8
             self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device,
                                                 backend=self.backend, keep_fp8=keep_fp8, dist=self.tp.dist,
                                                 mla_mode=mla_mode, progress=progress)
@@ -131,7 +140,9 @@ class LLM:
                 raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0), so it "
                                  "cannot draft: decode without speculation")
             self.tokenizer = _load_tokenizer(self.path)
-            self.engine = Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer)
+            self.engine = self._engine(speculative, seed)
+            if warmup or (warmup is None and self.device.type == "cuda" and self.backend.name != "torch"):
+                self.warmup_s = self._warmup()
             if self._driver is not None:
                 self._driver.ready()
         except BaseException:
@@ -156,8 +167,20 @@ class LLM:
                              "which spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
         other = copy.copy(self)
         other.speculative, other.seed = speculative, seed
-        other.engine = Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer)
+        other.engine = self._engine(speculative, seed)
         return other
+
+    def _engine(self, speculative: SpecConfig | None, seed: int) -> Engine:
+        return Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer, **self._engine_args)
+
+    def _warmup(self) -> float:
+        """Compile and tune the Triton kernels for decode, verify and prefill shapes (kernels/warmup.py); seconds."""
+        from .kernels.warmup import ModelShape, model_cases, warmup
+
+        e = self.engine
+        steps = [(b, n, 1024) for b in (1, 8) for n in sorted({1, e.step_rows})] + [(1, 512, 0)]
+        cases = model_cases(ModelShape.of(self.config), self.tp.dist.world_size, steps, fp8=self.backend.keep_fp8)
+        return warmup(self.backend, cases, self.device, self.dtype)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers this LLM started (idempotent; nothing to do otherwise)."""
@@ -189,36 +212,71 @@ class LLM:
             return ([bos] if bos is not None else []) + ids
         return check_token_ids(prompt, self.config.vocab_size, f"prompt {i}")
 
-    def _run(self, prompts: Any, params: SamplingParams | list[SamplingParams]) -> Iterator[list[StepOutput]]:
+    def _add(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None) -> list[Request]:
         ids = [self._encode(p, i) for i, p in enumerate(as_prompt_list(prompts))]
+        params = params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(ids)
         if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError("params must be a SamplingParams or a list of them, one per prompt")
         if len(params) != len(ids):
             raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
-        return self.engine.run(ids, list(params))
+        e = self.engine
+        with e.lock:  # all or none: a bad request leaves nothing queued
+            reqs = []
+            try:
+                for i, (p, sp) in enumerate(zip(ids, params)):
+                    reqs.append(e.add(p, sp, f"prompt {i}"))
+            except ValueError:
+                for r in reqs:
+                    e.abort(r)
+                raise
+        return reqs
+
+    def _drive(self, reqs: list[Request]) -> Iterator[list[StepOutput]]:
+        """Step the shared engine until every request in reqs has finished, yielding what each step emitted for
+        them. Requests of other threads' calls ride along in the same batches. A request whose logits were not
+        finite raises its NonFiniteLogitsError; a generator closed early aborts what it still has running."""
+        e = self.engine
+        try:
+            while True:
+                with e.lock:
+                    outs = [o for r in reqs for o in r.take()]
+                    done = all(r.finished for r in reqs)
+                    if not outs and not done:
+                        e.step()
+                        continue
+                failed = [r for r in reqs if r.error is not None]
+                if failed:
+                    raise min(failed, key=lambda r: r.error_at).error
+                if outs:
+                    yield outs
+                if done:
+                    return
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    e.abort(r)
 
     def _steps(self, prompt: str | list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
-        for step in self._run([prompt], [params or SamplingParams()]):
-            yield from step
+        for outs in self._drive(self._add([prompt], params)):
+            yield from outs
 
     # --- generation -------------------------------------------------------------------------------------------
 
     @collective
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt together (speculatively unless speculative=None); one RequestOutput per prompt, in
-        order ([] for no prompts)."""
+        """Run every prompt (speculatively unless speculative=None), continuously batched with whatever else the
+        engine runs; one RequestOutput per prompt, in order ([] for no prompts)."""
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
-        reqs: dict[int, Any] = {}
-        for step in self._run(prompts, params or SamplingParams()):
-            for out in step:
-                reqs[out.request.index] = out.request
-        return [RequestOutput(r.index, r.prompt, r.generated, r.finish_reason, r.metrics,
+        reqs = self._add(prompts, params)
+        for _ in self._drive(reqs):
+            pass
+        return [RequestOutput(i, r.prompt, r.generated, r.finish_reason, r.metrics,
                               r.text.text if r.text is not None else None, r.stop_reason)
-                for r in (reqs[i] for i in sorted(reqs))]
+                for i, r in enumerate(reqs)]
 
     @collective
     def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:

@@ -8,38 +8,17 @@ cumulative draft log-probability, each into its `topk` children, then keeps the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .kernels.attn_meta import AttnMeta
+from .kv_pool import Rows
 from .model import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig
-from .sampling import gumbel_topk, process_logits
+from .sampling import SamplingBatch, gumbel_topk
 from .tree import Candidates, TokenTree, chain_tree, monotone_scores, select_tree
-
-
-@dataclass(frozen=True)
-class SamplingBatch:
-    """Per-request sampling settings of the active batch, as tensors on the model's device."""
-
-    greedy: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64
-    top_p: torch.Tensor  # [B] float32
-    any_sampled: bool
-    uniform: Callable[[tuple[int, ...]], torch.Tensor]  # shape -> [B, *shape] from each request's generator
-    any_filtered: bool = True  # some request uses top_k or top_p (else no sort over the vocabulary is needed)
-
-    def probs(self, logits: torch.Tensor, rows_per_request: int = 1) -> torch.Tensor:
-        """logits [B * r, V] -> processed probabilities (row i belongs to request i // r)."""
-        rep = lambda t: t.repeat_interleave(rows_per_request)
-        if not self.any_filtered:
-            t = rep(self.temperature)
-            return (logits.float() / torch.where(t > 0, t, 1.0)[:, None]).softmax(-1)
-        return process_logits(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))
 
 
 @dataclass(frozen=True)
@@ -58,20 +37,20 @@ class Drafter:
         return (self.spec.num_speculative_tokens - 1) * self.spec.topk
 
     def extend(self, tokens: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
-               carry: list[list[torch.Tensor | None]], mtp_base: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+               carry: list[list[torch.Tensor | None]], rows: Rows, cache: LatentCache) -> torch.Tensor:
         """Commit the MTP rows of newly committed tokens, in every MTP layer.
 
         Request b committed tokens[b][n_before[b] + 1:] with the main model's hidden[b] ([k_b, D], positions
         n_before[b]..). Layer 0 row i pairs token i+1 with the main hidden state at i; layer L row i pairs token
         i+1+L with layer L-1's output at row i, so layer L holds rows up to (committed tokens - 1 - L).
         carry[b][L] keeps layer L's last output for the next call. Returns layer 0's last-row outputs [B, D]:
-        they predict each root's first child."""
-        dev = mtp_base.device
+        they predict each root's first child. MTP row i of request b lives at slot rows.maps[b, i]."""
+        dev = rows.maps.device
         ks = [h.shape[0] for h in hidden]
         outs = hidden  # layer L-1's outputs for each request, rows starting at max(n - L + 1, 0)
         g = None
         for layer in range(self.model.cfg.num_nextn_predict_layers):
-            rows, x, hs, pos, keep = [], [], [], [], []
+            spans, x, hs, pos, keep = [], [], [], [], []
             for b, (n, k, o) in enumerate(zip(n_before, ks, outs)):
                 r0, r1 = max(n - layer, 0), n + k - layer
                 if r1 <= r0:
@@ -79,7 +58,7 @@ class Drafter:
                 if layer and n >= layer:  # row n - L: layer L-1 computed it in the previous call (carry)
                     o = torch.cat([carry[b][layer - 1][None], o])
                 keep.append(b)
-                rows.append((r0, r1 - r0))
+                spans.append((r0, r1 - r0))
                 hs.append(o[: r1 - r0])
                 x += tokens[b][r0 + 1 + layer:r1 + 1 + layer]
                 pos.append(torch.arange(r0 + 1 + layer, r1 + 1 + layer, device=dev))
@@ -88,8 +67,8 @@ class Drafter:
                     carry[b][layer - 1] = o[-1] if o.shape[0] else carry[b][layer - 1]
             if not keep:
                 break
-            ctx, news = [r[0] for r in rows], [r[1] for r in rows]
-            meta = AttnMeta.contiguous(mtp_base[keep], ctx, news)
+            ctx, news = [r[0] for r in spans], [r[1] for r in spans]
+            meta = rows.meta(ctx, news, keep=keep)
             out = self.model.mtp_forward(layer, torch.tensor(x, device=dev), torch.cat(hs), torch.cat(pos), meta,
                                          cache)
             split = list(out.split(news))
@@ -104,14 +83,14 @@ class Drafter:
         """The MTP layer of draft step j (1-based expansions after the extend's row): min(j, D-1)."""
         return min(j, self.model.cfg.num_nextn_predict_layers - 1)
 
-    def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
-              draft_base: torch.Tensor, cache: LatentCache, sb: SamplingBatch) -> Draft:
+    def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
+              sb: SamplingBatch) -> Draft:
         """root [B] last committed tokens (not yet verified); g [B, D] MTP output of each request's last committed
-        row (it predicts the root's child); n_rows[b] committed MTP rows (slots mtp_base[b] + i); expanded
-        draft node e of request b writes its row at slot draft_base[b] + e."""
+        row (it predicts the root's child); n_rows[b] committed layer-0 MTP rows (row i at slot rows.maps[b, i]);
+        expanded draft node e of request b writes its row at row n_rows[b] + e (the next extend overwrites it)."""
         k, w = self.spec.num_speculative_tokens, self.spec.topk
         if w == 1:
-            return self._draft_chain(root, g, n_rows, mtp_base, cache, sb)
+            return self._draft_chain(root, g, n_rows, rows, cache, sb)
         b = root.shape[0]
         dev = root.device
         q_rows: list[torch.Tensor] = []
@@ -133,13 +112,13 @@ class Drafter:
             x = all_t.gather(1, front)  # [B, F]
             h = hid.gather(1, pick[..., None].expand(b, f, hid.shape[-1]))
             e_idx = (j - 1) * w + torch.arange(f, device=dev)  # expansion ids of this level
-            own = draft_base[:, None] + e_idx[None, :]  # [B, F] slots
+            own = rows.maps.gather(1, n_t[:, None] + e_idx[None, :])  # [B, F] slots
             a = anc.gather(1, pick[..., None].expand(b, f, anc.shape[-1]))
             path_slots = torch.cat([a, own[..., None]], dim=-1)  # [B, F, j] every expanded ancestor, then itself
             layer = self._layer(j)
             same = j - self._first_step(layer)  # earlier steps that ran this layer (the last ancestors)
             committed = [max(n - layer, 0) for n in n_rows]
-            meta = self._node_meta(committed, mtp_base, path_slots[..., j - 1 - same:].reshape(b * f, same + 1))
+            meta = self._node_meta(committed, rows.maps, path_slots[..., j - 1 - same:].reshape(b * f, same + 1))
             pos = (n_t[:, None] + j).expand(b, f).reshape(-1)
             out = self.model.mtp_forward(layer, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
             exp_row = exp_row.scatter(1, front, 1 + e_idx[None, :].expand(b, f))  # q row of its children
@@ -159,8 +138,8 @@ class Drafter:
         tree = select_tree(root, cands, self.spec.budget, max_depth=k, width=w)
         return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
 
-    def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], mtp_base: torch.Tensor,
-                     cache: LatentCache, sb: SamplingBatch) -> Draft:
+    def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
+                     sb: SamplingBatch) -> Draft:
         """topk=1: each step drafts one token from the previous step's output. A step's draft row goes right
         after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
         is causal."""
@@ -174,7 +153,7 @@ class Drafter:
         for j in range(1, k):
             layer = self._layer(j)
             ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
-            meta = AttnMeta.contiguous(mtp_base, ctx, [1] * len(n_rows), ones)
+            meta = rows.meta(ctx, [1] * len(n_rows), ones)
             g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
             tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
             drafts.append(tok)
@@ -185,7 +164,7 @@ class Drafter:
         """logits [B * r, V] -> children ids [B, r * w] in draw order and their log q [B, r * w].
         Greedy rows take the top-w of the raw distribution; sampled rows draw w without replacement from the
         processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r)."""
-        b = sb.greedy.shape[0]
+        b = logits.shape[0] // rows_per_request
         lq, ids = logits.log_softmax(-1).topk(w, dim=-1)
         if sb.any_sampled:
             qp = sb.probs(logits, rows_per_request)
@@ -203,14 +182,14 @@ class Drafter:
         return max(layer, 1)
 
     @staticmethod
-    def _node_meta(committed: list[int], mtp_base: torch.Tensor, path_slots: torch.Tensor) -> AttnMeta:
+    def _node_meta(committed: list[int], maps: torch.Tensor, path_slots: torch.Tensor) -> AttnMeta:
         """Each frontier node is its own sequence: the layer's committed rows, the draft rows of its ancestors
         that ran the same layer, itself (path_slots [B*F, m], the node's own slot last)."""
         bf, m = path_slots.shape
         f = bf // len(committed)
-        dev = mtp_base.device
+        dev = maps.device
         width = max(committed) + m
-        bt = mtp_base.repeat_interleave(f)[:, None] + torch.arange(width, device=dev)[None, :]
+        bt = maps[:, :width].repeat_interleave(f, dim=0).clone()
         cols = torch.tensor(committed, device=dev).repeat_interleave(f)[:, None] + torch.arange(m, device=dev)
         bt.scatter_(1, cols, path_slots)
         ctx = [c + m - 1 for c in committed for _ in range(f)]

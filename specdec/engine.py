@@ -1,38 +1,43 @@
-"""One engine for plain and speculative decoding, batched over requests with ragged accepted lengths.
+"""The engine: one loop for plain and speculative decoding, continuously batched over a persistent KV pool.
 
-Per request r, a step: (1) the MTP drafts a token tree from its last committed row; (2) the main model verifies
-every node in one forward (ancestor-only attention among nodes, full attention to the cached prefix); (3) the
-longest accepted path plus a bonus token is committed: its latent rows are compacted into contiguous slots and
-the MTP cache is extended with the main model's hidden states of the accepted tokens. Plain decoding is the same
-step with a root-only tree. One host sync per step (the accepted tokens).
-
-Slots: request r owns main-cache slots [r * R, (r + 1) * R) (token i at r * R + i; tree node j of a step at
-r * R + n + j) and MTP-cache slots [r * Q, (r + 1) * Q) (committed row i at r * Q + i; draft expansions after
-max_len).
+Requests are added at any time (`add`) and leave when they finish or are aborted. Each `step` runs three phases:
+  1. schedule: admit waiting requests first come first served while `max_num_seqs` and the pool allow; give every
+     running request the rows this step may write, preempting the newest running request (it is recomputed later)
+     when blocks run out;
+  2. prefill: up to `prefill_chunk` tokens of admitted prompts, so a long prompt never stalls running requests;
+     a prompt's last chunk samples its first token, and every chunk builds its MTP rows;
+  3. decode, every running request at its own accepted length: propose (the MTP drafts a chain or a tree from its
+     last committed row), verify (one tree-masked main forward over every node), commit (accept the longest path
+     plus a bonus token, move the path's rows to consecutive slots, extend the MTP cache).
+Plain decoding is the same decode step with a root-only tree. Each phase has one host sync (its tokens).
+The caller holds `lock` around add / abort / step / take when several threads share the engine.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from itertools import accumulate
+from collections import deque
 from typing import Any
 
 import torch
 
 from .detokenizer import TextTracker
-from .drafter import Drafter, SamplingBatch
+from .drafter import Drafter
 from .inputs import check_token_ids
-from .kernels.attn_meta import AttnMeta
-from .model import LatentCache
+from .kv_pool import KVPool, Rows
+from .model.config import ModelConfig
 from .model.transformer import DeepseekV3
-from .outputs import Metrics, StepOutput
+from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
-from .sampling import sample_from
+from .request import Request, Status
+from .sampling import SamplingBatch, sample_from
 from .tree import chain_tree
 from .verify import Relaxed, accept
+
+CPU_KV_SHARE = 0.10  # of the available memory, for the default pool on a CPU
+GPU_KV_SHARE = 0.90  # of the free memory after the weights, on a GPU
 
 
 class NonFiniteLogitsError(ValueError):
@@ -40,217 +45,254 @@ class NonFiniteLogitsError(ValueError):
     the compute dtype). Raised instead of decoding garbage."""
 
 
-@dataclass
-class Request:
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    gen: torch.Generator
-    tokens: list[int] = field(default_factory=list)  # committed: prompt + generated (last = the next root)
-    n_main: int = 0  # tokens in the main cache
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None  # the stop token or stop string that ended it
-    metrics: Metrics = field(default_factory=Metrics)
-    carry: list[torch.Tensor | None] = field(default_factory=list)  # per MTP layer: its last output (drafter)
-    text: TextTracker | None = None  # with a tokenizer: the generated text, cut at a stop string
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool) -> int:
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    return layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
 
-    def emit(self, new: list[int]) -> tuple[list[int], str]:
-        """Append accepted tokens, stopping at a stop token, a stop string or max_tokens; returns the tokens
-        emitted and the text they add."""
-        out, piece = [], ""
-        for t in new:
-            out.append(t)
-            self.generated.append(t)
-            if self.text is not None:
-                piece += self.text.push(t)
-            if t in self.stop_ids:
-                self.finish_reason, self.stop_reason = "stop", t
-            elif self.text is not None and self.text.stopped is not None:
-                self.finish_reason, self.stop_reason = "stop", self.text.stopped
-            elif len(self.generated) >= self.params.max_tokens:
-                self.finish_reason = "length"
-            if self.finish_reason is not None:
-                break
-        if self.finish_reason is not None and self.text is not None:
-            piece += self.text.finish()
-        self.tokens.extend(out)
-        self.metrics.num_generated += len(out)
-        return out, piece
+
+def default_kv_tokens(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mtp: bool,
+                      max_num_seqs: int) -> int:
+    """The pool when the caller names none: GPU_KV_SHARE of the GPU's free memory, or CPU_KV_SHARE of the memory
+    the OS reports available, never more than max_num_seqs full contexts."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE
+    else:
+        free = _available_memory() * CPU_KV_SHARE
+    cap = max_num_seqs * cfg.max_position_embeddings
+    return int(max(64, min(cap, free // kv_bytes_per_token(cfg, dtype, mtp))))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class Engine:
     def __init__(self, model: DeepseekV3, spec: SpecConfig | None, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0, tokenizer: Any | None = None):
+                 seed: int = 0, tokenizer: Any | None = None, *, kv_cache_tokens: int | None = None,
+                 max_num_seqs: int = 64, prefill_chunk: int = 512):
+        for name, v in (("max_num_seqs", max_num_seqs), ("prefill_chunk", prefill_chunk)):
+            if not (type(v) is int and v >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if kv_cache_tokens is not None and not (type(kv_cache_tokens) is int and kv_cache_tokens >= 1):
+            raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
         self.model, self.spec, self.device, self.dtype, self.tokenizer = model, spec, device, dtype, tokenizer
-        self.cfg = model.cfg
+        self.cfg = cfg = model.cfg
         if spec is not None:
-            spec.check_vocab(self.cfg.vocab_size)
+            spec.check_vocab(cfg.vocab_size)
         self.drafter = Drafter(model, spec) if spec is not None else None
-        self.seed_rng = torch.Generator().manual_seed(seed)
-        self._seed_lock = threading.Lock()  # requests of concurrent calls draw their default seeds one at a time
         self.relaxed = Relaxed(spec.relaxed_topk, spec.relaxed_delta) if spec and spec.acceptance == "relaxed" \
             else None
+        k, w = (spec.num_speculative_tokens, spec.topk) if spec else (0, 1)
+        # rows a decode step writes past the committed ones: the tree's nodes (main), the expansions (MTP)
+        self.step_rows = 1 + (max(spec.budget, (k - 1) * w) if spec else 0)
+        # uniforms a sampled request draws per decode step: draft rows over the vocabulary, acceptance, bonus
+        self.draws = ((1 + (k - 1) * w) * cfg.vocab_size if spec else 0) + max(k, 1) * w + 1
+        self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+        tokens = kv_cache_tokens or default_kv_tokens(cfg, dtype, device, spec is not None, max_num_seqs)
+        self.pool = KVPool(cfg, tokens, dtype, device, mtp=spec is not None)
+        self.seed_rng = torch.Generator().manual_seed(seed)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # prefilling and decoding, in admission order
+        self.lock = threading.RLock()
+        self._ids = 0
+
+    # --- requests ---------------------------------------------------------------------------------------------
+
+    def add(self, prompt: list[int], params: SamplingParams, where: str = "prompt") -> Request:
+        """Queue a request (ValueError naming `where` when it can never run: bad ids, past the context, larger
+        than the whole pool, stop strings without a tokenizer)."""
+        cfg = self.cfg
+        prompt = check_token_ids(prompt, cfg.vocab_size, where)
+        need = len(prompt) + params.max_tokens + self.step_rows
+        if need > cfg.max_position_embeddings:
+            raise ValueError(f"{where}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} + "
+                             f"{self.step_rows} draft rows exceed the context of {cfg.max_position_embeddings} "
+                             "(max_position_embeddings)")
+        if need > self.pool.num_tokens:
+            raise ValueError(f"{where}: needs {need} KV rows (prompt + max_tokens + draft rows) but the whole pool "
+                             f"holds {self.pool.num_tokens} (kv_cache_tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"{where}: stop strings need a tokenizer (the checkpoint has no tokenizer.json); use "
+                             "stop_token_ids")
+        stop = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop |= set(cfg.eos_token_ids)
+        with self.lock:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,),
+                                                                                 generator=self.seed_rng))
+            k = self.spec.num_speculative_tokens if self.spec else 0
+            text = TextTracker(self.tokenizer, frozenset(stop), params.stop or ()) if self.tokenizer else None
+            r = Request(self._ids, list(prompt), params, frozenset(stop),
+                        torch.Generator(self.device).manual_seed(seed), tokens=list(prompt), n_prefill=len(prompt),
+                        metrics=Metrics(accepted_per_position=[0] * k),
+                        carry=[None] * cfg.num_nextn_predict_layers, text=text, where=where)
+            self._ids += 1
+            self.waiting.append(r)
+        return r
+
+    def abort(self, r: Request) -> None:
+        """End a request now (finish_reason "abort"); its blocks return to the pool at once."""
+        with self.lock:
+            if not r.finished:
+                r.finish_reason = "abort"
+                self._finish(r)
 
     @property
-    def tree_nodes(self) -> int:
-        return 1 + (self.spec.budget if self.spec else 0)
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
-        reqs = []
-        limit = self.cfg.max_position_embeddings
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            check_token_ids(p, self.cfg.vocab_size, f"prompt {i}")
-            need = len(p) + sp.max_tokens + self.tree_nodes
-            if need > limit:
-                raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_tokens {sp.max_tokens} + "
-                                 f"{self.tree_nodes} draft slots exceed the context of {limit} "
-                                 "(max_position_embeddings)")
-            if sp.stop and self.tokenizer is None:
-                raise ValueError(f"prompt {i}: stop strings need a tokenizer (the checkpoint has no tokenizer.json);"
-                                 " use stop_token_ids")
-            stop = set(sp.stop_token_ids or ())
-            if not sp.ignore_eos:
-                stop |= set(self.cfg.eos_token_ids)
-            if sp.seed is not None:
-                seed = sp.seed
-            else:
-                with self._seed_lock:
-                    seed = int(torch.randint(2**62, (1,), generator=self.seed_rng))
-            gen = torch.Generator(self.device).manual_seed(seed)
-            k = self.spec.num_speculative_tokens if self.spec else 0
-            text = TextTracker(self.tokenizer, frozenset(stop), sp.stop or ()) if self.tokenizer else None
-            reqs.append(Request(i, list(p), sp, frozenset(stop), gen, tokens=list(p),
-                                metrics=Metrics(accepted_per_position=[0] * k),
-                                carry=[None] * self.cfg.num_nextn_predict_layers, text=text))
-        return reqs
-
-    def _sampling(self, active: list[Request]) -> SamplingBatch:
-        dev = self.device
-        ps = [r.params for r in active]
-
-        def uniform(shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.stack([torch.rand(shape, generator=r.gen, device=dev) for r in active])
-
-        return SamplingBatch(
-            greedy=torch.tensor([p.greedy for p in ps], device=dev),
-            # greedy rows never sample; temperature 1 keeps their (unused) probabilities finite
-            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32,
-                                     device=dev),
-            top_k=torch.tensor([p.top_k for p in ps], device=dev),
-            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
-            any_sampled=not all(p.greedy for p in ps), uniform=uniform,
-            any_filtered=any(p.top_k > 0 or p.top_p < 1 for p in ps))
+    # --- the step ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepOutput]]:
-        """Generate for every prompt together; yields, after each step, what it emitted per request.
-        Requests end with finish_reason set; the caller reads request.generated and request.metrics.
-        Raises NonFiniteLogitsError (a ValueError) naming the request whose logits are NaN or infinite."""
-        reqs = self._requests(prompts, params)
-        dev, cfg = self.device, self.cfg
-        t_start = time.perf_counter()
-        max_len = max(len(r.prompt) + r.params.max_tokens for r in reqs) + 1
-        s = Slots(max_len, max_len + self.tree_nodes,
-                  max_len + (self.drafter.num_expansions if self.drafter else 0))
-        main_cache = LatentCache(cfg.num_hidden_layers, len(reqs) * s.region, cfg.kv_cache_dim, self.dtype, dev)
-        mtp_cache = (LatentCache(cfg.num_nextn_predict_layers, len(reqs) * s.mtp_region, cfg.kv_cache_dim,
-                                 self.dtype, dev)
-                     if self.drafter else None)
+    def step(self) -> None:
+        """One engine step; what it emits lands in each request's outbox."""
+        with self.lock:
+            self._schedule()
+            self._prefill()
+            self._decode()
 
-        # prefill: the whole prompts, causal; the first token comes from the last prompt position
+    def _schedule(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            if not self.pool.grow(r.table, r.n_prefill + self.step_rows):
+                break
+            self.waiting.popleft()
+            r.status = Status.PREFILL
+            self.running.append(r)
+        for r in [r for r in self.running if r.status is Status.RUNNING]:
+            while r.status is Status.RUNNING and not self.pool.grow(r.table, r.n_main + self.step_rows):
+                self._preempt(next(x for x in reversed(self.running)))
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's blocks and queue it first, to be recomputed from its committed tokens."""
+        self.pool.release(r.table)
+        self.running.remove(r)
+        r.status, r.n_main, r.n_prefill, r.g = Status.WAITING, 0, len(r.tokens) - 1, None
+        r.carry = [None] * len(r.carry)
+        r.metrics.num_preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _finish(self, r: Request) -> None:
+        r.status = Status.FINISHED
+        self.pool.release(r.table)
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        m = r.metrics
+        m.other_time = max(0.0, time.perf_counter() - r.arrival - m.draft_time - m.verify_time)
+
+    def _rows(self, reqs: list[Request], width: int) -> Rows:
+        return Rows.of([r.table for r in reqs], width, self.pool.block_size)
+
+    def _prefill(self) -> None:
+        """Up to prefill_chunk tokens of prefilling requests, oldest first, as one causal forward."""
+        budget, chunks = self.prefill_chunk, []
+        for r in self.running:
+            if r.status is Status.PREFILL and budget > 0:
+                n = min(r.n_prefill - r.n_main, budget)
+                chunks.append((r, r.n_main, r.n_main + n))
+                budget -= n
+        if not chunks:
+            return
+        dev = self.device
         t0 = time.perf_counter()
-        lens = [len(r.prompt) for r in reqs]
-        ids = torch.tensor([t for r in reqs for t in r.prompt], device=dev)
-        pos = torch.cat([torch.arange(n, device=dev) for n in lens])
-        meta = AttnMeta.contiguous(s.main_base(reqs, dev), [0] * len(reqs), lens)
-        hidden = self.model(ids, pos, meta, main_cache)
-        last = torch.tensor(lens, device=dev).cumsum(0) - 1
-        sb = self._sampling(reqs)
-        logits = self.model.logits(hidden[last])
-        first = torch.stack([self._sample_first(logits, sb), _finite(logits)], 1)
-        # under tensor parallelism rank 0 decides (a no-op on one rank), so every rank commits the same tokens
-        first = self.model.dist.broadcast(first).tolist()  # sync
+        reqs = [c[0] for c in chunks]
+        rows = self._rows(reqs, max(e for _, _, e in chunks) + self.step_rows)
+        ids = torch.tensor([t for r, s, e in chunks for t in r.tokens[s:e]], device=dev)
+        pos = torch.cat([torch.arange(s, e, device=dev) for _, s, e in chunks])
+        hidden = self.model(ids, pos, rows.meta([s for _, s, _ in chunks], [e - s for _, s, e in chunks]),
+                            self.pool.main)
+        lens = [e - s for _, s, e in chunks]
+        parts = list(hidden.split(lens))
+        firsts = [i for i, (r, _, e) in enumerate(chunks) if e == r.n_prefill and r.n_prefill == len(r.tokens)]
+        if firsts:  # fresh prompts done: their first token, from the last prompt position
+            freq = [reqs[i] for i in firsts]
+            logits = self.model.logits(torch.stack([parts[i][-1] for i in firsts]))
+            sb = SamplingBatch.build([r.params for r in freq], [r.gen for r in freq], 1, dev)
+            first = torch.stack([self._sample(logits, sb), _finite(logits)], 1)
+            first = self.model.dist.broadcast(first).tolist()  # sync; rank 0 decides under tensor parallelism
+            for r, (tok, finite) in zip(freq, first):
+                if self._check_finite(r, finite):
+                    r.metrics.num_steps += 1
+                    r.emit([tok])
         t1 = time.perf_counter()
-        emitted = []
-        for r, (tok, finite), n in zip(reqs, first, lens):
-            _check_finite(r, finite)
-            r.n_main = n
-            r.metrics.num_steps += 1
-            r.metrics.verify_time += t1 - t0
-            r.metrics.first_token_time = t1 - t_start
-            emitted.append(StepOutput(r, *r.emit([tok])))
-        yield emitted
-        active = [r for r in reqs if r.finish_reason is None]
-        g = None
-        if self.drafter and active:
-            starts = [0, *accumulate(lens)]
-            g = self._extend(active, [0] * len(active),
-                             [hidden[starts[r.index]:starts[r.index + 1]] for r in active], s, mtp_cache)
-            for r in active:
-                r.metrics.draft_time += time.perf_counter() - t1
-        while active:
-            emitted, g = self._step(active, g, s, main_cache, mtp_cache)
-            yield emitted
-            active = [r for r in active if r.finish_reason is None]
-        for r in reqs:
-            m = r.metrics
-            m.other_time = max(0.0, time.perf_counter() - t_start - m.draft_time - m.verify_time)
+        for (r, _, e), n in zip(chunks, lens):
+            r.metrics.verify_time += (t1 - t0) * n / sum(lens)
+            r.n_main = e
+            if r.finish_reason is not None and not r.finished:
+                self._finish(r)
+        live = [i for i, (r, _, _) in enumerate(chunks) if not r.finished]
+        if self.drafter and live:
+            keep = [chunks[i] for i in live]
+            g = self.drafter.extend([r.tokens for r, _, _ in keep], [s for _, s, _ in keep],
+                                    [parts[i] for i in live], [r.carry for r, _, _ in keep],
+                                    self._rows([r for r, _, _ in keep], rows.maps.shape[1]), self.pool.mtp)
+            for (r, _, _), gi in zip(keep, g):
+                r.g = gi
+            dt = time.perf_counter() - t1
+            for r, _, _ in keep:
+                r.metrics.draft_time += dt / len(keep)
+        for r, _, e in chunks:
+            if not r.finished and e == r.n_prefill:
+                r.status = Status.RUNNING
 
-    def _sample_first(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         top1 = logits.argmax(-1)
         if not sb.any_sampled:
             return top1
         return torch.where(sb.greedy, top1, sample_from(sb.probs(logits), sb.uniform(())))
 
-    def _extend(self, active: list[Request], n_rows: list[int], hidden: list[torch.Tensor], s: Slots,
-                cache: LatentCache) -> torch.Tensor:
-        """The MTP cache rows of each request's newly committed tokens (after n_rows[b]); returns each request's
-        last-row layer-0 output [B, D] (it predicts the next root's first child)."""
-        return self.drafter.extend([r.tokens for r in active], n_rows, hidden, [r.carry for r in active],
-                                   s.mtp_base(active, self.device), cache)
-
-    def _step(self, active: list[Request], g: torch.Tensor | None, s: Slots, main_cache: LatentCache,
-              mtp_cache: LatentCache | None) -> tuple[list[StepOutput], torch.Tensor | None]:
-        """One draft + verify + commit step for the active requests; returns the emitted tokens and the next g."""
-        dev = self.device
-        b = len(active)
+    def _decode(self) -> None:
+        """Propose, verify, commit for every running request."""
+        active = [r for r in self.running if r.status is Status.RUNNING]
+        if not active:
+            return
+        dev, b = self.device, len(active)
         n_main = [r.n_main for r in active]
+        rows = self._rows(active, max(n_main) + self.step_rows)
         root = torch.tensor([r.tokens[-1] for r in active], device=dev)
-        sb = self._sampling(active)
+        sb = SamplingBatch.build([r.params for r in active], [r.gen for r in active], self.draws, dev)
         t0 = time.perf_counter()
+        # propose
         if self.drafter:
-            mtp_base = s.mtp_base(active, dev)
-            draft = self.drafter.draft(root, g, n_main, mtp_base, mtp_base + s.max_len, mtp_cache, sb)
+            g = torch.stack([r.g for r in active])
+            draft = self.drafter.draft(root, g, n_main, rows, self.pool.mtp, sb)
             tree, q = draft.tree, draft.q
             k, w = self.spec.num_speculative_tokens, self.spec.topk
         else:
-            tree, q, k, w = chain_tree(root, root.new_zeros(b, 0)), None, 0, 1  # plain: the root alone
+            tree, q, k, w = chain_tree(root, root.new_zeros(b, 0)), None, 0, 1
         t1 = time.perf_counter()
-
+        # verify
         n = tree.num_nodes
         pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
-        meta = AttnMeta.contiguous(s.main_base(active, dev), n_main, [n] * b, tree.mask.reshape(b * n, n))
-        hidden = self.model(tree.tokens.reshape(-1), pos, meta, main_cache).view(b, n, -1)
+        meta = rows.meta(n_main, [n] * b, tree.mask.reshape(b * n, n))
+        hidden = self.model(tree.tokens.reshape(-1), pos, meta, self.pool.main).view(b, n, -1)
         logits = self.model.logits(hidden.view(b * n, -1))
         p = sb.probs(logits, n).view(b, n, -1) if sb.any_sampled else None
-        u_acc = sb.uniform((max(k, 1), w)) if sb.any_sampled else torch.zeros(b, max(k, 1), w, device=dev)
-        u_bonus = sb.uniform(()) if sb.any_sampled else torch.zeros(b, device=dev)
+        u_acc = sb.uniform((max(k, 1), w)) if sb.any_sampled else None
+        u_bonus = sb.uniform(()) if sb.any_sampled else None
         acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
         finite = _finite(logits.view(b, n, -1)).all(-1)
         host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
         host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
         t2 = time.perf_counter()
-
-        emitted, src, dst, cont, ext_hidden, n_rows = [], [], [], [], [], []
-        for r, row in zip(active, host):
-            _check_finite(r, row[-1])
+        # commit
+        src, dst, cont, ext_hidden, n_rows = [], [], [], [], []
+        bs = self.pool.block_size
         for i, (r, row) in enumerate(zip(active, host)):
+            if not self._check_finite(r, row[-1]):
+                continue
             a = row[0]
             path = row[1:2 + a]
-            new = row[2 + k + 1:2 + k + 1 + a] + [row[-2]]
             m = r.metrics
             m.num_steps += 1
             m.num_drafted += n - 1
@@ -260,51 +302,47 @@ class Engine:
             m.draft_time += t1 - t0
             m.verify_time += t2 - t1
             n_before = r.n_main
-            emitted.append(StepOutput(r, *r.emit(new)))
+            r.emit(row[2 + k + 1:2 + k + 1 + a] + [row[-2]])
             if r.finish_reason is not None:
+                self._finish(r)
                 continue
-            base = r.index * s.region + n_before
-            src += [base + j for j in path]
-            dst += [base + j for j in range(a + 1)]
+            for j, node in enumerate(path):  # the accepted path's rows move to consecutive rows after the prefix
+                if node != j:
+                    src.append(_slot(r, n_before + node, bs))
+                    dst.append(_slot(r, n_before + j, bs))
             r.n_main = n_before + a + 1
             cont.append(r)
             n_rows.append(n_before)
             ext_hidden.append(hidden[i, path])
-        if src:  # the accepted path's rows move to contiguous slots right after the prefix
-            main_cache.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+        if src:
+            self.pool.main.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
         if not self.drafter or not cont:
-            return emitted, None
+            return
         t3 = time.perf_counter()
-        g = self._extend(cont, n_rows, ext_hidden, s, mtp_cache)
-        for r in cont:
-            r.metrics.draft_time += time.perf_counter() - t3
-        return emitted, g
+        g = self.drafter.extend([r.tokens for r in cont], n_rows, ext_hidden, [r.carry for r in cont],
+                                self._rows(cont, rows.maps.shape[1]), self.pool.mtp)
+        dt = time.perf_counter() - t3
+        for r, gi in zip(cont, g):
+            r.g = gi
+            r.metrics.draft_time += dt
+
+    def _check_finite(self, r: Request, finite: int) -> bool:
+        """False, and the request ends with its error, when its logits were not finite."""
+        if finite:
+            return True
+        r.error_at = time.perf_counter()
+        r.error = NonFiniteLogitsError(
+            f"{r.where}: the main model's logits are not finite (NaN or inf) after {len(r.generated)} "
+            "generated tokens: the checkpoint's weights are broken or the activations overflow the dtype")
+        r.finish_reason = "error"
+        self._finish(r)
+        return False
 
 
-@dataclass(frozen=True)
-class Slots:
-    """Slot layout of one generate call: request r owns main slots [r * region, ...) and MTP slots
-    [r * mtp_region, ...) whose rows past max_len hold the step's draft expansions."""
-
-    max_len: int
-    region: int
-    mtp_region: int
-
-    def main_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
-        return torch.tensor([r.index * self.region for r in reqs], device=device)
-
-    def mtp_base(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
-        return torch.tensor([r.index * self.mtp_region for r in reqs], device=device)
-
+def _slot(r: Request, row: int, block_size: int) -> int:
+    return r.table.blocks[row // block_size] * block_size + row % block_size
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [...] int64: 1 where every logit is finite (folded into the step's one host transfer)."""
     return torch.isfinite(logits).all(-1).long()
-
-
-def _check_finite(r: Request, finite: int) -> None:
-    if not finite:
-        raise NonFiniteLogitsError(
-            f"request {r.index}: the main model's logits are not finite (NaN or inf) after {len(r.generated)} "
-            "generated tokens: the checkpoint's weights are broken or the activations overflow the dtype")

@@ -19,7 +19,8 @@ class Metrics:
     draft_time: float = 0.0  # seconds in MTP forwards and tree building
     verify_time: float = 0.0  # seconds in main-model forwards and acceptance
     other_time: float = 0.0
-    first_token_time: float = 0.0  # seconds from start to the first emitted token
+    first_token_time: float = 0.0  # seconds from arrival to the first emitted token
+    num_preemptions: int = 0  # times its KV blocks were taken back under memory pressure (then recomputed)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -40,7 +41,7 @@ class Metrics:
             "accepted_per_position": list(self.accepted_per_position), "num_generated": self.num_generated,
             "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
             "draft_time": self.draft_time, "verify_time": self.verify_time, "other_time": self.other_time,
-            "first_token_time": self.first_token_time,
+            "first_token_time": self.first_token_time, "num_preemptions": self.num_preemptions,
         }
 
 

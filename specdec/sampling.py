@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 
@@ -47,3 +51,50 @@ def gumbel_topk(logq: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tens
     g = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
     ids = (logq + g).topk(k, dim=-1).indices
     return ids, logq.topk(k, dim=-1).values
+
+
+@dataclass
+class SamplingBatch:
+    """The active requests' sampling settings as tensors, and this step's uniforms: each sampled request draws
+    one buffer from its own generator per step (so a seeded request's draws never depend on its batch), which
+    `uniform` hands out slice by slice. All-greedy batches build nothing but the flags."""
+
+    greedy: torch.Tensor  # [B] bool
+    any_sampled: bool
+    temperature: torch.Tensor | None = None  # [B] float32 (1.0 on greedy rows, which never sample)
+    top_k: torch.Tensor | None = None  # [B] int64
+    top_p: torch.Tensor | None = None  # [B] float32
+    any_filtered: bool = False  # some request uses top_k or top_p (else no sort over the vocabulary is needed)
+    buffer: torch.Tensor | None = None  # [B, n] this step's uniforms
+    used: int = 0
+
+    @classmethod
+    def build(cls, params: list[Any], gens: list[torch.Generator], draws: int, device: torch.device
+              ) -> SamplingBatch:
+        """params: each request's SamplingParams; draws: uniforms per request this step."""
+        greedy = [p.greedy for p in params]
+        g = torch.tensor(greedy, device=device)
+        if all(greedy):
+            return cls(g, False)
+        buffer = torch.stack([torch.rand(draws, generator=gen, device=device) for gen in gens])
+        return cls(g, True,
+                   temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device),
+                   top_k=torch.tensor([p.top_k for p in params], device=device),
+                   top_p=torch.tensor([p.top_p for p in params], device=device),
+                   any_filtered=any(p.top_k > 0 or p.top_p < 1 for p in params), buffer=buffer)
+
+    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next [B, *shape] uniforms of this step's buffer."""
+        n = math.prod(shape)
+        if self.buffer is None or self.used + n > self.buffer.shape[1]:
+            raise RuntimeError(f"sampling buffer exhausted: {self.used} + {n} > its draws")
+        out = self.buffer[:, self.used:self.used + n].reshape(-1, *shape)
+        self.used += n
+        return out
+
+    def probs(self, logits: torch.Tensor, rows_per_request: int = 1) -> torch.Tensor:
+        """logits [B * r, V] -> processed probabilities (row i belongs to request i // r)."""
+        rep = (lambda t: t) if rows_per_request == 1 else (lambda t: t.repeat_interleave(rows_per_request))
+        if not self.any_filtered:
+            return (logits.float() / rep(self.temperature)[:, None]).softmax(-1)
+        return process_logits(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))

@@ -143,7 +143,7 @@ def test_position_limit(llm: LLM) -> None:
 
 def test_non_finite_logits_name_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finite weights whose logits overflow float32 (lm_head at 3e38, finite in BF16): an error naming the request,
-    not token 0 with 'acceptance 100%'. Then only request 1's rows non-finite: the error names request 1."""
+    not token 0 with 'acceptance 100%'. Then only prompt 1's rows non-finite: the error names prompt 1."""
     from safetensors.torch import load_file, save_file
 
     path = agreeable_checkpoint(tmp_path / "big", seed=2)
@@ -154,7 +154,7 @@ def test_non_finite_logits_name_the_request(tmp_path: Path, monkeypatch: pytest.
     tensors["lm_head.weight"] = torch.full_like(good, 3e38)
     save_file(tensors, str(f), metadata={"format": "pt"})
     for spec in (None, SpecConfig(2)):
-        with pytest.raises(NonFiniteLogitsError, match="request 0: the main model's logits are not finite"):
+        with pytest.raises(NonFiniteLogitsError, match="prompt 0: the main model's logits are not finite"):
             LLM(path, dtype="float32", speculative=spec).generate([[1, 2], [3]], SamplingParams(max_tokens=4))
     tensors["lm_head.weight"] = good
     save_file(tensors, str(f), metadata={"format": "pt"})
@@ -168,7 +168,7 @@ def test_non_finite_logits_name_the_request(tmp_path: Path, monkeypatch: pytest.
             return out
 
         monkeypatch.setattr(llm.model, "logits", second_half_nan)
-        with pytest.raises(NonFiniteLogitsError, match="request 1: the main model's logits are not finite"):
+        with pytest.raises(NonFiniteLogitsError, match="prompt 1: the main model's logits are not finite"):
             llm.generate([[1, 2], [3]], SamplingParams(max_tokens=4))
     assert issubclass(NonFiniteLogitsError, ValueError)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from stats import assert_matches
 
-from specdec.drafter import SamplingBatch
-from specdec.sampling import gumbel_topk, process_logits, sample_from
+from specdec.sampling import SamplingBatch, gumbel_topk, process_logits, sample_from
 
 
 def _reference(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
@@ -41,9 +41,9 @@ def test_process_logits_matches_reference(seed):
 
 def test_unfiltered_fast_path_equals_process_logits(seed):
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(seed))
-    sb = SamplingBatch(greedy=torch.zeros(2, dtype=torch.bool), temperature=torch.tensor([0.7, 1.5]),
-                       top_k=torch.zeros(2, dtype=torch.long), top_p=torch.ones(2), any_sampled=True,
-                       uniform=lambda s: torch.rand(2, *s), any_filtered=False)
+    sb = SamplingBatch(greedy=torch.zeros(2, dtype=torch.bool), any_sampled=True,
+                       temperature=torch.tensor([0.7, 1.5]), top_k=torch.zeros(2, dtype=torch.long),
+                       top_p=torch.ones(2), any_filtered=False)
     slow = process_logits(logits, torch.tensor([0.7, 0.7, 1.5, 1.5]), torch.zeros(4, dtype=torch.long),
                           torch.ones(4))
     assert torch.allclose(sb.probs(logits, 2), slow, atol=1e-6), f"seed={seed}"
@@ -66,3 +66,21 @@ def test_sample_from_and_gumbel_topk_distributions(seed):
     q1[0] = 0
     assert_matches(torch.bincount(first[x0, 1], minlength=v), q1 / q1.sum(), what=f"seed={seed} second draw")
     assert torch.equal(score[0], probs.log().topk(3).values)  # rank scores ignore which token was drawn
+
+
+def test_sampling_batch_draws_once_per_request_and_step(seed):
+    """Each request's uniforms for a step come from one draw of its own generator, so a seeded request draws
+    the same numbers whatever else is in its batch; greedy-only batches draw nothing."""
+    from specdec.params import SamplingParams
+
+    sampled, greedy = SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0)
+    gens = lambda: [torch.Generator().manual_seed(seed + i) for i in range(2)]
+    sb = SamplingBatch.build([sampled, greedy], gens(), 10, torch.device("cpu"))
+    alone = SamplingBatch.build([sampled], gens()[:1], 10, torch.device("cpu"))
+    a, b = sb.uniform((3,)), sb.uniform((2, 2))
+    assert a.shape == (2, 3) and b.shape == (2, 2, 2) and sb.any_filtered
+    assert torch.equal(a[0], alone.uniform((3,))[0]), f"seed={seed}"
+    with pytest.raises(RuntimeError, match="exhausted"):
+        sb.uniform((4,))
+    none = SamplingBatch.build([greedy, greedy], gens(), 10, torch.device("cpu"))
+    assert not none.any_sampled and none.buffer is None

@@ -112,3 +112,28 @@ def test_vectorized_greedy_equals_the_walk(seed):
         assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus), f"seed={seed} w={w}"
         assert torch.equal(fast.num_accepted, slow.num_accepted), f"seed={seed} w={w}"
         assert 0 < fast.num_accepted.sum() < 2 * b, f"seed={seed} w={w}"
+
+
+def test_vectorized_chain_acceptance_equals_the_walk(seed):
+    """Sampled, greedy and mixed chains: the same uniforms give the same path and bonus as the walk, including
+    drafts the draft distribution gives no mass (skipped, not rejected)."""
+    from specdec.tree import chain_tree
+    from specdec.verify import accept_chain, accept_walk
+
+    g = torch.Generator().manual_seed(seed)
+    b, k = 256, 3
+    q = (3 * torch.rand(b, k, V, generator=g)).softmax(-1)
+    drafts = torch.multinomial(q.view(-1, V), 1, generator=g).view(b, k)
+    q[torch.arange(b)[:8], 0, drafts[:8, 0]] = 0  # q(x) = 0 for a few rows
+    q = q / q.sum(-1, keepdim=True)
+    logits = torch.randn(b, k + 1, V, generator=g)
+    logits.scatter_add_(2, drafts[:, None, :].expand(b, k + 1, k), 2 * torch.rand(b, k + 1, k, generator=g))
+    p = logits.softmax(-1)
+    tree = chain_tree(torch.zeros(b, dtype=torch.long), drafts)
+    greedy = torch.rand(b, generator=g) < 0.3
+    u, ub = torch.rand(b, k, 1, generator=g), torch.rand(b, generator=g)
+    fast = accept_chain(tree, logits, p, q, greedy, u[:, :, 0], ub)
+    slow = accept_walk(tree, logits, p, q, greedy, u, ub, k)
+    assert torch.equal(fast.num_accepted, slow.num_accepted), f"seed={seed}"
+    assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus), f"seed={seed}"
+    assert 0 < fast.num_accepted.sum() < k * b, f"seed={seed}"
