@@ -90,7 +90,8 @@ class LLM:
 
     The engine is continuously batched over one KV pool allocated here: kv_cache_tokens rows (default: 90% of a
     GPU's free memory, 10% of a CPU's available memory), at most max_num_seqs requests running at once; more wait
-    their turn, and calls from several threads share the batch. warmup (default: on CUDA with Triton) compiles and
+    their turn, and calls from several threads share the batch; prompts are prefilled prefill_chunk tokens per
+    step. warmup (default: on CUDA with Triton) compiles and
     tunes the kernels for the decode, verify and prefill shapes at load, not in the first request.
 
     Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
@@ -102,7 +103,7 @@ class LLM:
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
-                 warmup: bool | None = None, progress: bool = False):
+                 prefill_chunk: int = 512, warmup: bool | None = None, progress: bool = False):
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -118,8 +119,9 @@ class LLM:
         factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
                                     seed=seed, threads=threads, kv_cache_tokens=kv_cache_tokens,
-                                    max_num_seqs=max_num_seqs, warmup=warmup)
-        self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs)
+                                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, warmup=warmup)
+        self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
+                                 prefill_chunk=prefill_chunk)
         self.tp = join(tensor_parallel_size, self.device, self.path, factory)
         self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
         if self._driver is not None:
