@@ -115,6 +115,7 @@ class LLM:
         if threads is not None and not (type(threads) is int and threads >= 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.seed = seed
+        self._served: dict[str, Request] = {}  # engine_step's live requests by key
         self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
         factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
@@ -168,7 +169,7 @@ class LLM:
             raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, "
                              "which spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
         other = copy.copy(self)
-        other.speculative, other.seed = speculative, seed
+        other.speculative, other.seed, other._served = speculative, seed, {}
         other.engine = self._engine(speculative, seed)
         return other
 
@@ -285,6 +286,38 @@ class LLM:
         """One item per engine step for one request: the tokens that step accepted, the text they add (with a
         tokenizer, held back across incomplete UTF-8 and possible stop strings) and the running metrics."""
         yield from self._steps(prompt, params)
+
+    @collective
+    def engine_step(self, adds: list[tuple[str, list[int], SamplingParams]] = (),
+                    aborts: list[str] = ()) -> dict[str, Request]:
+        """One step of the shared engine for a serving loop: queue `adds` (key, prompt token ids, params) and
+        abort `aborts` (keys of earlier adds), then step once if anything is queued or running. Returns the new
+        Requests by key; their outboxes (Request.take) fill as steps run. Under tensor parallelism every worker
+        replays the same calls, so one loop on rank 0 drives every rank. A bad add raises ValueError before
+        anything is queued."""
+        e = self.engine
+        with e.lock:
+            for key, _, _ in adds:
+                if key in self._served:
+                    raise ValueError(f"request key {key!r} is already in use")
+            new: dict[str, Request] = {}
+            try:
+                for key, ids, params in adds:
+                    new[key] = e.add(ids, params, f"request {key}")
+            except ValueError:
+                for r in new.values():
+                    e.abort(r)
+                raise
+            self._served.update(new)
+            for key in aborts:
+                r = self._served.pop(key, None)
+                if r is not None:
+                    e.abort(r)
+            if e.has_unfinished:
+                e.step()
+            for key in [k for k, r in self._served.items() if r.finished]:
+                del self._served[key]
+        return new
 
     @collective
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
