@@ -39,12 +39,13 @@ class AttnMeta:
         cu = [0]
         for n in n_new:
             cu.append(cu[-1] + n)
-        ctx = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
-        cu_t = torch.tensor(cu, dtype=torch.long, device=dev)
-        if len(n_new) == 1:  # one sequence (decode at batch 1): its new keys' slots are a slice of its row map
+        b = len(n_new)
+        ints = torch.tensor(list(ctx_lens) + cu + list(n_new), dtype=torch.long).to(dev, non_blocking=True)
+        ctx, cu_t, n_t = ints[:b], ints[b:2 * b + 1], ints[2 * b + 1:]  # one host-to-device copy
+        if b == 1:  # one sequence (decode at batch 1): its new keys' slots are a slice of its row map
             slots = block_table[0, ctx_lens[0]:ctx_lens[0] + n_new[0]]
         else:
-            seq = torch.repeat_interleave(torch.arange(len(n_new), device=dev), torch.tensor(n_new, device=dev))
+            seq = torch.repeat_interleave(torch.arange(b, device=dev), n_t, output_size=cu[-1])  # no sync
             idx = ctx[seq] + torch.arange(cu[-1], device=dev) - cu_t[seq]
             slots = block_table[seq, idx]
         return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu), host_base)

@@ -22,13 +22,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        # 0-dim float32 constants: an op with a Python float pays a scalar conversion on every call
+        self.register_buffer("_inv_dim", torch.tensor(1.0 / dim), persistent=False)
+        self.register_buffer("_eps", torch.tensor(float(eps)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, fewer dispatches
-            return x * torch.rsqrt((x * x).mean(-1, keepdim=True).add_(self.eps)) * self.weight
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).mul_(self._inv_dim).add_(self._eps))
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return xf * r * self.weight
+        return self.weight * (xf * r).to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -160,18 +163,21 @@ class VocabHead(nn.Module):
 
 
 class Rope(nn.Module):
-    """YaRN rotary embedding for the rope part of q/k (DeepSeek's interleaved pairs). Stateless: a forward computes
-    `cos_sin(positions)` once and hands the pair to every layer."""
+    """YaRN rotary embedding for the rope part of q/k (DeepSeek's interleaved pairs). A forward looks up
+    `cos_sin(positions)` once and hands the pair to every layer; the tables for every position are built at
+    construction (with the same float32 ops per position as computing them on the fly) and never change."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
-        self.attention_factor = cfg.rope_attention_factor
+        inv_freq = yarn_inv_freq(cfg)
+        freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * inv_freq[None, :]  # [P, R/2]
+        f = cfg.rope_attention_factor
+        self.register_buffer("cos_table", freqs.cos() * f, persistent=False)
+        self.register_buffer("sin_table", freqs.sin() * f, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin) [T, R/2] float32, YaRN's attention factor folded in."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        return self.cos_table[positions], self.sin_table[positions]
 
 
 def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -56,8 +56,13 @@ def batches(prompts: list, size: int) -> list[list]:
 def summarize(runs: list[Run]) -> dict:
     """tokens_per_s: generated tokens / wall time; ms_per_token: per request, (wall - time to first token) per token
     after the first, averaged; ttft_ms: mean time to first token; mean_accepted_length: tokens per main-model step
-    (the prefill counts as one, as in Metrics); acceptance_rate: accepted / drafted (None without MTP)."""
+    (the prefill counts as one, as in Metrics); acceptance_rate: accepted / drafted (None without MTP);
+    ms_per_step, draft_ms_per_step, verify_ms_per_step: the engine time of one decode step (verify steps, the
+    prefill left out) and its drafting (MTP forwards, trees, the MTP cache extend) and verifying (the main forward,
+    acceptance, commit) parts."""
     ms = [m for r in runs for m in r.metrics]
+    steps = sum(m.num_decode_steps for m in ms)
+    per_step = lambda field: 1e3 * sum(getattr(m, field) for m in ms) / steps if steps else None
     seconds = sum(r.seconds for r in runs)
     tokens = sum(m.num_generated for m in ms)
     tpot = [(r.seconds - m.first_token_time) / (m.num_generated - 1)
@@ -69,6 +74,8 @@ def summarize(runs: list[Run]) -> dict:
         "ttft_ms": 1e3 * sum(m.first_token_time for m in ms) / len(ms),
         "mean_accepted_length": tokens / max(1, sum(m.num_steps for m in ms)),
         "acceptance_rate": sum(m.num_accepted for m in ms) / drafted if drafted else None,
+        "ms_per_step": (per_step("draft_time") or 0) + (per_step("verify_time") or 0) if steps else None,
+        "draft_ms_per_step": per_step("draft_time"), "verify_ms_per_step": per_step("verify_time"),
         "num_requests": len(ms), "num_tokens": tokens, "time_s": seconds,
     }
 

@@ -15,6 +15,7 @@ The caller holds `lock` around add / abort / step / take when several threads sh
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -33,7 +34,6 @@ from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 from .request import Request, Status
 from .sampling import SamplingBatch, sample_from
-from .tree import chain_tree
 from .verify import Relaxed, accept
 
 CPU_KV_SHARE = 0.10  # of the available memory, for the default pool on a CPU
@@ -101,6 +101,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # prefilling and decoding, in admission order
         self.lock = threading.RLock()
+        self.clock = StepClock(device)
         self._ids = 0
 
     # --- requests ---------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class Engine:
         elif r in self.waiting:
             self.waiting.remove(r)
         m = r.metrics
-        m.other_time = max(0.0, time.perf_counter() - r.arrival - m.draft_time - m.verify_time)
+        m.other_time = max(0.0, time.perf_counter() - r.arrival - m.prefill_time - m.draft_time - m.verify_time)
 
     def _rows(self, reqs: list[Request], width: int) -> Rows:
         return Rows.of([r.table for r in reqs], width, self.pool.block_size)
@@ -225,7 +226,7 @@ class Engine:
                     r.emit([tok])
         t1 = time.perf_counter()
         for (r, _, e), n in zip(chunks, lens):
-            r.metrics.verify_time += (t1 - t0) * n / sum(lens)
+            r.metrics.prefill_time += (t1 - t0) * n / sum(lens)
             r.n_main = e
             if r.finish_reason is not None and not r.finished:
                 self._finish(r)
@@ -239,7 +240,7 @@ class Engine:
                 r.g = gi
             dt = time.perf_counter() - t1
             for r, _, _ in keep:
-                r.metrics.draft_time += dt / len(keep)
+                r.metrics.prefill_time += dt / len(keep)
         for r, _, e in chunks:
             if not r.finished and e == r.n_prefill:
                 r.status = Status.RUNNING
@@ -255,21 +256,20 @@ class Engine:
         active = [r for r in self.running if r.status is Status.RUNNING]
         if not active:
             return
+        t0 = self.clock.mark()
         dev, b = self.device, len(active)
         n_main = [r.n_main for r in active]
         rows = self._rows(active, max(n_main) + self.step_rows)
         root = torch.tensor([r.tokens[-1] for r in active], device=dev)
         sb = SamplingBatch.build([r.params for r in active], [r.gen for r in active], self.draws, dev)
-        t0 = time.perf_counter()
+        if not self.drafter:
+            return self._decode_plain(active, rows, root, sb, t0)
         # propose
-        if self.drafter:
-            g = torch.stack([r.g for r in active])
-            draft = self.drafter.draft(root, g, n_main, rows, self.pool.mtp, sb)
-            tree, q = draft.tree, draft.q
-            k, w = self.spec.num_speculative_tokens, self.spec.topk
-        else:
-            tree, q, k, w = chain_tree(root, root.new_zeros(b, 0)), None, 0, 1
-        t1 = time.perf_counter()
+        g = torch.stack([r.g for r in active])
+        draft = self.drafter.draft(root, g, n_main, rows, self.pool.mtp, sb)
+        tree, q = draft.tree, draft.q
+        k, w = self.spec.num_speculative_tokens, self.spec.topk
+        t1 = self.clock.mark()
         # verify
         n = tree.num_nodes
         pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
@@ -284,7 +284,7 @@ class Engine:
         finite = _finite(logits.view(b, n, -1)).all(-1)
         host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
         host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
-        t2 = time.perf_counter()
+        self.clock.synced()
         # commit
         src, dst, cont, ext_hidden, n_rows = [], [], [], [], []
         bs = self.pool.block_size
@@ -299,8 +299,6 @@ class Engine:
             m.num_accepted += a
             for d in range(a):
                 m.accepted_per_position[d] += 1
-            m.draft_time += t1 - t0
-            m.verify_time += t2 - t1
             n_before = r.n_main
             r.emit(row[2 + k + 1:2 + k + 1 + a] + [row[-2]])
             if r.finish_reason is not None:
@@ -316,15 +314,37 @@ class Engine:
             ext_hidden.append(hidden[i, path])
         if src:
             self.pool.main.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
-        if not self.drafter or not cont:
+        t2 = self.clock.mark()
+        timed = [r.metrics for r in active if r.finish_reason != "error"]
+        self.clock.add(timed, "draft_time", t0, t1)
+        self.clock.add(timed, "verify_time", t1, t2)
+        if not cont:
             return
-        t3 = time.perf_counter()
         g = self.drafter.extend([r.tokens for r in cont], n_rows, ext_hidden, [r.carry for r in cont],
                                 self._rows(cont, rows.maps.shape[1]), self.pool.mtp)
-        dt = time.perf_counter() - t3
+        self.clock.add([r.metrics for r in cont], "draft_time", t2, self.clock.mark())
         for r, gi in zip(cont, g):
             r.g = gi
-            r.metrics.draft_time += dt
+
+    def _decode_plain(self, active: list[Request], rows: Rows, root: torch.Tensor, sb: SamplingBatch,
+                      t0: Any) -> None:
+        """Plain decoding: the root-only tree's step without the tree (one token a request, sampled as the first
+        token is); the speculative step reduces to this when nothing is accepted."""
+        n_main = [r.n_main for r in active]
+        meta = rows.meta(n_main, [1] * len(active), _ones(len(active), root.device))
+        hidden = self.model(root, torch.tensor(n_main, device=root.device), meta, self.pool.main)
+        logits = self.model.logits(hidden)
+        host = torch.stack([self._sample(logits, sb), _finite(logits)], 1)
+        host = self.model.dist.broadcast(host).tolist()  # sync; rank 0 decides under tensor parallelism
+        self.clock.synced()
+        self.clock.add([r.metrics for r in active], "verify_time", t0, self.clock.mark())
+        for r, (tok, finite) in zip(active, host):
+            if self._check_finite(r, finite):
+                r.metrics.num_steps += 1
+                r.n_main += 1
+                r.emit([tok])
+                if r.finish_reason is not None:
+                    self._finish(r)
 
     def _check_finite(self, r: Request, finite: int) -> bool:
         """False, and the request ends with its error, when its logits were not finite."""
@@ -339,10 +359,54 @@ class Engine:
         return False
 
 
+class StepClock:
+    """Phase timings that never add a host sync: perf_counter on a CPU; on CUDA, events whose durations are read
+    at the step's next sync (`synced`), so a phase's time is its GPU time, not the time to launch it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pending: list[tuple[list[Metrics], str, Any, Any]] = []
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def add(self, metrics: list[Metrics], field: str, start: Any, end: Any) -> None:
+        """Add the time from start to end to every metrics' `field` (now on a CPU; at the next sync on CUDA)."""
+        if self.cuda:
+            self._pending.append((metrics, field, start, end))
+        else:
+            for m in metrics:
+                setattr(m, field, getattr(m, field) + end - start)
+
+    def synced(self) -> None:
+        """The device is idle up to here: resolve every pending duration whose end event has completed."""
+        keep = []
+        for metrics, field, start, end in self._pending:
+            if not end.query():
+                keep.append((metrics, field, start, end))
+                continue
+            dt = start.elapsed_time(end) / 1e3
+            for m in metrics:
+                setattr(m, field, getattr(m, field) + dt)
+        self._pending = keep
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(b: int, device: torch.device) -> torch.Tensor:
+    """[b, 1] True: one new token per sequence that sees itself."""
+    return torch.ones(b, 1, dtype=torch.bool, device=device)
+
+
 def _slot(r: Request, row: int, block_size: int) -> int:
     return r.table.blocks[row // block_size] * block_size + row % block_size
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [...] int64: 1 where every logit is finite (folded into the step's one host transfer)."""
-    return torch.isfinite(logits).all(-1).long()
+    """[..., V] -> [...] int64: 1 where every logit is finite (folded into the step's one host transfer). A NaN or
+    inf anywhere makes the row's float32 sum non-finite (finite logits of a real model are far below the
+    3e38 / V a sum could overflow at); one reduction costs a tenth of isfinite().all()."""
+    return torch.isfinite(logits.float().sum(-1)).long()

@@ -16,9 +16,10 @@ class Metrics:
     num_accepted: int = 0  # draft tokens accepted
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: steps whose depth-d draft was accepted
     num_generated: int = 0
-    draft_time: float = 0.0  # seconds in MTP forwards and tree building
-    verify_time: float = 0.0  # seconds in main-model forwards and acceptance
-    other_time: float = 0.0
+    prefill_time: float = 0.0  # seconds in prefill forwards (its share of batched ones), MTP rows included
+    draft_time: float = 0.0  # decode steps: seconds drafting (MTP forwards, trees) and extending the MTP cache
+    verify_time: float = 0.0  # decode steps: seconds in main-model forwards, acceptance and commit
+    other_time: float = 0.0  # the rest of its time in the engine (waiting, other requests' work)
     first_token_time: float = 0.0  # seconds from arrival to the first emitted token
     num_preemptions: int = 0  # times its KV blocks were taken back under memory pressure (then recomputed)
 
@@ -32,15 +33,21 @@ class Metrics:
         return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
 
     @property
+    def num_decode_steps(self) -> int:
+        """Verify steps (the prefill that emits the first token not counted)."""
+        return max(self.num_steps - 1, 0)
+
+    @property
     def total_time(self) -> float:
-        return self.draft_time + self.verify_time + self.other_time
+        return self.prefill_time + self.draft_time + self.verify_time + self.other_time
 
     def as_dict(self) -> dict:
         return {
             "num_steps": self.num_steps, "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
             "accepted_per_position": list(self.accepted_per_position), "num_generated": self.num_generated,
             "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
-            "draft_time": self.draft_time, "verify_time": self.verify_time, "other_time": self.other_time,
+            "prefill_time": self.prefill_time, "draft_time": self.draft_time, "verify_time": self.verify_time,
+            "other_time": self.other_time,
             "first_token_time": self.first_token_time, "num_preemptions": self.num_preemptions,
         }
 

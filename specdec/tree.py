@@ -5,6 +5,7 @@ Node 0 is the root (the last committed token, not yet in the main cache); nodes 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +49,22 @@ def monotone_scores(raw: torch.Tensor, parent_score: torch.Tensor, eps: float = 
 
 
 def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> TokenTree:
-    """A chain root -> d1 -> ... -> dk (root [B], drafts [B, K]), built directly: only the tokens vary.
-    Node i's child was drawn from draft distribution row i."""
+    """A chain root -> d1 -> ... -> dk (root [B], drafts [B, K]): only the tokens vary, the rest is a cached
+    skeleton expanded over the batch. Node i's child was drawn from draft distribution row i."""
     b, k = drafts.shape
-    dev = drafts.device
     n = k + 1
-    idx = torch.arange(n, device=dev)
-    children = torch.where(idx < k, idx + 1, -1)[:, None]
-    return TokenTree(tokens=torch.cat([root[:, None], drafts], 1), parents=(idx - 1).expand(b, n),
-                     depth=idx.expand(b, n), mask=torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(b, n, n),
-                     paths=torch.where(idx[:, None] == 0, idx[None, :], -1).expand(b, n, n),
-                     children=children.expand(b, n, 1), q_row=torch.where(idx < k, idx, -1).expand(b, n))
+    parents, depth, mask, paths, children, q_row = _chain_skeleton(n, drafts.device)
+    return TokenTree(tokens=torch.cat([root[:, None], drafts], 1), parents=parents.expand(b, n),
+                     depth=depth.expand(b, n), mask=mask.expand(b, n, n), paths=paths.expand(b, n, n),
+                     children=children.expand(b, n, 1), q_row=q_row.expand(b, n))
+
+
+@functools.lru_cache(maxsize=64)
+def _chain_skeleton(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    idx = torch.arange(n, device=device)
+    return (idx - 1, idx, torch.ones(n, n, dtype=torch.bool, device=device).tril(),
+            torch.where(idx[:, None] == 0, idx[None, :], -1), torch.where(idx < n - 1, idx + 1, -1)[:, None],
+            torch.where(idx < n - 1, idx, -1))
 
 
 def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: int, width: int) -> TokenTree:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..benchmark import latency_ab
 from . import common
@@ -20,13 +21,38 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_report(r: dict, header: str | None = None) -> str:
+    """The A/B table, the speedup, and a decode step's cost split into drafting and verifying, also as fractions
+    of a plain step."""
     rows = [[name, _fmt(s["tokens_per_s"], ".1f"), _fmt(s["ms_per_token"], ".2f"), _fmt(s["ttft_ms"], ".1f"),
-             _fmt(s["mean_accepted_length"], ".2f"), _fmt(s["acceptance_rate"], ".1%")]
+             _fmt(s["mean_accepted_length"], ".2f"), _fmt(s["acceptance_rate"], ".1%"), _fmt(s["ms_per_step"], ".2f"),
+             _fmt(s["draft_ms_per_step"] if name == "with MTP" else None, ".2f"), _fmt(s["verify_ms_per_step"], ".2f")]
             for name, s in (("with MTP", r["with_mtp"]), ("without MTP", r["without_mtp"]))]
-    table = common.format_table(["", "tokens/s", "ms/token", "TTFT ms", "mean accepted length", "acceptance rate"],
-                                rows)
+    table = common.format_table(["", "tokens/s", "ms/token", "TTFT ms", "mean accepted length", "acceptance rate",
+                                 "ms/step", "draft ms", "verify ms"], rows)
     runs = " ".join(f"{x:.2f}x" for x in r["speedup_per_run"])
-    return "\n".join(filter(None, [header, table, f"speedup {r['speedup']:.2f}x (per run: {runs})"]))
+    lines = [header, table, f"speedup {r['speedup']:.2f}x (per run: {runs})"]
+    plain, mtp = r["without_mtp"]["ms_per_step"], r["with_mtp"]
+    if plain and mtp["ms_per_step"]:
+        lines.append(f"one MTP step = {mtp['ms_per_step'] / plain:.2f} plain steps: drafting "
+                     f"{mtp['draft_ms_per_step'] / plain:.2f}, verifying {mtp['verify_ms_per_step'] / plain:.2f}")
+    return "\n".join(filter(None, lines))
+
+
+def profile(llm: Any, plain: Any, prompt: str | list[int], params: Any, top: int = 15) -> str:
+    """Where one request's time goes, with and without MTP: its phases (prefill, drafting, verifying) per decode
+    step, then the torch ops that took the most time (torch.profiler, self CPU time)."""
+    from torch.profiler import profile as torch_profile
+
+    out = []
+    for name, x in (("with MTP", llm), ("without MTP", plain)):
+        x.generate([prompt], params)  # warm
+        with torch_profile() as prof:
+            m = x.generate([prompt], params)[0].metrics
+        steps = max(m.num_decode_steps, 1)
+        out.append(f"{name}: {m.num_decode_steps} decode steps; per step: drafting {1e3 * m.draft_time / steps:.2f} "
+                   f"ms, verifying {1e3 * m.verify_time / steps:.2f} ms; prefill {1e3 * m.prefill_time:.1f} ms")
+        out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    return "\n".join(out)
 
 
 def describe_run(args: argparse.Namespace, n: int, spec_desc: str) -> str:
@@ -48,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     r = latency_ab(llm, plain, [p.prompt for p in prompts], params, runs=args.runs, warmup=args.num_iters_warmup,
                    batch_size=args.batch_size, log=lambda line: print(line, flush=True))
+    if args.profile:
+        print(profile(llm, plain, prompts[0].prompt, params[0]))
     r = {"speedup": r.pop("speedup"), "mean_accepted_length": r.pop("mean_accepted_length"), **r,
          "num_prompts": len(prompts), "max_tokens": args.max_tokens, "temperature": args.temperature,
          "batch_size": args.batch_size, "runs": args.runs, "threads": llm.threads}
@@ -64,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed passes over the requests (default 3)")
     p.add_argument("--num-iters-warmup", type=int, default=1, metavar="N",
                    help="untimed passes of the first batch per configuration (default 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a step's time goes (phases, then the top torch ops) for the first request")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write the results as JSON: speedup, mean_accepted_length, with_mtp, without_mtp")
     p.set_defaults(func=run)

@@ -1,0 +1,179 @@
+"""The OpenAI-compatible request bodies (strictly typed pydantic models: `"5"` is not a number, `true` is not an
+integer), their conversion to prompt ids and SamplingParams, and OpenAI-style errors.
+
+Every bad request becomes an `ApiError` with an HTTP status and a one-line message naming the offending field;
+app.py renders it as `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ..inputs import check_text, check_token_ids
+from ..params import SamplingParams
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+# OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
+    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+}
+
+
+class ApiError(Exception):
+    """An error response: status 400 (invalid_request_error), 404 (model not found), 503 (busy or down)..."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "service_unavailable_error"
+                             if status == 503 else "internal_server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """FastAPI's RequestValidationError (its 422) as one 400: the first problem, named by its field path
+    (`messages[1].role`), union branches left out."""
+    e = errors[0] if errors else {"loc": (), "msg": "not valid", "type": ""}
+    if e.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+    path = ""
+    for x in list(e.get("loc", ()))[1:]:  # loc[0] is "body"
+        if isinstance(x, int):
+            path += f"[{x}]"
+        elif isinstance(x, str) and x.isidentifier() and x not in _TYPE_TAGS:
+            path += f".{x}" if path else x
+        else:
+            break
+    if not path:
+        return bad_request(f"the request body must be a JSON object with the request's fields ({e['msg']})")
+    return bad_request(f"{path}: {e['msg']}", re.split(r"[.\[]", path)[0])
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})  # pydantic's union-branch loc entries
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What completions and chat share (vLLM's extras: top_k, ignore_eos, stop_token_ids)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str | int] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def check(self) -> None:
+        """400 for what the request asks and this server does not do."""
+        if self.n != 1:
+            raise bad_request(f"n: only n=1 is supported (one choice per request), got {self.n}", "n")
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise bad_request(f"{name}: not supported by this server (got {value!r})", name)
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options: only allowed with stream=true", "stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The request's SamplingParams; a bad value is a 400 naming its field. stop may mix strings and token ids
+        (the ids join stop_token_ids)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        texts = [s for s in stop if isinstance(s, str)]
+        ids = [s for s in stop if not isinstance(s, str)] + list(self.stop_token_ids or [])
+        if any(not s for s in texts):
+            raise bad_request("stop: stop strings must not be empty", "stop")
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None
+                                  else self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                                  stop=tuple(texts) or None, stop_token_ids=tuple(ids) or None,
+                                  ignore_eos=self.ignore_eos)
+        except ValueError as e:
+            m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
+            raise (bad_request(f"{m[1]} {m[2]}", m[1]) if m else bad_request(str(e))) from None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any = None
+
+    def prompt_input(self, vocab_size: int) -> str | list[int]:
+        """The one prompt: text, token ids (checked against the vocabulary), or a list holding one of those."""
+        p = self.prompt
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            raise bad_request(f"prompt: one prompt per request (got a batch of {len(p)}); send them as separate "
+                              "requests", "prompt")
+        if p is None:
+            raise bad_request("prompt: required (text or a list of token ids)", "prompt")
+        try:
+            if isinstance(p, str):
+                check_text(p, "prompt")
+                return p
+            return check_token_ids(p, vocab_size, "prompt")
+        except ValueError as e:
+            raise bad_request(str(e), "prompt") from None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def for_template(self, i: int) -> dict[str, Any]:
+        """The message as the chat template sees it: content as one string (text parts joined by newlines)."""
+        content = self.content
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported "
+                                      f"(got type {part.get('type')!r})", "messages")
+                parts.append(part["text"])
+            content = "\n".join(parts)
+        out = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
+        return {"role": self.role, **out} | ({"content": content} if content is not None else {})
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if not self.messages:
+            raise bad_request("messages: at least one message is required", "messages")
+        if self.max_completion_tokens is not None and self.max_tokens is not None \
+                and self.max_completion_tokens != self.max_tokens:
+            raise bad_request("max_completion_tokens and max_tokens disagree: give one", "max_completion_tokens")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
