@@ -27,6 +27,10 @@ def mqa_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta, scale
     slots are consecutive (meta.host_base), else gathered."""
     t, h, _ = q.shape
     q = q.to(kv_cache.dtype)
+    if meta.num_seqs == 1 and t == 1:  # decode at batch 1: one query row per head, every key visible
+        rows = meta.seq_rows(kv_cache, 0)
+        scores = (q.view(h, -1) @ rows.T).float().mul_(scale).softmax(-1)
+        return (scores.to(rows.dtype) @ rows[:, :c]).view(1, h, c).float()
     out = torch.empty(t, h, c, dtype=torch.float32, device=q.device)
     for b, s, e in meta.sequences():
         rows = meta.seq_rows(kv_cache, b)  # [S, C+R]

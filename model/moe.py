@@ -126,8 +126,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.gate(x)
-        local = ids - self.e0
-        local = torch.where((local >= 0) & (local < self.n_local), local, -1)
+        if self.n_local == self.cfg.n_routed_experts:  # every expert on this rank
+            local = ids
+        else:
+            local = ids - self.e0
+            local = torch.where((local >= 0) & (local < self.n_local), local, -1)
         y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -77,3 +77,14 @@ def test_mqa_attention_slices_consecutive_slots(seed):
     assert torch.equal(mqa_attention(q, cache, meta, 0.2, c), mqa_attention(q, cache, gathered, 0.2, c))
     ref = mla_attention_ref(q[..., :c], q[..., c:], cache, meta, 0.2)
     assert rel(mqa_attention(q, cache, meta, 0.2, c), ref) < 1e-5, f"seed={seed}"
+
+
+def test_mqa_decode_at_batch_one_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, c, r = 4, 16, 8
+    cache = torch.randn(64, c + r, generator=g)
+    q = torch.randn(1, h, c + r, generator=g)
+    for meta in (AttnMeta.contiguous(torch.tensor([5]), [20], [1]),  # sliced rows
+                 AttnMeta.build(torch.randperm(64, generator=g)[None, :30], [29], [1], torch.ones(1, 1, dtype=bool))):
+        ref = mla_attention_ref(q[..., :c], q[..., c:], cache, meta, 0.3)
+        assert rel(mqa_attention(q, cache, meta, 0.3, c), ref) < 1e-5, f"seed={seed}"
