@@ -1,4 +1,4 @@
-"""`specdec` command line: one subcommand per module (generate, bench, demo, inspect), shared flags in common.py.
+"""`specdec` command line: one subcommand per module (generate, bench, demo, inspect, serve), shared flags in common.py.
 
 This module imports only argparse: the subcommands (and torch with them) load inside `main`, so Ctrl-C while they
 load exits quietly like Ctrl-C anywhere else.
@@ -45,7 +45,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, demo, generate, inspect
+    from . import bench, demo, generate, inspect, serve
 
     p = Parser(prog="specdec", description="MTP speculative decoding for DeepSeek-V3")
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     demo.register(sub)
     inspect.register(sub)
+    serve.register(sub)
     return p
 
 

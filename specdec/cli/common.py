@@ -120,8 +120,9 @@ def describe(spec: SpecConfig | None) -> str:
     return f"MTP k={spec.num_speculative_tokens} topk={spec.topk} budget={spec.budget}{relaxed}"
 
 
-def load_llm(args: argparse.Namespace, spec: SpecConfig | None) -> LLM:
-    """The LLM the flags ask for; a missing checkpoint is a one-line FileNotFoundError."""
+def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -> LLM:
+    """The LLM the flags ask for (engine: more LLM keyword arguments, e.g. kv_cache_tokens, max_num_seqs); a missing
+    checkpoint is a one-line FileNotFoundError."""
     path = Path(args.model)
     if not (path / "config.json").is_file():
         hint = " (the bundled model is not built yet: see bench/train_tiny.py)" if path == BUNDLED_MODEL else ""
@@ -133,7 +134,7 @@ def load_llm(args: argparse.Namespace, spec: SpecConfig | None) -> LLM:
     on_gpu = args.device.startswith("cuda") if args.device else _cuda()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     return LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
-               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads)
+               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads, **engine)
 
 
 def _cuda() -> bool:

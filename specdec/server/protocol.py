@@ -1,8 +1,7 @@
 """The OpenAI-compatible request bodies (strictly typed pydantic models: `"5"` is not a number, `true` is not an
 integer), their conversion to prompt ids and SamplingParams, and OpenAI-style errors.
 
-Every bad request becomes an `ApiError` with an HTTP status and a one-line message naming the offending field;
-app.py renders it as `{"error": {"message", "type", "param", "code"}}`."""
+Every bad request becomes an `ApiError` (errors.py) with a one-line message naming the offending field."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..inputs import check_text, check_token_ids
 from ..params import SamplingParams
+from .errors import ApiError, bad_request
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
@@ -23,24 +23,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
 }
-
-
-class ApiError(Exception):
-    """An error response: status 400 (invalid_request_error), 404 (model not found), 503 (busy or down)..."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if status < 500 else "service_unavailable_error"
-                             if status == 503 else "internal_server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param)
 
 
 def validation_error(errors: list[dict]) -> ApiError:

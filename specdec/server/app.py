@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP server over one LLM: `create_app(llm)` builds the FastAPI app.
+
+GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /metrics. Requests run in the
+shared continuously batched engine (loop.py); a stream sends one event per verify step (the tokens it accepted).
+Errors are OpenAI-style JSON: 400 for a bad request (FastAPI's 422 included), 404 for an unknown model or route,
+503 when more than max_queued_requests wait for a slot or the engine is down, 500 (no traceback) when a request's
+logits were not finite. A client that disconnects aborts its request, whose KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from ..api import LLM
+from .chat import ChatTemplate
+from .errors import ApiError, bad_request
+from .loop import DEFAULT_MAX_QUEUED, Aborted, EngineLoop, Job, Update
+from .metrics import ServerMetrics, spec_decode
+from .protocol import COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, validation_error
+from .responses import Shape, sse, usage
+
+log = logging.getLogger("specdec.server")
+
+
+class Server:
+    """The app's state: the LLM, its engine loop, metrics and chat template."""
+
+    def __init__(self, llm: LLM, name: str, max_queued: int):
+        if not (type(max_queued) is int and max_queued >= 1):
+            raise ValueError(f"max_queued_requests must be a positive integer, got {max_queued!r}")
+        self.llm, self.name = llm, name
+        self.speculative = llm.speculative is not None
+        self.context = min(llm.config.max_position_embeddings, llm.engine.pool.num_tokens) - llm.engine.step_rows
+        self.template = ChatTemplate.load(llm.path, llm.tokenizer, llm.config.bos_token_id,
+                                          llm.config.eos_token_ids) if llm.tokenizer is not None else None
+        self.loop = EngineLoop(llm, max_queued, self._finished)
+        k = llm.speculative.num_speculative_tokens if llm.speculative else 0
+        self.metrics = ServerMetrics(k, self.speculative, lambda: self.loop.stats)
+
+    def _finished(self, job: Job) -> None:
+        self.metrics.observe(job)
+        r = job.request
+        log.info("%s: prompt %d tokens, generated %d, mean accepted length %.2f, %.3f s, finish %s", job.key,
+                 len(r.prompt), len(r.generated), r.metrics.mean_accepted_length, job.finished_at - job.submitted,
+                 r.finish_reason)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise ApiError(404, f"model {model!r} does not exist (this server serves {self.name!r})", "model",
+                           "model_not_found", "NotFoundError")
+
+    def encode(self, text: str) -> list[int]:
+        if self.llm.tokenizer is None:
+            raise bad_request(f"{self.llm.path} has no tokenizer.json: send prompts as token ids", "prompt")
+        return self.llm._encode(text, 0)
+
+    def submit(self, key: str, ids: list[int], params: Any) -> tuple[Job, asyncio.Queue[Update]]:
+        aloop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(u: Update) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody listens
+                aloop.call_soon_threadsafe(queue.put_nowait, u)
+
+        job = Job(key, ids, params, deliver)
+        self.loop.submit(job)
+        return job, queue
+
+    async def respond(self, shape: Shape, ids: list[int], params: Any, stream: bool,
+                      include_usage: bool) -> Response:
+        job, queue = self.submit(shape.id, ids, params)
+        try:
+            first = await queue.get()
+            if first.error is not None:
+                raise as_api_error(first.error)
+            if stream:
+                return StreamingResponse(self._events(job, queue, first, shape, include_usage),
+                                         media_type="text/event-stream")
+            updates = [first]
+            while not updates[-1].finished:
+                updates.append(await queue.get())
+                if updates[-1].error is not None:
+                    raise as_api_error(updates[-1].error)
+        except BaseException:  # refused, failed, or cancelled by a client disconnect
+            self.loop.abort(job.key)
+            raise
+        r = job.request
+        text = "".join(o.text for u in updates for o in u.outs)
+        return JSONResponse(shape.full(text, list(r.generated), r.finish_reason, r.stop_reason,
+                                       usage(len(r.prompt), len(r.generated)), spec_decode(job, self.speculative)))
+
+    async def _events(self, job: Job, queue: asyncio.Queue[Update], u: Update, shape: Shape,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """The SSE stream: a chat stream opens with the role; then one event per StepOutput (the tokens one verify
+        step accepted; the last carries finish_reason and spec_decode); the usage chunk if asked; [DONE]."""
+        done = False
+        try:
+            if shape.chat:
+                yield sse(shape.chunk("", [], role=True))
+            while True:
+                if u.error is not None and not isinstance(u.error, Aborted):
+                    yield sse(as_api_error(u.error).body())
+                    break
+                r = job.request
+                for i, o in enumerate(u.outs):
+                    last = u.finished and i == len(u.outs) - 1
+                    yield sse(shape.chunk(o.text, o.token_ids, r.finish_reason if last else None,
+                                          r.stop_reason if last else None,
+                                          spec_decode(job, self.speculative) if last else None))
+                if u.finished:
+                    if not u.outs:  # aborted by a shutdown between steps
+                        yield sse(shape.chunk("", [], r.finish_reason, r.stop_reason,
+                                              spec_decode(job, self.speculative)))
+                    if include_usage:
+                        yield sse(shape.usage_chunk(usage(len(r.prompt), len(r.generated)),
+                                                    spec_decode(job, self.speculative)))
+                    break
+                u = await queue.get()
+            done = True
+            yield sse("[DONE]")
+        finally:
+            if not done:  # the client went away (or the stream failed): free the request's blocks now
+                self.loop.abort(job.key)
+
+
+def as_api_error(e: Exception) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValueError):
+        return bad_request(str(e))
+    if isinstance(e, Aborted):
+        return ApiError(503, f"{e} (the server is shutting down)", code="shutting_down")
+    return ApiError(500, f"{type(e).__name__}: {e}", code="generation_failed")  # non-finite logits
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def until_disconnect(raw: Request, work: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it when the client disconnects first (its request is then aborted)."""
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(BaseException):
+            await task
+        return Response(status_code=499)  # nobody is listening
+    return task.result()
+
+
+def create_app(llm: LLM, served_model_name: str | None = None,
+               max_queued_requests: int = DEFAULT_MAX_QUEUED) -> FastAPI:
+    """The server over `llm` (the caller keeps it and closes it). The engine loop starts with the app's lifespan
+    and stops (aborting what runs) at its shutdown."""
+    server = Server(llm, served_model_name or llm.path.name, max_queued_requests)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.loop.stop)
+
+    app = FastAPI(title="specdec", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        return error_response(ApiError(e.status_code, str(e.detail), type="NotFoundError"
+                                       if e.status_code == 404 else "invalid_request_error"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if server.loop.down is not None:
+            return error_response(ApiError(503, f"the engine is down ({server.loop.down})", code="engine_down"))
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                            "owned_by": "specdec", "root": str(llm.path),
+                                            "max_model_len": llm.config.max_position_embeddings}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        server.check_model(body.model)
+        body.check()
+        prompt = body.prompt_input(llm.config.vocab_size)
+        ids = server.encode(prompt) if isinstance(prompt, str) else prompt
+        params = body.sampling_params(COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens)
+        shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", server.name)
+        return await until_disconnect(raw, server.respond(shape, ids, params, body.stream, body.include_usage))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, raw: Request) -> Response:
+        server.check_model(body.model)
+        body.check()
+        if server.template is None:
+            raise bad_request(f"{llm.path} has no tokenizer.json, so there is no chat: use /v1/completions with "
+                              "token ids", "messages")
+        messages = [m.for_template(i) for i, m in enumerate(body.messages)]
+        text = server.template.render(messages, body.add_generation_prompt)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise bad_request("messages: the chat template rendered an empty prompt", "messages")
+        max_tokens = body.max_new_tokens
+        if max_tokens is None:  # as vLLM: whatever the context leaves
+            max_tokens = server.context - len(ids)
+            if max_tokens < 1:
+                raise bad_request(f"messages: the prompt is {len(ids)} tokens, which leaves no room to generate in "
+                                  f"the context of {server.context}", "messages")
+        params = body.sampling_params(max_tokens)
+        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", server.name)
+        return await until_disconnect(raw, server.respond(shape, ids, params, body.stream, body.include_usage))
+
+    return app

@@ -1,0 +1,58 @@
+"""Response bodies in OpenAI's shapes: text_completion / chat.completion and their stream chunks, each choice also
+carrying the token ids (vLLM's `token_ids`) and each finished response its `spec_decode` object and `usage`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+
+def sse(obj: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one request's responses look: chat or completion, its id, model name and creation time."""
+
+    chat: bool
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, chunk: bool) -> dict:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, token_ids: list[int], finish_reason: str, stop_reason: int | str | None,
+             usage: dict, spec: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
+        return self._head(False) | {"choices": [choice], "usage": usage, "spec_decode": spec}
+
+    def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None,
+              stop_reason: int | str | None = None, spec: dict | None = None, role: bool = False) -> dict:
+        """One stream event: the text and tokens one verify step accepted; the last one has finish_reason and
+        spec_decode. role=True: the chat stream's opening delta."""
+        if self.chat:
+            delta: dict = {"role": "assistant", "content": text} if role else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
+        out = self._head(True) | {"choices": [choice]}
+        return out | {"spec_decode": spec} if spec is not None else out
+
+    def usage_chunk(self, usage: dict, spec: dict) -> dict:
+        """stream_options.include_usage: the last event before [DONE], no choices."""
+        return self._head(True) | {"choices": [], "usage": usage, "spec_decode": spec}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

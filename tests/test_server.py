@@ -1,0 +1,418 @@
+"""`specdec serve` over real HTTP on 127.0.0.1: the official openai client, outputs equal to each request run alone
+under continuous batching, a pool that queues, aborted requests freeing their blocks, every kind of bad request a
+4xx with an OpenAI-style body, /metrics adding up, tensor parallelism, and SIGTERM. Tiny agreeable checkpoints with
+a byte-level BPE tokenizer keep it fast."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from models import agreeable_checkpoint
+from prometheus_client.parser import text_string_to_metric_families
+from test_cli import VOCAB, _tokenizer
+
+from specdec import LLM, SamplingParams, SpecConfig
+from specdec.prompts import held_out_prompts
+from specdec.server.app import create_app
+from specdec.server.background import BackgroundServer
+
+TREE = SpecConfig(3, topk=2)
+BOS, EOS = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
+V3_TEMPLATE = (  # shaped like DeepSeek-V3's: system prompts first, then <｜User｜> / <｜Assistant｜> turns
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{ '<｜User｜>' + message['content'] }}{%- endif %}{%- if message['role'] == 'assistant' %}"
+    "{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agreeable checkpoint with a tokenizer and a DeepSeek-V3-style chat template; 2048 positions, so long
+    requests outlast the test's disconnects."""
+    path = agreeable_checkpoint(tmp_path_factory.mktemp("server") / "ckpt", vocab_size=VOCAB, seed=1, noise=0.14,
+                                max_position_embeddings=2048)
+    _tokenizer(held_out_prompts()).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": BOS}, "eos_token": EOS,
+                                                            "chat_template": V3_TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def alone(ckpt: Path) -> LLM:
+    """Runs each request by itself: the reference outputs."""
+    return LLM(ckpt, dtype="float32", speculative=TREE)
+
+
+@contextmanager
+def serving(ckpt: Path, name: str = "tiny", max_queued_requests: int = 256, **llm_kw) -> Iterator[str]:
+    llm = LLM(ckpt, dtype="float32", **({"speculative": TREE} | llm_kw))
+    try:
+        with BackgroundServer(create_app(llm, name, max_queued_requests)) as s:
+            yield s.base_url
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def url(ckpt: Path) -> Iterator[str]:
+    """One server for the tests that need no fresh state."""
+    with serving(ckpt) as u:
+        yield u
+
+
+def scrape(url: str) -> dict[str, float]:
+    """/metrics through prometheus_client's parser: {'name{label=value}': value}."""
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def events(client: httpx.Client, url: str, body: dict, path: str = "/v1/completions") -> list[dict]:
+    """A whole SSE stream's events (checked to end with [DONE])."""
+    with client.stream("POST", url + path, json=body | {"stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]", lines[-3:]
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def wait_for(cond, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def idle(url: str) -> bool:
+    m = scrape(url)
+    return m["specdec:kv_cache_usage_perc"] == 0 and m["specdec:num_requests_running"] == 0
+
+
+# --- the openai client -----------------------------------------------------------------------------------------
+
+def test_openai_client_completions_and_chat(url: str, alone: LLM, ckpt: Path) -> None:
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    prompt = "def parse(text):\n"
+    want = alone.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    extra = {"ignore_eos": True}
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_body=extra)
+    choice = r.choices[0]
+    assert choice.text == want.text and choice.token_ids == want.token_ids and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(want.prompt_token_ids)
+    spec = r.spec_decode
+    assert spec["num_accepted_tokens"] == want.metrics.num_accepted
+    assert spec["mean_accepted_length"] == pytest.approx(want.metrics.mean_accepted_length)
+
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body=extra))
+    steps = [ch for ch in chunks if ch.choices]
+    assert "".join(ch.choices[0].text for ch in steps) == want.text
+    assert [t for ch in steps for t in ch.choices[0].token_ids] == want.token_ids
+    assert len(steps) == want.metrics.num_steps  # one event per verify step (the prefill's first token included)
+    assert steps[-1].choices[0].finish_reason == "length" and steps[-1].spec_decode == spec
+    assert all(ch.choices[0].finish_reason is None for ch in steps[:-1])
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].spec_decode == spec
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a loop."}]
+    text = f"{BOS}Be brief.<｜User｜>Write a loop.<｜Assistant｜>"
+    ids = alone.tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids[0] == alone.config.bos_token_id
+    want = alone.generate([ids], SamplingParams(max_tokens=10, temperature=0))[0]
+    r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].token_ids == want.token_ids
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+# --- continuous batching ---------------------------------------------------------------------------------------
+
+def _greedy(seed: int, n: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int]) -> list[tuple]:
+    """n greedy requests (prompt ids, SamplingParams, request body) of random lengths."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rng.randrange(2, VOCAB) for _ in range(rng.randint(*prompt_len))]
+        sp = SamplingParams(max_tokens=rng.randint(*max_tokens), temperature=0, ignore_eos=True)
+        out.append((p, sp, {"prompt": p, "max_tokens": sp.max_tokens, "temperature": 0, "ignore_eos": True}))
+    return out
+
+
+def _concurrently(url: str, reqs: list[tuple], alone: LLM, seed: int, spread_s: float = 0.4) -> dict[str, float]:
+    """Send each request from its own thread after a random delay, streams and plain requests alternating; check
+    each one's tokens equal its run alone. Returns the most requests /metrics saw running and waiting at once."""
+    rng = random.Random(seed)
+    delays = [rng.uniform(0, spread_s) for _ in reqs]
+    peak, stop = {"running": 0.0, "waiting": 0.0}, threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            m = scrape(url)
+            for k in peak:
+                peak[k] = max(peak[k], m[f"specdec:num_requests_{k}"])
+            time.sleep(0.02)
+
+    def one(i: int) -> list[int]:
+        time.sleep(delays[i])
+        body = reqs[i][2]
+        with httpx.Client(timeout=60) as client:
+            if i % 2:
+                return [t for e in events(client, url, body) for t in e["choices"][0]["token_ids"]]
+            r = client.post(f"{url}/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(reqs)) as ex:
+            got = list(ex.map(one, range(len(reqs))))
+    finally:
+        stop.set()
+        watcher.join()
+    for i, ((p, sp, _), toks) in enumerate(zip(reqs, got)):
+        assert toks == alone.generate([p], sp)[0].token_ids, f"seed={seed} request {i}"
+    wait_for(lambda: idle(url), "the pool to empty")
+    return peak
+
+
+def test_concurrent_greedy_equals_each_request_alone(url: str, alone: LLM, seed: int) -> None:
+    """16 requests of different lengths arriving at different times, batched together."""
+    peak = _concurrently(url, _greedy(seed, 16, (1, 60), (1, 60)), alone, seed)
+    assert peak["running"] >= 2, f"seed={seed}: requests never ran together ({peak})"
+
+
+def test_seeded_sampling_is_reproducible(url: str, alone: LLM, seed: int) -> None:
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(8):
+        p = [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 30))]
+        sp = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.95, top_k=50, seed=seed + i, ignore_eos=True)
+        reqs.append((p, sp, {"prompt": p, "max_tokens": 30, "temperature": 0.9, "top_p": 0.95, "top_k": 50,
+                             "seed": sp.seed, "ignore_eos": True}))
+    _concurrently(url, reqs, alone, seed)
+
+
+def test_a_small_pool_queues_and_every_request_finishes(ckpt: Path, alone: LLM, seed: int) -> None:
+    """4 blocks of 64 rows for 8 requests of up to ~150 rows: they wait for blocks (and get preempted)."""
+    with serving(ckpt, kv_cache_tokens=256) as u:
+        peak = _concurrently(u, _greedy(seed, 8, (10, 40), (40, 100)), alone, seed, spread_s=0.05)
+        assert peak["waiting"] >= 1, f"seed={seed}: no request ever waited for the pool ({peak})"
+        assert scrape(u)["specdec:request_success_total{finished_reason=length}"] == 8
+
+
+def test_disconnects_abort_and_free_their_blocks(ckpt: Path) -> None:
+    with serving(ckpt) as u, httpx.Client(timeout=60) as client:
+        assert idle(u)
+        body = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with client.stream("POST", f"{u}/v1/completions", json=body) as r:
+            lines = (ln for ln in r.iter_lines() if ln)
+            for _ in range(3):
+                assert next(lines).startswith("data: ")
+            assert scrape(u)["specdec:kv_cache_usage_perc"] > 0
+        # the stream is closed mid-way: its request is aborted and its blocks return at once
+        wait_for(lambda: idle(u), "the aborted stream's blocks")
+        with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+            client.post(f"{u}/v1/completions", json=body | {"stream": False}, timeout=0.5)
+        wait_for(lambda: idle(u), "the abandoned request's blocks")
+        m = scrape(u)
+        assert m["specdec:request_success_total{finished_reason=abort}"] == 2
+        assert m["specdec:generation_tokens_total"] < 2000
+        r = client.post(f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 3})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
+
+
+# --- bad requests ------------------------------------------------------------------------------------------------
+
+BAD = [  # (body or raw text, status, param, words in the message)
+    ("{not json", 400, None, "not valid JSON"),
+    ("[1, 2]", 400, None, "JSON object"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "positive integer"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", ">= 0"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"prompt": "x", "top_k": -5}, 400, "top_k", "integer"),
+    ({"prompt": "x", "seed": -1}, 400, "seed", "2**64"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop", "empty"),
+    ({"prompt": "x", "stop": [1.5]}, 400, "stop", "valid"),
+    ({"prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ({"prompt": "x", "logprobs": 5}, 400, "logprobs", "not supported"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
+    ({"max_tokens": 4}, 400, "prompt", "required"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+    ({"prompt": [1, VOCAB]}, 400, "prompt", "outside the vocabulary"),
+    ({"prompt": [1, 2], "max_tokens": 2047}, 400, None, "exceed the context"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
+]
+BAD_CHAT = [
+    ({"messages": []}, 400, "messages", "at least one"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages",
+     "text parts"),
+    ({"messages": [{"role": "user"}]}, 400, "messages", "cannot render"),
+    ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages", "leaves no room"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": 6}, 400,
+     "max_completion_tokens", "disagree"),
+]
+
+
+def _check_error(r: httpx.Response, status: int, param: str | None, words: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text, err
+    assert err["param"] == param and words in err["message"] and "\n" not in err["message"], err
+    assert err["type"] == {400: "invalid_request_error", 404: "NotFoundError"}.get(status, err["type"])
+
+
+@pytest.mark.parametrize("path, cases", [("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)],
+                         ids=["completions", "chat"])
+def test_bad_requests_get_a_4xx_and_leave_the_server_healthy(url: str, path: str, cases: list) -> None:
+    with httpx.Client(timeout=30) as client:
+        for body, status, param, words in cases:
+            for stream in (False, True):
+                if isinstance(body, str):
+                    r = client.post(url + path, content=body, headers={"content-type": "application/json"})
+                else:
+                    r = client.post(url + path, json=body | {"stream": stream} if "stream_options" not in body
+                                    else body)
+                _check_error(r, status, param, words)
+        _check_error(client.get(f"{url}/v1/nothing"), 404, None, "Not Found")
+        assert client.get(f"{url}/health").status_code == 200
+        r = client.post(url + path, json={"prompt": "x", "messages": [{"role": "user", "content": "x"}],
+                                          "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    wait_for(lambda: idle(url), "the pool to empty")
+
+
+def test_without_a_tokenizer_text_is_refused_and_ids_work(tmp_path: Path) -> None:
+    ck = agreeable_checkpoint(tmp_path / "ids", seed=3)
+    with serving(ck) as u, httpx.Client(timeout=30) as client:
+        _check_error(client.post(f"{u}/v1/completions", json={"prompt": "text"}), 400, "prompt", "token ids")
+        _check_error(client.post(f"{u}/v1/completions", json={"prompt": [3], "stop": ["x"]}), 400, None,
+                     "stop strings need a tokenizer")
+        _check_error(client.post(f"{u}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}),
+                     400, "messages", "no tokenizer")
+        r = client.post(f"{u}/v1/completions", json={"prompt": [3, 4], "max_tokens": 4, "stop": [7]})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "", r.text
+
+
+def test_a_full_queue_is_a_503(ckpt: Path) -> None:
+    """One running slot, at most one waiting request: a third request is refused until the queue moves."""
+    with serving(ckpt, max_queued_requests=1, max_num_seqs=1) as u, httpx.Client(timeout=60) as client, \
+            ThreadPoolExecutor(1) as ex:
+        long = {"prompt": [5, 6], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with client.stream("POST", f"{u}/v1/completions", json=long) as r:
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the stream (and aborts the request)
+            next(lines)
+            waiter = ex.submit(httpx.post, f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 2}, timeout=60)
+            wait_for(lambda: scrape(u)["specdec:num_requests_waiting"] == 1, "the second request to wait")
+            r3 = client.post(f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 2})
+            _check_error(r3, 503, None, "busy")
+            assert r3.json()["error"]["code"] == "queue_full"
+        assert waiter.result().status_code == 200  # the closed stream's abort let it run
+        r = client.post(f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+
+def test_metrics_add_up_to_the_responses(ckpt: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    with serving(ckpt) as u, httpx.Client(timeout=60) as client:
+        specs, tokens = [], 0
+        for i in range(6):
+            body = {"prompt": [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 20))],
+                    "max_tokens": rng.randint(1, 40), "temperature": 0, "ignore_eos": True}
+            if i % 2:
+                ev = events(client, u, body | {"stream_options": {"include_usage": True}})
+                specs.append(ev[-1]["spec_decode"])
+                tokens += ev[-1]["usage"]["completion_tokens"]
+            else:
+                r = client.post(f"{u}/v1/completions", json=body).json()
+                specs.append(r["spec_decode"])
+                tokens += r["usage"]["completion_tokens"]
+        m = scrape(u)
+        p = "specdec:spec_decode_"
+        assert m[p + "num_drafts_total"] == sum(s["num_drafts"] for s in specs) > 0, f"seed={seed}"
+        assert m[p + "num_draft_tokens_total"] == sum(s["num_draft_tokens"] for s in specs)
+        assert m[p + "num_accepted_tokens_total"] == sum(s["num_accepted_tokens"] for s in specs)
+        for d in range(TREE.num_speculative_tokens):
+            assert m[f"{p}num_accepted_tokens_per_pos_total{{position={d}}}"] == \
+                sum(s["num_accepted_tokens_per_pos"][d] for s in specs), f"seed={seed} position {d}"
+        assert m["specdec:generation_tokens_total"] == tokens
+        for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+            assert m[f"specdec:{h}_count"] == 6 and m[f"specdec:{h}_sum"] > 0
+        assert m["specdec:num_requests_running"] == 0 and m["specdec:num_requests_waiting"] == 0
+
+
+# --- tensor parallelism and the CLI -------------------------------------------------------------------------------
+
+def test_tensor_parallel_server_equals_one_rank(ckpt: Path, alone: LLM, seed: int) -> None:
+    """--tp 2: rank 0 serves, the spawned worker replays its engine steps."""
+    with serving(ckpt, tensor_parallel_size=2) as u:
+        _concurrently(u, _greedy(seed, 4, (1, 30), (1, 30)), alone, seed, spread_s=0.1)
+
+
+def test_serve_cli_answers_and_exits_on_sigterm(ckpt: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "specdec", "serve", "--model", str(ckpt), "--port", "0",
+                             "--threads", "1", "--served-model-name", "cli"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " at http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        u = line.rsplit(" at ", 1)[1].strip()
+        wait_for(lambda: _healthy(u), "the server to answer")
+        with httpx.Client(timeout=30) as client:
+            r = client.post(f"{u}/v1/completions", json={"model": "cli", "prompt": "x", "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            with client.stream("POST", f"{u}/v1/completions",
+                               json={"prompt": [5], "max_tokens": 2000, "ignore_eos": True, "stream": True}) as s:
+                lines = (ln for ln in s.iter_lines() if ln)
+                next(lines)
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                rest = list(lines)  # the request is aborted at once: its stream ends cleanly
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        err = proc.stderr.read()
+        assert rc == 0 and took < 5, (rc, took, err)
+        assert "Traceback" not in err and "finish length" in err and "finish abort" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
