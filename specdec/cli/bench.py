@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from . import bench_acceptance, bench_latency
+    from . import bench_acceptance, bench_latency, bench_serve
 
     p = sub.add_parser("bench", help="benchmarks: latency with and without MTP, acceptance per draft position",
                        description="Benchmarks of MTP speculative decoding: `bench latency` (with vs without MTP, "
@@ -14,3 +14,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = p.add_subparsers(dest="bench", required=True)
     bench_latency.register(group)
     bench_acceptance.register(group)
+    bench_serve.register(group)

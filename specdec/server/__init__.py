@@ -1,3 +1,4 @@
 """The OpenAI-compatible server (`specdec serve`): app.py builds the FastAPI app over one LLM, loop.py is the thread
 that drives its engine, protocol.py parses requests, responses.py shapes replies, chat.py renders chat templates,
-metrics.py serves Prometheus metrics, background.py runs a server on a thread (tests, `bench serve`)."""
+metrics.py serves Prometheus metrics, errors.py the error bodies, background.py runs uvicorn (on a thread for tests
+and `bench serve`), client.py is `bench serve`'s load generator."""
