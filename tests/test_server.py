@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import openai
 import pytest
 from models import agreeable_checkpoint
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import VOCAB, _tokenizer
+from test_cli import VOCAB, _tokenizer, one_line_error
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.prompts import held_out_prompts
@@ -339,6 +340,42 @@ def test_a_full_queue_is_a_503(ckpt: Path) -> None:
         assert waiter.result().status_code == 200  # the closed stream's abort let it run
         r = client.post(f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_an_engine_failure_is_a_503_and_marks_the_server_down(ckpt: Path) -> None:
+    llm = LLM(ckpt, dtype="float32", speculative=TREE)
+    with BackgroundServer(create_app(llm, "tiny")) as s, httpx.Client(timeout=30) as client:
+        assert client.post(f"{s.base_url}/v1/completions", json={"prompt": [5], "max_tokens": 2}).status_code == 200
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated device failure")
+
+        llm.engine_step = broken
+        r = client.post(f"{s.base_url}/v1/completions", json={"prompt": [5], "max_tokens": 2})
+        assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["code"] == "engine_down" and "Traceback" not in r.text
+        assert client.get(f"{s.base_url}/health").status_code == 503
+        assert client.post(f"{s.base_url}/v1/completions", json={"prompt": [5]}).status_code == 503
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--port", "70000"], "--port 70000"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0"),
+    (["--max-queued-requests", "0"], "--max-queued-requests 0"),
+    (["--no-mtp", "--topk", "2"], "drop --topk"),
+    (["--host", "no.such.host.invalid"], "cannot resolve"),
+])
+def test_serve_flags_are_one_line_errors(ckpt: Path, argv: list[str], needle: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_error(capsys, ["serve", "--model", str(ckpt), *argv], needle)
+
+
+def test_serve_refuses_a_port_in_use(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        one_line_error(capsys, ["serve", "--model", str(ckpt), "--port", str(taken.getsockname()[1])],
+                       "cannot listen on 127.0.0.1")
 
 
 # --- metrics -------------------------------------------------------------------------------------------------------

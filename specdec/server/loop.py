@@ -149,6 +149,7 @@ class EngineLoop:
                 if not bad:  # not about an add: the step itself failed
                     raise
                 for j in bad:
+                    log.info("%s: refused (%s)", j.key, e)
                     j.deliver(Update([], True, e))
                 pending = [j for j in pending if j not in bad]
         busy = self._publish()  # before any delivery: a client told "done" must not then see stale counts
