@@ -4,8 +4,8 @@ MTP speculative decoding unless --no-mtp.
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat
 template from tokenizer_config.json, a plain one otherwise), GET /metrics (Prometheus; vLLM's names under
 `specdec:`). Streams send one event per verify step, so the tokens MTP got accepted arrive together. Binds to
-127.0.0.1 unless --host says otherwise; logs one line per request. SIGTERM or Ctrl-C: open requests get a few seconds,
-then they are aborted and the server exits.
+127.0.0.1 unless --host says otherwise; logs one line per request. SIGTERM or Ctrl-C aborts the open requests at once
+(streams end with finish reason "abort") and exits.
 """
 
 from __future__ import annotations

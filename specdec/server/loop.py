@@ -168,9 +168,8 @@ class EngineLoop:
             if r.finished:
                 j.finished_at = now
                 del self._live[key]
-                if r.finish_reason == "abort" and error is None:
+                if r.finish_reason == "abort":
                     error = Aborted("the request was aborted")
-            if r.finished:
                 self.on_finish(j)  # first: a client that has its answer finds it in /metrics
             j.deliver(Update(outs, r.finished, error))
         return busy
