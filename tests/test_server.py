@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,6 +150,19 @@ def test_openai_client_completions_and_chat(url: str, alone: LLM, ckpt: Path) ->
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_without_a_chat_template_the_plain_one_is_used(ckpt: Path, alone: LLM, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(ckpt, plain, ignore=shutil.ignore_patterns("tokenizer_config.json"))
+    with serving(plain) as u:
+        r = httpx.post(f"{u}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "max_tokens": 5, "temperature": 0})
+    ids = alone.tokenizer.encode(f"{BOS}user: a\nb\nassistant:", add_special_tokens=False).ids
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids), r.text
+    assert r.json()["choices"][0]["token_ids"] == alone.generate([ids], SamplingParams(max_tokens=5,
+                                                                                       temperature=0))[0].token_ids
 
 
 # --- continuous batching ---------------------------------------------------------------------------------------
