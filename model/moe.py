@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from specdec.kernels.cpu import moe_runs
 from torch import nn
 
 from .config import ModelConfig
@@ -99,6 +100,7 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and build.keep_fp8) else (128, 128)
         self.w13 = self.w2 = self.s13 = self.s2 = None
+        self.cpu_layout = False  # experts stored [E, D, 2I] / [E, I, D] (lay_out_for_cpu)
 
     def finalize(self) -> None:
         """Stack the loaded per-expert weights; drops the per-expert modules (once: later calls do nothing)."""
@@ -115,11 +117,13 @@ class MoE(nn.Module):
         del self.experts
 
     def lay_out_for_cpu(self) -> None:
-        """Stacked experts as [E, D, 2I] / [E, I, D] in memory (w13/w2 keep their shapes), the router as [D, E]:
-        what kernels/cpu.py's small-M GEMMs read fastest. Not for FP8 weights kept FP8."""
+        """Experts stored as [E, D, 2I] / [E, I, D] in memory (w13/w2 keep their shapes), the router as [D, E]: what
+        kernels/cpu.py's small-M GEMMs read fastest (moe_sparse for one token, moe_runs for several). Not for FP8
+        weights kept FP8."""
         if self.s13 is None:
             transposed_storage(self.w13)
             transposed_storage(self.w2)
+            self.cpu_layout = True
         transposed_storage(self.gate.weight)
         if self.shared_experts is not None:
             self.shared_experts.lay_out_for_cpu()
@@ -131,7 +135,10 @@ class MoE(nn.Module):
         else:
             local = ids - self.e0
             local = torch.where((local >= 0) & (local < self.n_local), local, -1)
-        y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
+        if self.cpu_layout and x.shape[0] > 1:  # several tokens on the CPU layout (lay_out_for_cpu)
+            y = moe_runs(x, local, w, self.w13, self.w2)
+        else:
+            y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return self.dist.all_reduce(y)  # the one all-reduce of the layer: routed and shared together

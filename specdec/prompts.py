@@ -29,8 +29,10 @@ def held_out_files() -> list[Path]:
 
 def chunk(text: str, start_fraction: float, min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> str:
     """Whole lines of `text` from the first line starting at or after `start_fraction` of it, at least `min_chars`
-    long where the text allows and at most `max_chars` (a longer single line is cut). Ends with a newline when the
-    text has one there, so a model continues with the next line."""
+    long where the text allows and at most `max_chars` (a longer single line is cut). The last line's newline is
+    left off: a byte-level BPE merges a newline with the next line's indentation, so a prompt ending in a bare
+    newline ends on a token the model rarely saw there (and then writes column-0 comment lines); without it the
+    model writes the newline and the indentation itself."""
     lines = text.splitlines(keepends=True)
     starts = [0]
     for line in lines:
@@ -43,7 +45,7 @@ def chunk(text: str, start_fraction: float, min_chars: int = MIN_CHARS, max_char
         if len(out) >= min_chars or len(out) + len(line) > max_chars:
             break
         out += line
-    return out or text[starts[first]:starts[first] + max_chars]
+    return (out or text[starts[first]:starts[first] + max_chars]).rstrip("\n")
 
 
 def held_out_prompts(n: int = len(HELD_OUT), min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
-from specdec.kernels.cpu import mla_attention_mqa, moe_sparse, mqa_attention
+from specdec.kernels.cpu import mla_attention_mqa, moe_runs, moe_sparse, mqa_attention
 from specdec.kernels.mla import mla_attention_ref
 from specdec.kernels.moe import moe_ref
 
@@ -88,3 +88,26 @@ def test_mqa_decode_at_batch_one_matches_reference(seed):
                  AttnMeta.build(torch.randperm(64, generator=g)[None, :30], [29], [1], torch.ones(1, 1, dtype=bool))):
         ref = mla_attention_ref(q[..., :c], q[..., c:], cache, meta, 0.3)
         assert rel(mqa_attention(q, cache, meta, 0.3, c), ref) < 1e-5, f"seed={seed}"
+
+
+@pytest.mark.parametrize("t,k", [(2, 2), (4, 2), (7, 3), (1, 2)])
+def test_moe_runs_matches_reference(t, k, seed):
+    """The verify path: runs of consecutive chosen experts as batched GEMMs over every token, on the CPU layout's
+    transposed storage; an expert on another rank (-1) is skipped; unchosen experts are never read (NaN weights
+    there would poison the result)."""
+    from specdec.model.layers import transposed_storage
+
+    g = torch.Generator().manual_seed(seed)
+    e, d, i = 8, 16, 8
+    x = torch.randn(t, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[0, 0] = -1
+    w = torch.rand(t, k, generator=g)
+    w13, w2 = torch.randn(e, 2 * i, d, generator=g), torch.randn(e, d, i, generator=g)
+    ref = moe_ref(x, ids, w, w13, w2)
+    unchosen = sorted(set(range(e)) - set(ids[ids >= 0].tolist()))
+    w13[unchosen], w2[unchosen] = float("nan"), float("nan")
+    for p in (w13, w2):
+        transposed_storage(p)
+    err = rel(moe_runs(x, ids, w, w13, w2), ref)
+    assert err < 1e-5, f"seed={seed}: rel err {err:.2e}"
