@@ -79,11 +79,21 @@ def llm() -> LLM:
 
 
 def test_bundle_layout() -> None:
+    """The release's layout and a miniature of its cost structure (the bundled model card's table)."""
     cfg = json.loads((BUNDLED_MODEL / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
     assert cfg["num_nextn_predict_layers"] == 1
+    assert cfg["num_hidden_layers"] >= 16 and cfg["first_k_dense_replace"] >= 1
+    assert cfg["n_routed_experts"] >= 16 and cfg["num_experts_per_tok"] * 8 <= cfg["n_routed_experts"]
+    assert cfg["n_group"] > 1 and cfg["topk_group"] < cfg["n_group"] and cfg["n_shared_experts"] >= 1
+    h = cfg["num_attention_heads"]
+    dims = [cfg["hidden_size"], cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["intermediate_size"],
+            cfg["moe_intermediate_size"], cfg["vocab_size"], cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"],
+            h * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]), h * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]),
+            h * cfg["v_head_dim"]]
+    assert all(d % 128 == 0 for d in dims), dims
     size = sum(p.stat().st_size for p in BUNDLED_MODEL.iterdir())
-    assert size < 30 * 2**20, f"bundle is {size / 2**20:.1f} MiB"
+    assert size < 48 * 2**20, f"bundle is {size / 2**20:.1f} MiB"
 
 
 def test_tokenizer_round_trip(tokenizer: Any) -> None:
