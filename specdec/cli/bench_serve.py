@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -42,14 +42,16 @@ def request_bodies(prompts: list[common.Prompt], args: argparse.Namespace, model
     return bodies
 
 
-def measure(url: str, bodies: list[dict], args: argparse.Namespace, max_concurrency: int | None) -> dict:
-    """--num-warmups requests one at a time, then the timed run, summarized."""
+def measure(load: Callable[..., tuple[list, float]], url: str, bodies: list[dict], args: argparse.Namespace,
+            max_concurrency: int | None) -> dict:
+    """--num-warmups requests one at a time, then the timed run (load: client.load_process's run_load),
+    summarized."""
     from ..server import client
 
     for _ in range(args.num_warmups):
-        client.run_load(url, bodies[:1])
+        load(url, bodies[:1])
     before = client.spec_counters(url)
-    results, duration = client.run_load(url, bodies, args.request_rate, max_concurrency, args.seed)
+    results, duration = load(url, bodies, args.request_rate, max_concurrency, args.seed)
     out = client.summarize(results, duration, before, client.spec_counters(url))
     return out | {"max_concurrency": max_concurrency, "request_rate": args.request_rate}
 
@@ -154,26 +156,29 @@ def run(args: argparse.Namespace) -> int:
     src = args.input_file or "built-in held-out prompts"
     rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s (Poisson)"
     head = f"bench serve: {len(prompts)} requests ({src}), {args.max_tokens} tokens each unless set, {rate}"
-    if args.base_url is not None:
-        url = args.base_url.rstrip("/")
-        print(f"{head}, max concurrency {args.max_concurrency or 'none'}, against {url}", flush=True)
-        r = measure(url, request_bodies(prompts, args, client.served_model(url)), args, args.max_concurrency)
-    else:
-        llm = serve.load_server_llm(args)
-        try:
-            common.check_prompts(prompts, llm)
-            bodies = request_bodies(prompts, args, llm.path.name)
-            desc = f"{common.describe(llm.speculative)}, {llm.threads or 'default'} thread(s)"
-            if args.compare_mtp:
-                print(f"{head}, concurrency {' '.join(map(str, args.concurrency))}, {desc} vs no MTP", flush=True)
-                r = _compare(llm, bodies, args)
-            else:
-                print(f"{head}, max concurrency {args.max_concurrency or 'none'}, in-process server, {desc}",
-                      flush=True)
-                with _serving(llm, args) as url:
-                    r = measure(url, bodies, args, args.max_concurrency)
-        finally:
-            llm.close()
+    with client.load_process() as load:
+        if args.base_url is not None:
+            url = args.base_url.rstrip("/")
+            print(f"{head}, max concurrency {args.max_concurrency or 'none'}, against {url}", flush=True)
+            r = measure(load, url, request_bodies(prompts, args, client.served_model(url)), args,
+                        args.max_concurrency)
+        else:
+            llm = serve.load_server_llm(args)
+            try:
+                common.check_prompts(prompts, llm)
+                bodies = request_bodies(prompts, args, llm.path.name)
+                desc = f"{common.describe(llm.speculative)}, {llm.threads or 'default'} thread(s)"
+                if args.compare_mtp:
+                    print(f"{head}, concurrency {' '.join(map(str, args.concurrency))}, {desc} vs no MTP",
+                          flush=True)
+                    r = _compare(load, llm, bodies, args)
+                else:
+                    print(f"{head}, max concurrency {args.max_concurrency or 'none'}, in-process server, {desc}",
+                          flush=True)
+                    with _serving(llm, args) as url:
+                        r = measure(load, url, bodies, args, args.max_concurrency)
+            finally:
+                llm.close()
     if args.compare_mtp:
         print(format_curve(r))
         if args.plot:
@@ -186,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(x["failed"] for x in runs) else 0  # the numbers stand, but some requests failed
 
 
-def _compare(llm: LLM, bodies: list[dict], args: argparse.Namespace) -> dict:
+def _compare(load: Callable[..., tuple[list, float]], llm: LLM, bodies: list[dict], args: argparse.Namespace) -> dict:
     plain = llm.with_speculative(None)
     out: dict = {"concurrency": list(args.concurrency), "with_mtp": [], "without_mtp": [], "speedup": []}
     with _serving(llm, args) as a, _serving(plain, args) as b:
         for i, c in enumerate(args.concurrency):
             order = [("with_mtp", a), ("without_mtp", b)]
             for key, url in order if i % 2 == 0 else order[::-1]:  # alternate who goes first: drift hits both
-                out[key].append(measure(url, bodies, args, c))
+                out[key].append(measure(load, url, bodies, args, c))
                 r = out[key][-1]
                 print(f"concurrency {c}, {key.replace('_', ' ')}: {r['output_throughput']:.1f} tok/s", flush=True)
             out["speedup"].append(out["with_mtp"][-1]["output_throughput"]
