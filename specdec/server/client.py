@@ -115,9 +115,8 @@ def run_load(url: str, bodies: list[dict], request_rate: float = math.inf, max_c
 
 @contextmanager
 def load_process() -> Iterator[Callable[..., tuple[list[Result], float]]]:
-    """run_load, called in one spawned process (this module's imports only: no torch) for the whole block.
-    Measured on 2 cores: clients in the server's process cost plain decoding ~0.5 ms per event (TPOT 10.8 vs
-    10.3 ms) and inflate the MTP speedup at concurrency 1 (1.38x vs 1.31x out of process)."""
+    """run_load, called in one spawned process (this module's imports only: no torch) for the whole block, so the
+    clients' Python never competes for the GIL with a server running in this process."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         yield lambda *args, **kwargs: ex.submit(run_load, *args, **kwargs).result()
 
