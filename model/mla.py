@@ -112,10 +112,10 @@ class MLA(nn.Module):
         if cfg.q_lora_rank is None:
             q_in = x
         else:
-            q_in, a = self.q_a_layernorm(a[:, :cfg.q_lora_rank]), a[:, cfg.q_lora_rank:]
+            q_in, a = self.q_a_layernorm.forward(a[:, :cfg.q_lora_rank]), a[:, cfg.q_lora_rank:]
         q = (q_in @ self.w_q_abs).view(t, h, -1)  # [T, H, C+R]
         pe = apply_rope(torch.cat([q[..., c:], a[:, None, c:]], 1), rope)  # [T, H+1, R]: q_pe heads, then k_pe
-        meta.write(kv_cache, torch.cat([self.kv_a_layernorm(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype))
+        meta.write(kv_cache, torch.cat([self.kv_a_layernorm.forward(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype))
         o = mqa_attention(torch.cat([q[..., :c], pe[:, :h]], -1), kv_cache, meta, cfg.softmax_scale, c)
         return self.dist.all_reduce(o.view(t, h * c).to(x.dtype) @ self.w_o_abs)
 

@@ -140,5 +140,5 @@ class MoE(nn.Module):
         else:
             y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self.shared_experts.forward(x)
         return self.dist.all_reduce(y)  # the one all-reduce of the layer: routed and shared together

@@ -20,6 +20,9 @@ from .parallel import DistInfo
 
 
 class Block(nn.Module):
+    """Attention + MLP/MoE with residuals. Decode is bound by per-call overhead on a CPU, so a step calls its
+    norms, attention and MLP through `.forward` (module hooks run on none of them; the router's do)."""
+
     def __init__(self, build: Build, layer: int):
         super().__init__()
         cfg = build.cfg
@@ -30,8 +33,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.forward(self.input_layernorm.forward(x), rope, kv, meta)
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class SharedHead(nn.Module):
@@ -110,7 +113,7 @@ class DeepseekV3(nn.Module):
         x = self.model.embed_tokens(tokens)
         rope = self.model.rope.cos_sin(positions)
         for i in range(self.cfg.num_hidden_layers):
-            x = self.model.layers[i](x, rope, cache.layer(i), meta)
+            x = self.model.layers[i].forward(x, rope, cache.layer(i), meta)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .detokenizer import TextTracker
-from .drafter import Drafter
+from .drafter import Draft, Drafter
 from .inputs import check_token_ids
 from .kv_pool import KVPool, Rows
 from .model.config import ModelConfig
@@ -257,27 +257,48 @@ class Engine:
         if not active:
             return
         t0 = self.clock.mark()
-        dev, b = self.device, len(active)
         n_main = [r.n_main for r in active]
         rows = self._rows(active, max(n_main) + self.step_rows)
-        root = torch.tensor([r.tokens[-1] for r in active], device=dev)
-        sb = SamplingBatch.build([r.params for r in active], [r.gen for r in active], self.draws, dev)
+        root = torch.tensor([r.tokens[-1] for r in active], device=self.device)
+        sb = SamplingBatch.build([r.params for r in active], [r.gen for r in active], self.draws, self.device)
         if not self.drafter:
             return self._decode_plain(active, rows, root, sb, t0)
-        # propose
-        g = torch.stack([r.g for r in active])
-        draft = self.drafter.draft(root, g, n_main, rows, self.pool.mtp, sb)
-        tree, q = draft.tree, draft.q
-        k, w = self.spec.num_speculative_tokens, self.spec.topk
+        draft = self._propose(active, rows, root, sb)
         t1 = self.clock.mark()
-        # verify
-        n = tree.num_nodes
-        pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
+        hidden, host = self._verify(active, rows, draft, sb)
+        cont, n_before, paths = self._commit(active, draft.tree.num_nodes, host)
+        t2 = self.clock.mark()
+        timed = [r.metrics for r in active if r.finish_reason != "error"]
+        self.clock.add(timed, "draft_time", t0, t1)
+        self.clock.add(timed, "verify_time", t1, t2)
+        if cont:  # the MTP cache gets the accepted tokens' rows; their last output seeds the next draft
+            keep = [active.index(r) for r in cont]
+            g = self.drafter.extend([r.tokens for r in cont], n_before, [hidden[i, p] for i, p in zip(keep, paths)],
+                                    [r.carry for r in cont], self._rows(cont, rows.maps.shape[1]), self.pool.mtp)
+            self.clock.add([r.metrics for r in cont], "draft_time", t2, self.clock.mark())
+            for r, gi in zip(cont, g):
+                r.g = gi
+
+    def _propose(self, active: list[Request], rows: Rows, root: torch.Tensor, sb: SamplingBatch) -> Draft:
+        """The MTP drafts a chain or tree from each request's last committed row."""
+        g = torch.stack([r.g for r in active])
+        return self.drafter.draft(root, g, [r.n_main for r in active], rows, self.pool.mtp, sb)
+
+    def _verify(self, active: list[Request], rows: Rows, draft: Draft, sb: SamplingBatch
+                ) -> tuple[torch.Tensor, list[list[int]]]:
+        """One tree-masked main forward over every node, acceptance, and the step's one host transfer: per request
+        [accepted count, path (k+1), path tokens (k+1), bonus token, finite flag]. Returns the nodes' hidden states
+        [B, N, D] too (the MTP extend reads the accepted path's)."""
+        tree, q = draft.tree, draft.q
+        b, n = len(active), tree.num_nodes
+        k, w = self.spec.num_speculative_tokens, self.spec.topk
+        n_main = [r.n_main for r in active]
+        pos = (torch.tensor(n_main, device=self.device)[:, None] + tree.depth).reshape(-1)
         meta = rows.meta(n_main, [n] * b, tree.mask.reshape(b * n, n))
         hidden = self.model(tree.tokens.reshape(-1), pos, meta, self.pool.main).view(b, n, -1)
         logits = self.model.logits(hidden.view(b * n, -1))
         p = sb.probs(logits, n).view(b, n, -1) if sb.any_sampled else None
-        u_acc = sb.uniform((max(k, 1), w)) if sb.any_sampled else None
+        u_acc = sb.uniform((k, w)) if sb.any_sampled else None
         u_bonus = sb.uniform(()) if sb.any_sampled else None
         acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
@@ -285,46 +306,42 @@ class Engine:
         host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
         host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
         self.clock.synced()
-        # commit
-        src, dst, cont, ext_hidden, n_rows = [], [], [], [], []
-        bs = self.pool.block_size
-        for i, (r, row) in enumerate(zip(active, host)):
+        return hidden, host
+
+    def _commit(self, active: list[Request], n_nodes: int, host: list[list[int]]
+                ) -> tuple[list[Request], list[int], list[list[int]]]:
+        """Emit each request's accepted tokens and bonus; move the accepted path's main-cache rows to the rows
+        right after its prefix. Returns the requests that go on, their committed rows before this step, and
+        their accepted paths (node indices from the root)."""
+        k = self.spec.num_speculative_tokens
+        src, dst, cont, n_before, paths = [], [], [], [], []
+        for r, row in zip(active, host):
             if not self._check_finite(r, row[-1]):
                 continue
             a = row[0]
             path = row[1:2 + a]
             m = r.metrics
             m.num_steps += 1
-            m.num_drafted += n - 1
+            m.num_drafted += n_nodes - 1
             m.num_accepted += a
             for d in range(a):
                 m.accepted_per_position[d] += 1
-            n_before = r.n_main
+            start = r.n_main
             r.emit(row[2 + k + 1:2 + k + 1 + a] + [row[-2]])
             if r.finish_reason is not None:
                 self._finish(r)
                 continue
-            for j, node in enumerate(path):  # the accepted path's rows move to consecutive rows after the prefix
+            for j, node in enumerate(path):
                 if node != j:
-                    src.append(_slot(r, n_before + node, bs))
-                    dst.append(_slot(r, n_before + j, bs))
-            r.n_main = n_before + a + 1
+                    src.append(r.table.slot(start + node, self.pool.block_size))
+                    dst.append(r.table.slot(start + j, self.pool.block_size))
+            r.n_main = start + a + 1
             cont.append(r)
-            n_rows.append(n_before)
-            ext_hidden.append(hidden[i, path])
+            n_before.append(start)
+            paths.append(path)
         if src:
-            self.pool.main.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
-        t2 = self.clock.mark()
-        timed = [r.metrics for r in active if r.finish_reason != "error"]
-        self.clock.add(timed, "draft_time", t0, t1)
-        self.clock.add(timed, "verify_time", t1, t2)
-        if not cont:
-            return
-        g = self.drafter.extend([r.tokens for r in cont], n_rows, ext_hidden, [r.carry for r in cont],
-                                self._rows(cont, rows.maps.shape[1]), self.pool.mtp)
-        self.clock.add([r.metrics for r in cont], "draft_time", t2, self.clock.mark())
-        for r, gi in zip(cont, g):
-            r.g = gi
+            self.pool.main.copy_slots(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
+        return cont, n_before, paths
 
     def _decode_plain(self, active: list[Request], rows: Rows, root: torch.Tensor, sb: SamplingBatch,
                       t0: Any) -> None:
@@ -399,10 +416,6 @@ class StepClock:
 def _ones(b: int, device: torch.device) -> torch.Tensor:
     """[b, 1] True: one new token per sequence that sees itself."""
     return torch.ones(b, 1, dtype=torch.bool, device=device)
-
-
-def _slot(r: Request, row: int, block_size: int) -> int:
-    return r.table.blocks[row // block_size] * block_size + row % block_size
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,10 @@ class BlockTable:
     def capacity(self) -> int:
         return 0 if self.slots is None else self.slots.numel()
 
+    def slot(self, row: int, block_size: int) -> int:
+        """The slot of one of its rows (host side)."""
+        return self.blocks[row // block_size] * block_size + row % block_size
+
     def consecutive(self) -> bool:
         """Whether every row's slot follows the previous one (the blocks are one run)."""
         return all(b == a + 1 for a, b in zip(self.blocks, self.blocks[1:]))
