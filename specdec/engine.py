@@ -102,6 +102,7 @@ class Engine:
         self.running: list[Request] = []  # prefilling and decoding, in admission order
         self.lock = threading.RLock()
         self.clock = StepClock(device)
+        self._decoded = True  # the last step decoded (a step that emits first tokens may then skip decoding)
         self._ids = 0
 
     # --- requests ---------------------------------------------------------------------------------------------
@@ -156,8 +157,12 @@ class Engine:
         """One engine step; what it emits lands in each request's outbox."""
         with self.lock:
             self._schedule()
-            self._prefill()
+            first = self._prefill()
+            if first and self._decoded:  # let the first tokens out now; decode next step (never twice in a row)
+                self._decoded = False
+                return
             self._decode()
+            self._decoded = True
 
     def _schedule(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -193,8 +198,9 @@ class Engine:
     def _rows(self, reqs: list[Request], width: int) -> Rows:
         return Rows.of([r.table for r in reqs], width, self.pool.block_size)
 
-    def _prefill(self) -> None:
-        """Up to prefill_chunk tokens of prefilling requests, oldest first, as one causal forward."""
+    def _prefill(self) -> bool:
+        """Up to prefill_chunk tokens of prefilling requests, oldest first, as one causal forward. True when some
+        prompt finished and emitted its first token."""
         budget, chunks = self.prefill_chunk, []
         for r in self.running:
             if r.status is Status.PREFILL and budget > 0:
@@ -202,7 +208,7 @@ class Engine:
                 chunks.append((r, r.n_main, r.n_main + n))
                 budget -= n
         if not chunks:
-            return
+            return False
         dev = self.device
         t0 = time.perf_counter()
         reqs = [c[0] for c in chunks]
@@ -244,6 +250,7 @@ class Engine:
         for r, _, e in chunks:
             if not r.finished and e == r.n_prefill:
                 r.status = Status.RUNNING
+        return bool(firsts)
 
     def _sample(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         top1 = logits.argmax(-1)

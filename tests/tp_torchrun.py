@@ -13,6 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from specdec.model.parallel import shutdown_distributed
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.drafter import Drafter
@@ -48,6 +49,8 @@ def main(ckpt: str, out: str) -> None:
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"greedy": greedy, "sampled": sampled, "logits": logits, "drafts_same": checked}, f)
     llm.close()
+    dist.barrier()
+    shutdown_distributed()  # leave the group before exit: gloo's threads must not outlive it
 
 
 if __name__ == "__main__":
