@@ -14,6 +14,8 @@ import torch
 from specdec.model.checkpoint import random_tensors, save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
 
+VOCAB = 300  # a byte-level BPE's 256 byte symbols + 2 specials + a few merges
+
 
 def agreeable_checkpoint(path: Path, *, seed: int = 0, noise: float = 0.15, head_scale: float = 0.3,
                          num_shards: int = 2, **overrides: Any) -> Path:
@@ -29,3 +31,17 @@ def agreeable_checkpoint(path: Path, *, seed: int = 0, noise: float = 0.15, head
         eh[:, :d] += torch.eye(d)
         t[f"model.layers.{layer}.eh_proj.weight"] = eh
     return save_checkpoint(path, cfgd, t, num_shards)
+
+
+def byte_bpe(texts: list[str], vocab: int = VOCAB) -> Any:
+    """A byte-level BPE (tokenizers.Tokenizer) with DeepSeek-V3's bos/eos specials, trained on `texts`, for tiny
+    checkpoints that take text prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from models import agreeable_checkpoint
-from test_cli import VOCAB, _tokenizer, one_line_error
+from cli_errors import one_line_error
+from models import VOCAB, agreeable_checkpoint, byte_bpe
 
 from specdec import LLM
 from specdec.cli import main
@@ -24,7 +24,7 @@ FIELDS = {"completed", "failed", "duration", "total_input_tokens", "total_output
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = agreeable_checkpoint(tmp_path_factory.mktemp("bench_serve") / "ckpt", vocab_size=VOCAB)
-    _tokenizer(held_out_prompts()).save(str(path / "tokenizer.json"))
+    byte_bpe(held_out_prompts()).save(str(path / "tokenizer.json"))
     return path
 
 

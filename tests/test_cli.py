@@ -11,31 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from models import agreeable_checkpoint
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from cli_errors import one_line_error
+from models import VOCAB, agreeable_checkpoint, byte_bpe
 
 from specdec.cli import main
 from specdec.detokenizer import Detokenizer
 from specdec.prompts import HELD_OUT, held_out_prompts
-
-VOCAB = 300  # 256 byte symbols + 2 specials + a few merges
-
-
-def _tokenizer(texts: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An agreeable tiny checkpoint with a tokenizer, so text prompts and the built-in prompts work."""
     path = agreeable_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", vocab_size=VOCAB)
-    _tokenizer(held_out_prompts()).save(str(path / "tokenizer.json"))
+    byte_bpe(held_out_prompts()).save(str(path / "tokenizer.json"))
     return path
 
 
@@ -48,20 +36,6 @@ def ckpt_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def jsonl(path: Path, *lines: str) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
-    """Run main(argv), expecting a user error: exit code 2 (returned or raised by argparse) and one stderr line."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2, (rc, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # --- generate ------------------------------------------------------------------------------------------------------
@@ -240,7 +214,7 @@ def test_held_out_prompts() -> None:
 
 
 def test_detokenizer_holds_back_partial_utf8() -> None:
-    tok = _tokenizer(["plain ascii only"])  # so multi-byte characters split over byte tokens
+    tok = byte_bpe(["plain ascii only"])  # so multi-byte characters split over byte tokens
     text = "déjà vu ✓ — naïve 🙂 end"
     ids = tok.encode(text).ids
     d = Detokenizer(tok)

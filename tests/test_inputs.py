@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import agreeable_checkpoint
+from models import agreeable_checkpoint, byte_bpe
 from specdec.model.loader import CheckpointError
 
 from specdec import LLM, SamplingParams, SpecConfig
@@ -106,10 +106,8 @@ def test_empty_batch_and_bad_params(llm: LLM) -> None:
 
 
 def test_text_prompts_must_be_valid_utf8(ckpt: Path, tmp_path: Path) -> None:
-    from test_cli import _tokenizer
-
     path = agreeable_checkpoint(tmp_path / "tok", seed=5, vocab_size=300)
-    _tokenizer(["some text to learn merges from"]).save(str(path / "tokenizer.json"))
+    byte_bpe(["some text to learn merges from"]).save(str(path / "tokenizer.json"))
     llm = LLM(path, dtype="float32", speculative=None)
     with pytest.raises(ValueError, match=r"prompt 1: not valid UTF-8 text \(character 2"):
         llm.generate(["fine", "ab\udcff"], SamplingParams(max_tokens=2))

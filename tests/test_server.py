@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from models import agreeable_checkpoint
+from cli_errors import one_line_error
+from models import VOCAB, agreeable_checkpoint, byte_bpe
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import VOCAB, _tokenizer, one_line_error
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.prompts import held_out_prompts
@@ -50,7 +50,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     requests outlast the test's disconnects."""
     path = agreeable_checkpoint(tmp_path_factory.mktemp("server") / "ckpt", vocab_size=VOCAB, seed=1, noise=0.14,
                                 max_position_embeddings=2048)
-    _tokenizer(held_out_prompts()).save(str(path / "tokenizer.json"))
+    byte_bpe(held_out_prompts()).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": BOS}, "eos_token": EOS,
                                                             "chat_template": V3_TEMPLATE}))
     return path
