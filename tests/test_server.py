@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from cli_errors import one_line_error
 from models import VOCAB, agreeable_checkpoint, byte_bpe
 from prometheus_client.parser import text_string_to_metric_families
@@ -370,6 +371,37 @@ def test_an_engine_failure_is_a_503_and_marks_the_server_down(ckpt: Path) -> Non
         assert r.json()["error"]["code"] == "engine_down" and "Traceback" not in r.text
         assert client.get(f"{s.base_url}/health").status_code == 503
         assert client.post(f"{s.base_url}/v1/completions", json={"prompt": [5]}).status_code == 503
+
+
+def test_non_finite_logits_are_a_500_for_that_request_only(ckpt: Path) -> None:
+    """Logits that turn NaN fail the request they belong to with a JSON 500 naming it (streamed: an error event,
+    then [DONE]), never a traceback; the server stays healthy and the next request is served."""
+    llm = LLM(ckpt, dtype="float32", speculative=TREE)
+    real, broken = llm.model.logits, {"on": False}
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = real(hidden)
+        return out.masked_fill(torch.ones_like(out, dtype=torch.bool), float("nan")) if broken["on"] else out
+
+    llm.model.logits = logits
+    body = {"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True}
+    with BackgroundServer(create_app(llm, "tiny")) as s, httpx.Client(timeout=30) as client:
+        u = s.base_url
+        broken["on"] = True
+        r = client.post(f"{u}/v1/completions", json=body)
+        err = r.json()["error"]
+        assert r.status_code == 500 and err["code"] == "generation_failed", r.text
+        assert "logits are not finite" in err["message"] and "Traceback" not in r.text, r.text
+        with client.stream("POST", f"{u}/v1/completions", json=body | {"stream": True}) as st:
+            lines = [ln for ln in st.iter_lines() if ln]
+        assert st.status_code in (200, 500), lines
+        assert any("logits are not finite" in ln for ln in lines) and "Traceback" not in "".join(lines), lines
+        broken["on"] = False
+        wait_for(lambda: idle(u), "the failed requests' blocks to return")
+        assert client.get(f"{u}/health").status_code == 200
+        r = client.post(f"{u}/v1/completions", json=body)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 4, r.text
+    llm.close()
 
 
 @pytest.mark.parametrize("argv, needle", [

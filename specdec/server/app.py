@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from ..api import LLM
+from ..engine import NonFiniteLogitsError
 from .chat import ChatTemplate
 from .errors import ApiError, bad_request
 from .loop import DEFAULT_MAX_QUEUED, Aborted, EngineLoop, Job, Update
@@ -136,11 +137,13 @@ class Server:
 def as_api_error(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, NonFiniteLogitsError):  # a ValueError, but the model's failure, not the request's
+        return ApiError(500, str(e), code="generation_failed")
     if isinstance(e, ValueError):
         return bad_request(str(e))
     if isinstance(e, Aborted):
         return ApiError(503, f"{e} (the server is shutting down)", code="shutting_down")
-    return ApiError(500, f"{type(e).__name__}: {e}", code="generation_failed")  # non-finite logits
+    return ApiError(500, f"{type(e).__name__}: {e}", code="generation_failed")
 
 
 def error_response(e: ApiError) -> JSONResponse:
