@@ -91,11 +91,14 @@ class LLM:
     The engine is continuously batched over one KV pool allocated here: kv_cache_tokens rows (default: 90% of a
     GPU's free memory, 10% of a CPU's available memory), at most max_num_seqs requests running at once; more wait
     their turn, and calls from several threads share the batch; prompts are prefilled prefill_chunk tokens per
-    step. warmup (default: on CUDA with Triton) compiles and
+    step. enable_prefix_caching keeps the KV rows of full 64-token blocks indexed by their tokens, so a prompt that
+    starts like an earlier one reuses them (plain decoding, and checkpoints with one MTP layer as the release;
+    with more MTP layers prompts are recomputed). warmup (default: on CUDA with Triton) compiles and
     tunes the kernels for the decode, verify and prefill shapes at load, not in the first request.
 
     Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
-    and every call decodes in caches of its own, so concurrent calls give the results they give alone. Calls into
+    and requests share only the KV pool (and, with prefix caching, blocks no one writes again), so concurrent calls
+    give the results they give alone. Calls into
     spawned tensor-parallel workers run one at a time (a lock serializes them; a stream holds it until it ends).
     """
 
@@ -103,7 +106,8 @@ class LLM:
                  device: str | torch.device | None = None, speculative: SpecConfig | None = SpecConfig(),
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
-                 prefill_chunk: int = 512, warmup: bool | None = None, progress: bool = False):
+                 prefill_chunk: int = 512, enable_prefix_caching: bool = True, warmup: bool | None = None,
+                 progress: bool = False):
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -120,9 +124,10 @@ class LLM:
         factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
                                     seed=seed, threads=threads, kv_cache_tokens=kv_cache_tokens,
-                                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, warmup=warmup)
+                                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
+                                    enable_prefix_caching=enable_prefix_caching, warmup=warmup)
         self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
-                                 prefill_chunk=prefill_chunk)
+                                 prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
         self.tp = join(tensor_parallel_size, self.device, self.path, factory)
         self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
         if self._driver is not None:

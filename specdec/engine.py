@@ -34,6 +34,7 @@ from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 from .request import Request, Status
 from .sampling import SamplingBatch, sample_from
+from .step_clock import StepClock
 from .verify import Relaxed, accept
 
 CPU_KV_SHARE = 0.10  # of the available memory, for the default pool on a CPU
@@ -76,12 +77,14 @@ def _available_memory() -> int:
 class Engine:
     def __init__(self, model: DeepseekV3, spec: SpecConfig | None, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, tokenizer: Any | None = None, *, kv_cache_tokens: int | None = None,
-                 max_num_seqs: int = 64, prefill_chunk: int = 512):
+                 max_num_seqs: int = 64, prefill_chunk: int = 512, enable_prefix_caching: bool = True):
         for name, v in (("max_num_seqs", max_num_seqs), ("prefill_chunk", prefill_chunk)):
             if not (type(v) is int and v >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if kv_cache_tokens is not None and not (type(kv_cache_tokens) is int and kv_cache_tokens >= 1):
             raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
+        if type(enable_prefix_caching) is not bool:
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         self.model, self.spec, self.device, self.dtype, self.tokenizer = model, spec, device, dtype, tokenizer
         self.cfg = cfg = model.cfg
         if spec is not None:
@@ -96,7 +99,11 @@ class Engine:
         self.draws = ((1 + (k - 1) * w) * cfg.vocab_size if spec else 0) + max(k, 1) * w + 1
         self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
         tokens = kv_cache_tokens or default_kv_tokens(cfg, dtype, device, spec is not None, max_num_seqs)
-        self.pool = KVPool(cfg, tokens, dtype, device, mtp=spec is not None)
+        # a cached block's rows depend on the tokens after it too: one with one MTP layer (the release's); with
+        # more, the drafter's carry (a layer's output, not cached) would be missing, so prompts are recomputed
+        lookahead = None if not enable_prefix_caching or (spec and cfg.num_nextn_predict_layers > 1) else \
+            (1 if spec else 0)
+        self.pool = KVPool(cfg, tokens, dtype, device, mtp=spec is not None, lookahead=lookahead)
         self.seed_rng = torch.Generator().manual_seed(seed)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # prefilling and decoding, in admission order
@@ -165,10 +172,17 @@ class Engine:
             self._decoded = True
 
     def _schedule(self) -> None:
+        pool = self.pool
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            if not self.pool.grow(r.table, r.n_prefill + self.step_rows):
+            cached = pool.share_prefix(r.table, r.tokens, r.n_prefill)
+            if not pool.grow(r.table, r.n_prefill + self.step_rows):
+                pool.release(r.table)
                 break
+            pool.queries, pool.hits = pool.queries + r.n_prefill, pool.hits + cached
+            if r.n_prefill == len(r.prompt):
+                r.metrics.num_cached_tokens = cached
+            r.n_main = cached
             self.waiting.popleft()
             r.status = Status.PREFILL
             self.running.append(r)
@@ -180,7 +194,10 @@ class Engine:
         """Free r's blocks and queue it first, to be recomputed from its committed tokens."""
         self.pool.release(r.table)
         self.running.remove(r)
-        r.status, r.n_main, r.n_prefill, r.g = Status.WAITING, 0, len(r.tokens) - 1, None
+        # a request preempted before its first token prefills its prompt again and samples that token then (with
+        # the same draws as unpreempted); later ones recompute every committed token but the root
+        r.status, r.n_main, r.g = Status.WAITING, 0, None
+        r.n_prefill = len(r.tokens) - 1 if r.generated else len(r.tokens)
         r.carry = [None] * len(r.carry)
         r.metrics.num_preemptions += 1
         self.waiting.appendleft(r)
@@ -248,8 +265,10 @@ class Engine:
             for r, _, _ in keep:
                 r.metrics.prefill_time += dt / len(keep)
         for r, _, e in chunks:
-            if not r.finished and e == r.n_prefill:
-                r.status = Status.RUNNING
+            if not r.finished:
+                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
+                if e == r.n_prefill:
+                    r.status = Status.RUNNING
         return bool(firsts)
 
     def _sample(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
@@ -285,6 +304,7 @@ class Engine:
             self.clock.add([r.metrics for r in cont], "draft_time", t2, self.clock.mark())
             for r, gi in zip(cont, g):
                 r.g = gi
+                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
 
     def _propose(self, active: list[Request], rows: Rows, root: torch.Tensor, sb: SamplingBatch) -> Draft:
         """The MTP drafts a chain or tree from each request's last committed row."""
@@ -369,6 +389,8 @@ class Engine:
                 r.emit([tok])
                 if r.finish_reason is not None:
                     self._finish(r)
+                else:
+                    self.pool.cache_prefix(r.table, r.tokens, r.n_main)
 
     def _check_finite(self, r: Request, finite: int) -> bool:
         """False, and the request ends with its error, when its logits were not finite."""
@@ -381,42 +403,6 @@ class Engine:
         r.finish_reason = "error"
         self._finish(r)
         return False
-
-
-class StepClock:
-    """Phase timings that never add a host sync: perf_counter on a CPU; on CUDA, events whose durations are read
-    at the step's next sync (`synced`), so a phase's time is its GPU time, not the time to launch it."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._pending: list[tuple[list[Metrics], str, Any, Any]] = []
-
-    def mark(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def add(self, metrics: list[Metrics], field: str, start: Any, end: Any) -> None:
-        """Add the time from start to end to every metrics' `field` (now on a CPU; at the next sync on CUDA)."""
-        if self.cuda:
-            self._pending.append((metrics, field, start, end))
-        else:
-            for m in metrics:
-                setattr(m, field, getattr(m, field) + end - start)
-
-    def synced(self) -> None:
-        """The device is idle up to here: resolve every pending duration whose end event has completed."""
-        keep = []
-        for metrics, field, start, end in self._pending:
-            if not end.query():
-                keep.append((metrics, field, start, end))
-                continue
-            dt = start.elapsed_time(end) / 1e3
-            for m in metrics:
-                setattr(m, field, getattr(m, field) + dt)
-        self._pending = keep
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,11 +7,21 @@ tensor and extended when it grows, so a step's attention metadata is a slice of 
 
 Blocks are taken lowest-first, and right after a request's last block when that one is free, so a request's slots
 are usually one consecutive run: CPU attention then reads its rows as a view of the cache (AttnMeta.host_base).
+
+Prefix caching (as vLLM's): a full block whose rows are final is indexed by a chained hash of every token up to its
+end, plus the `lookahead` tokens after it (MTP row i pairs token i+1 with the main model's state at i, so with one
+MTP layer a block's MTP rows also depend on the next block's first token). A later request whose tokens hash alike
+shares the block (reference counted) instead of recomputing it; nobody writes a shared block, since requests only
+write rows past their committed ones. Unreferenced indexed blocks count as free and are evicted least recently used
+first, after the never-indexed free ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +39,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     slots: torch.Tensor | None = None  # [len(blocks) * B] int64 on the pool's device
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of its first len(hashes) full blocks
 
     @property
     def capacity(self) -> int:
@@ -45,10 +56,11 @@ class BlockTable:
 
 class KVPool:
     """num_blocks blocks of BLOCK_SIZE slots in the main cache (num_hidden_layers layers) and in the MTP cache
-    (num_nextn_predict_layers layers, when `mtp`)."""
+    (num_nextn_predict_layers layers, when `mtp`). `lookahead` (tokens after a block that its rows depend on) turns
+    on prefix caching; None leaves it off."""
 
     def __init__(self, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device: torch.device, mtp: bool,
-                 block_size: int = BLOCK_SIZE):
+                 block_size: int = BLOCK_SIZE, lookahead: int | None = None):
         if num_tokens < block_size:
             raise KVPoolError(f"kv_cache_tokens={num_tokens}: the pool needs at least one block of {block_size}")
         self.block_size = block_size
@@ -57,9 +69,15 @@ class KVPool:
         self.device = device
         self.main = LatentCache(cfg.num_hidden_layers, slots, cfg.kv_cache_dim, dtype, device)
         self.mtp = LatentCache(cfg.num_nextn_predict_layers, slots, cfg.kv_cache_dim, dtype, device) if mtp else None
-        self._free = list(range(self.num_blocks))  # a heap: lowest block first
+        self._free = list(range(self.num_blocks))  # a heap: lowest block first, never-indexed blocks
         self._is_free = [True] * self.num_blocks
         self._offsets = torch.arange(block_size, device=device)
+        self.lookahead = lookahead  # None: no prefix caching
+        self._refs = [0] * self.num_blocks
+        self._index: dict[tuple[bytes, tuple[int, ...]], int] = {}  # (chained hash, lookahead tokens) -> block
+        self._key: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> its index key
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # indexed, unreferenced: least recently used first
+        self.queries = self.hits = 0  # prompt tokens looked up / found in the prefix cache (the engine counts)
 
     @property
     def num_tokens(self) -> int:
@@ -67,10 +85,11 @@ class KVPool:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks no request holds: never indexed, or cached and evictable."""
+        return len(self._free) + len(self._evictable)
 
     def usage(self) -> float:
-        """Share of blocks in use, 0..1."""
+        """Share of blocks held by requests, 0..1 (cached blocks nobody holds count as free)."""
         return 1 - self.num_free_blocks / self.num_blocks
 
     def blocks_for(self, rows: int) -> int:
@@ -81,7 +100,7 @@ class KVPool:
         need = self.blocks_for(rows) - len(table.blocks)
         if need <= 0:
             return True
-        if need > len(self._free):
+        if need > self.num_free_blocks:
             return False
         new = []
         for _ in range(need):
@@ -90,21 +109,80 @@ class KVPool:
                 b = last + 1
                 self._free.remove(b)
                 heapq.heapify(self._free)
-            else:
+            elif self._free:
                 b = heapq.heappop(self._free)
+            else:  # evict the least recently used cached block
+                b, _ = self._evictable.popitem(last=False)
+                del self._index[self._key.pop(b)]
             self._is_free[b] = False
+            self._refs[b] = 1
             new.append(b)
+        self._append(table, new)
+        return True
+
+    def _append(self, table: BlockTable, new: list[int]) -> None:
         table.blocks += new
         added = (torch.tensor(new, device=self.device)[:, None] * self.block_size + self._offsets).reshape(-1)
         table.slots = added if table.slots is None else torch.cat([table.slots, added])
-        return True
 
     def release(self, table: BlockTable) -> None:
-        """Return every block of `table` to the pool."""
+        """Drop `table`'s hold on its blocks; a block nobody holds is free again (evictable when indexed)."""
         for b in table.blocks:
-            self._is_free[b] = True
-            heapq.heappush(self._free, b)
-        table.blocks, table.slots = [], None
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            if b in self._key:
+                self._evictable[b] = None
+            else:
+                self._is_free[b] = True
+                heapq.heappush(self._free, b)
+        table.blocks, table.slots, table.hashes = [], None, []
+
+    # --- prefix caching ----------------------------------------------------------------------------------------
+
+    def _chain(self, prev: bytes, tokens: list[int]) -> bytes:
+        return hashlib.blake2b(prev + array("q", tokens).tobytes(), digest_size=16).digest()
+
+    def share_prefix(self, table: BlockTable, tokens: list[int], rows: int) -> int:
+        """Give an empty `table` the cached blocks that hold the longest indexed prefix of the `rows` rows a
+        prefill must write (the last row is always recomputed: its output seeds the next token and draft);
+        returns the rows it got, a multiple of the block size."""
+        if self.lookahead is None or table.blocks:
+            return 0
+        bs, la, h, found = self.block_size, self.lookahead, b"", []
+        for k in range((rows - 1) // bs):
+            end = (k + 1) * bs
+            if end + la > len(tokens):
+                break
+            h = self._chain(h, tokens[end - bs:end])
+            b = self._index.get((h, tuple(tokens[end:end + la])))
+            if b is None:
+                break
+            found.append(b)
+            table.hashes.append(h)
+        for b in found:
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+        if found:
+            self._append(table, found)
+        return len(found) * bs
+
+    def cache_prefix(self, table: BlockTable, tokens: list[int], final_rows: int) -> None:
+        """Index `table`'s full blocks among its first `final_rows` rows (rows nobody will write again)."""
+        if self.lookahead is None:
+            return
+        bs, la = self.block_size, self.lookahead
+        while (len(table.hashes) + 1) * bs <= final_rows:
+            k = len(table.hashes)
+            end = (k + 1) * bs
+            if end + la > len(tokens):
+                return
+            h = self._chain(table.hashes[-1] if k else b"", tokens[end - bs:end])
+            table.hashes.append(h)
+            key, b = (h, tuple(tokens[end:end + la])), table.blocks[k]
+            if key not in self._index and b not in self._key:
+                self._index[key], self._key[b] = b, key
 
 
 @dataclass(frozen=True)

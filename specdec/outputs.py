@@ -22,6 +22,7 @@ class Metrics:
     other_time: float = 0.0  # the rest of its time in the engine (waiting, other requests' work)
     first_token_time: float = 0.0  # seconds from arrival to the first emitted token
     num_preemptions: int = 0  # times its KV blocks were taken back under memory pressure (then recomputed)
+    num_cached_tokens: int = 0  # prompt tokens whose KV rows came from the prefix cache
 
     @property
     def mean_accepted_length(self) -> float:
@@ -49,6 +50,7 @@ class Metrics:
             "prefill_time": self.prefill_time, "draft_time": self.draft_time, "verify_time": self.verify_time,
             "other_time": self.other_time,
             "first_token_time": self.first_token_time, "num_preemptions": self.num_preemptions,
+            "num_cached_tokens": self.num_cached_tokens,
         }
 
 

@@ -56,9 +56,11 @@ def test_staggered_arrivals_equal_each_request_alone(ckpt: Path, alone: LLM, kv_
               prefill_chunk=chunk)
     done = _run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
-        want = alone.generate([prompt], p)[0].token_ids
-        assert r.generated == want, f"seed={seed} request {i} (preempted {r.metrics.num_preemptions}x)"
+        want = alone.generate([prompt], p)[0]
+        assert r.generated == want.token_ids, f"seed={seed} request {i} (preempted {r.metrics.num_preemptions}x)"
         assert r.finish_reason == "length"
+        # the same drafts and steps too (a request preempted before its first token samples it at prefill again)
+        assert r.metrics.num_accepted == want.metrics.num_accepted, f"seed={seed} request {i}"
     assert llm.engine.pool.usage() == 0 and not llm.engine.running and not llm.engine.waiting
     if kv_tokens == 512:
         assert sum(r.metrics.num_preemptions for r in done) > 0, f"seed={seed}: the tight pool never preempted"

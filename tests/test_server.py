@@ -429,19 +429,25 @@ def test_serve_refuses_a_port_in_use(ckpt: Path, capsys: pytest.CaptureFixture[s
 def test_metrics_add_up_to_the_responses(ckpt: Path, seed: int) -> None:
     rng = random.Random(seed)
     with serving(ckpt) as u, httpx.Client(timeout=60) as client:
-        specs, tokens = [], 0
+        specs, usages = [], []
+        shared = [rng.randrange(2, VOCAB) for _ in range(150)]  # sent twice: 128 cached tokens the second time
         for i in range(6):
-            body = {"prompt": [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 20))],
-                    "max_tokens": rng.randint(1, 40), "temperature": 0, "ignore_eos": True}
+            prompt = shared if i >= 4 else [rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 20))]
+            body = {"prompt": prompt, "max_tokens": rng.randint(1, 40), "temperature": 0, "ignore_eos": True}
             if i % 2:
                 ev = events(client, u, body | {"stream_options": {"include_usage": True}})
                 specs.append(ev[-1]["spec_decode"])
-                tokens += ev[-1]["usage"]["completion_tokens"]
+                usages.append(ev[-1]["usage"])
             else:
                 r = client.post(f"{u}/v1/completions", json=body).json()
                 specs.append(r["spec_decode"])
-                tokens += r["usage"]["completion_tokens"]
+                usages.append(r["usage"])
+        assert usages[5]["prompt_tokens_details"]["cached_tokens"] == 128, usages[5]
         m = scrape(u)
+        assert m["specdec:prefix_cache_queries_total"] == sum(x["prompt_tokens"] for x in usages)
+        assert m["specdec:prefix_cache_hits_total"] == sum(x["prompt_tokens_details"]["cached_tokens"]
+                                                           for x in usages) >= 128
+        tokens = sum(x["completion_tokens"] for x in usages)
         p = "specdec:spec_decode_"
         assert m[p + "num_drafts_total"] == sum(s["num_drafts"] for s in specs) > 0, f"seed={seed}"
         assert m[p + "num_draft_tokens_total"] == sum(s["num_draft_tokens"] for s in specs)

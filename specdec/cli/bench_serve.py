@@ -26,7 +26,7 @@ from .bench_acceptance import plot_formats
 SERVER_FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "tp": "--tp", "backend": "--backend",
                 "threads": "--threads", "no_mtp": "--no-mtp", "max_num_seqs": "--max-num-seqs",
                 "kv_cache_tokens": "--kv-cache-tokens", "max_queued_requests": "--max-queued-requests",
-                **common.SPEC_FLAGS}
+                "enable_prefix_caching": "--no-enable-prefix-caching", **common.SPEC_FLAGS}
 COMPARE_ONLY = {"concurrency": "--concurrency", "plot": "--plot"}
 
 

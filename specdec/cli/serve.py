@@ -29,6 +29,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
                    help="KV cache rows over all running requests (default: 90%% of a GPU's free memory, 10%% of a "
                         "CPU's available memory)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV rows of full 64-token blocks a new prompt shares with earlier requests "
+                        "(default on)")
     p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
                    help=f"requests allowed to wait for a slot; past it new ones get 503 (default {DEFAULT_MAX_QUEUED})")
 
@@ -39,7 +42,7 @@ def load_server_llm(args: argparse.Namespace) -> LLM:
         if v is not None and v < 1:
             raise ValueError(f"{flag} {v}: must be a positive integer")
     return common.load_llm(args, common.spec_config(args), kv_cache_tokens=args.kv_cache_tokens,
-                           max_num_seqs=args.max_num_seqs)
+                           max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -97,8 +97,8 @@ class Server:
             raise
         r = job.request
         text = "".join(o.text for u in updates for o in u.outs)
-        return JSONResponse(shape.full(text, list(r.generated), r.finish_reason, r.stop_reason,
-                                       usage(len(r.prompt), len(r.generated)), spec_decode(job, self.speculative)))
+        return JSONResponse(shape.full(text, list(r.generated), r.finish_reason, r.stop_reason, usage_of(r),
+                                       spec_decode(job, self.speculative)))
 
     async def _events(self, job: Job, queue: asyncio.Queue[Update], u: Update, shape: Shape,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -123,7 +123,7 @@ class Server:
                         yield sse(shape.chunk("", [], r.finish_reason, r.stop_reason,
                                               spec_decode(job, self.speculative)))
                     if include_usage:
-                        yield sse(shape.usage_chunk(usage(len(r.prompt), len(r.generated)),
+                        yield sse(shape.usage_chunk(usage_of(r),
                                                     spec_decode(job, self.speculative)))
                     break
                 u = await queue.get()
@@ -132,6 +132,10 @@ class Server:
         finally:
             if not done:  # the client went away (or the stream failed): free the request's blocks now
                 self.loop.abort(job.key)
+
+
+def usage_of(r: Any) -> dict:
+    return usage(len(r.prompt), len(r.generated), r.metrics.num_cached_tokens)
 
 
 def as_api_error(e: Exception) -> ApiError:
