@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from models import agreeable_checkpoint
+from staggered import run_staggered
 
 from specdec import LLM, SamplingParams, SpecConfig
 
@@ -34,17 +35,6 @@ def _requests(seed: int, n: int, temperature: float = 0.0) -> list[tuple[list[in
     return reqs
 
 
-def _staggered(llm: LLM, reqs: list[tuple[list[int], SamplingParams]], seed: int) -> list:
-    rng = random.Random(seed + 1)
-    e, pending, added = llm.engine, list(reqs), []
-    while pending or e.has_unfinished:
-        for _ in range(rng.randint(0, 2)):
-            if pending:
-                added.append(e.add(*pending.pop(0)))
-        e.step()
-    return added
-
-
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("kv_tokens", [None, 768], ids=["roomy", "tight-pool"])
 def test_cached_prefixes_generate_what_recomputation_does(ckpt: Path, name: str, kv_tokens: int | None,
@@ -54,9 +44,9 @@ def test_cached_prefixes_generate_what_recomputation_does(ckpt: Path, name: str,
     reqs = _requests(seed, 20)
     kw = dict(dtype="float32", speculative=SPECS[name], kv_cache_tokens=kv_tokens, prefill_chunk=48)
     llm = LLM(ckpt, **kw)
-    cached = _staggered(llm, reqs, seed)
+    cached = run_staggered(llm, reqs, seed, max_per_step=2)
     ref = LLM(ckpt, enable_prefix_caching=False, **kw)
-    fresh = _staggered(ref, reqs, seed)
+    fresh = run_staggered(ref, reqs, seed, max_per_step=2)
     for i, (a, b) in enumerate(zip(cached, fresh)):
         assert a.generated == b.generated, f"seed={seed} request {i} ({a.metrics.num_cached_tokens} cached tokens)"
         # the same drafts: a wrong MTP row would change acceptance, never the (lossless) output
@@ -110,8 +100,8 @@ def test_a_block_is_shared_only_with_the_tokens_its_mtp_rows_saw(ckpt: Path, nam
 def test_seeded_sampling_is_unchanged_by_the_cache(ckpt: Path, seed: int) -> None:
     reqs = _requests(seed, 10, temperature=0.9)
     kw = dict(dtype="float32", speculative=SPECS["tree"])
-    a = _staggered(LLM(ckpt, **kw), reqs, seed)
-    b = _staggered(LLM(ckpt, enable_prefix_caching=False, **kw), reqs, seed)
+    a = run_staggered(LLM(ckpt, **kw), reqs, seed, max_per_step=2)
+    b = run_staggered(LLM(ckpt, enable_prefix_caching=False, **kw), reqs, seed, max_per_step=2)
     assert [r.generated for r in a] == [r.generated for r in b], f"seed={seed}"
     assert sum(r.metrics.num_cached_tokens for r in a) > 0
 

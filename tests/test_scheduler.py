@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from models import agreeable_checkpoint
+from staggered import run_staggered
 
 from specdec import LLM, SamplingParams, SpecConfig
 
@@ -32,18 +33,6 @@ def _requests(seed: int, n: int, max_tokens: int = 30) -> list[tuple[list[int], 
             for _ in range(n)]
 
 
-def _run_staggered(llm: LLM, reqs: list[tuple[list[int], SamplingParams]], seed: int) -> list:
-    """Add the requests a few at a time between engine steps, then step until all finish."""
-    rng = random.Random(seed + 1)
-    e, pending, added = llm.engine, list(reqs), []
-    while pending or e.has_unfinished:
-        for _ in range(rng.randint(0, 3)):
-            if pending:
-                added.append(e.add(*pending.pop(0)))
-        e.step()
-    return added
-
-
 @pytest.mark.parametrize("kv_tokens, max_seqs, chunk", [(None, 64, 512), (512, 64, 7), (2048, 5, 16)],
                          ids=["roomy", "tight-pool", "few-seqs"])
 def test_staggered_arrivals_equal_each_request_alone(ckpt: Path, alone: LLM, kv_tokens, max_seqs, chunk,
@@ -54,7 +43,7 @@ def test_staggered_arrivals_equal_each_request_alone(ckpt: Path, alone: LLM, kv_
     reqs = _requests(seed, 16, max_tokens=90 if kv_tokens == 512 else 30)
     llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=kv_tokens, max_num_seqs=max_seqs,
               prefill_chunk=chunk)
-    done = _run_staggered(llm, reqs, seed)
+    done = run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
         want = alone.generate([prompt], p)[0]
         assert r.generated == want.token_ids, f"seed={seed} request {i} (preempted {r.metrics.num_preemptions}x)"
@@ -72,7 +61,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(ckpt: Path, alone: LLM, se
              SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=seed + i, ignore_eos=True))
             for i in range(8)]
     llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=512)
-    done = _run_staggered(llm, reqs, seed)
+    done = run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
         assert r.generated == alone.generate([prompt], p)[0].token_ids, f"seed={seed} request {i}"
 
