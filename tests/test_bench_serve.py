@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,14 +50,16 @@ def _check_run(r: dict, n: int, max_tokens: int, mtp: bool) -> None:
 
 def test_in_process_run(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    assert main(["bench", "serve", "--model", str(ckpt), "--num-prompts", "5", "--max-tokens", "8",
+    assert main(["bench", "serve", "--model", str(ckpt), "--num-prompts", "18", "--max-tokens", "8",
                  "--max-concurrency", "3", "--request-rate", "50", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for row in ("successful requests", "output token throughput (tok/s)", "median TTFT (ms)", "p99 TPOT (ms)",
-                "mean ITL (ms)", "acceptance length", "acceptance per position"):
+                "mean ITL (ms)", "acceptance length", "acceptance per position", "input tokens from the prefix cache"):
         assert row in text, text
     r = json.loads(out.read_text())
-    _check_run(r, 5, 8, mtp=True)
+    _check_run(r, 18, 8, mtp=True)
+    # the last 3 repeat the first 3 of the 15 held-out prompts: their full blocks come from the prefix cache
+    assert 0 < r["total_cached_tokens"] < r["total_input_tokens"] and r["total_cached_tokens"] % 64 == 0
     assert r["max_concurrency"] == 3 and r["request_rate"] == 50
 
 
@@ -97,3 +101,12 @@ def test_compare_mtp_curve(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFix
 ])
 def test_bad_flags_are_one_line_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     one_line_error(capsys, ["bench", "serve", "--num-prompts", "1", *argv], needle)
+
+
+def test_shared_prefix_requests(tmp_path: Path) -> None:
+    """bench/shared_prefix.py writes requests that share their first characters, readable by --input-file."""
+    out = tmp_path / "s.jsonl"
+    subprocess.run([sys.executable, "bench/shared_prefix.py", "--out", str(out), "--num-prompts", "3",
+                    "--prefix-chars", "500"], check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    prompts = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+    assert len(prompts) == 3 and len({p[:500] for p in prompts}) == 1 and len(set(prompts)) == 3

@@ -64,6 +64,7 @@ def format_report(r: dict) -> str:
     s = r["spec_decode"]
     rows = [["successful requests", str(r["completed"])], ["failed requests", str(r["failed"])],
             ["duration (s)", f"{r['duration']:.2f}"], ["total input tokens", str(r["total_input_tokens"])],
+            ["input tokens from the prefix cache", str(r["total_cached_tokens"])],
             ["total generated tokens", str(r["total_output_tokens"])],
             ["request throughput (req/s)", f"{r['request_throughput']:.2f}"],
             ["output token throughput (tok/s)", f"{r['output_throughput']:.1f}"]]

@@ -36,6 +36,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache held
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
@@ -61,6 +62,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
                 if event.get("usage"):
                     r.output_tokens = event["usage"]["completion_tokens"]
                     r.prompt_tokens = event["usage"]["prompt_tokens"]
+                    r.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if event.get("choices") and event["choices"][0].get("finish_reason") == "abort":
                     r.error = "aborted by the server"
                 if event.get("choices") and event["choices"][0].get("token_ids"):
@@ -176,6 +178,7 @@ def summarize(results: list[Result], duration: float, before: dict, after: dict)
     return {
         "completed": len(ok), "failed": len(results) - len(ok), "errors": errors[:5], "duration": duration,
         "total_input_tokens": sum(r.prompt_tokens for r in ok), "total_output_tokens": out_tokens,
+        "total_cached_tokens": sum(r.cached_tokens for r in ok),
         "server_generation_tokens": int(after["generation_tokens"] - before["generation_tokens"]),
         "request_throughput": len(ok) / duration if duration else 0.0,
         "output_throughput": out_tokens / duration if duration else 0.0,
