@@ -179,7 +179,6 @@ class Engine:
             if not pool.grow(r.table, r.n_prefill + self.step_rows):
                 pool.release(r.table)
                 break
-            pool.queries, pool.hits = pool.queries + r.n_prefill, pool.hits + cached
             if r.n_prefill == len(r.prompt):
                 r.metrics.num_cached_tokens = cached
             r.n_main = cached

@@ -77,7 +77,6 @@ class KVPool:
         self._index: dict[tuple[bytes, tuple[int, ...]], int] = {}  # (chained hash, lookahead tokens) -> block
         self._key: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> its index key
         self._evictable: OrderedDict[int, None] = OrderedDict()  # indexed, unreferenced: least recently used first
-        self.queries = self.hits = 0  # prompt tokens looked up / found in the prefix cache (the engine counts)
 
     @property
     def num_tokens(self) -> int:

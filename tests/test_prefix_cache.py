@@ -53,14 +53,14 @@ def test_cached_prefixes_generate_what_recomputation_does(ckpt: Path, name: str,
         assert a.metrics.num_accepted == b.metrics.num_accepted, f"seed={seed} request {i}"
         assert a.metrics.num_cached_tokens % 64 == 0 and a.metrics.num_cached_tokens < len(a.prompt)
     pool = llm.engine.pool
-    assert pool.usage() == 0 and pool.num_free_blocks == pool.num_blocks and pool.hits > 0, f"seed={seed}"
+    assert pool.usage() == 0 and pool.num_free_blocks == pool.num_blocks, f"seed={seed}"
     assert sum(r.metrics.num_cached_tokens for r in cached) > 0, f"seed={seed}: no request hit the cache"
-    assert ref.engine.pool.hits == 0 and sum(r.metrics.num_cached_tokens for r in fresh) == 0
+    assert sum(r.metrics.num_cached_tokens for r in fresh) == 0
     if kv_tokens:
         assert sum(r.metrics.num_preemptions for r in cached) > 0, f"seed={seed}: the tight pool never preempted"
 
 
-def test_pool_accounting_and_counters(ckpt: Path) -> None:
+def test_pool_accounting(ckpt: Path) -> None:
     llm = LLM(ckpt, dtype="float32", speculative=SPECS["chain"], kv_cache_tokens=1024)
     pool = llm.engine.pool
     stem = list(range(2, 202))  # 200 tokens: 3 full blocks
@@ -72,7 +72,6 @@ def test_pool_accounting_and_counters(ckpt: Path) -> None:
     assert again.metrics.num_cached_tokens == 192 and again.token_ids == first.token_ids[:10]
     longer = llm.generate([stem + first.token_ids + [9] * 60], p)[0]  # the first answer's block 3 too
     assert longer.metrics.num_cached_tokens == 256
-    assert (pool.queries, pool.hits) == (200 + 200 + 330, 192 + 256)
     # filling the pool with unrelated prompts evicts the cached blocks, least recently used first
     llm.generate([[3] * 700], SamplingParams(max_tokens=4, ignore_eos=True))
     assert llm.generate([stem], p)[0].metrics.num_cached_tokens == 0
