@@ -153,6 +153,38 @@ def test_openai_client_completions_and_chat(url: str, alone: LLM, ckpt: Path) ->
     assert chunks[-1].choices[0].finish_reason == want.finish_reason
 
 
+def test_n_choices_are_requests_of_their_own(url: str, alone: LLM) -> None:
+    """n=3: choice i is what a request alone generates, seeded with seed + i (vLLM's rule); usage counts the prompt
+    once; a stream tags each event with its choice, and the usage chunk comes after every choice ended."""
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    prompt, extra = [5, 9, 31, 7], {"ignore_eos": True}
+    wants = [alone.generate([prompt], SamplingParams(max_tokens=10, temperature=0.9, seed=11 + i,
+                                                     ignore_eos=True))[0] for i in range(3)]
+    assert len({tuple(w.token_ids) for w in wants}) > 1  # the seeds give different choices
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0.9, seed=11, n=3,
+                             extra_body=extra)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.token_ids for ch in r.choices] == [w.token_ids for w in wants]
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 30
+    assert r.spec_decode["num_accepted_tokens"] == sum(w.metrics.num_accepted for w in wants)
+    assert r.spec_decode["num_drafts"] == sum(w.metrics.num_decode_steps for w in wants)
+
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0.9, seed=11, n=3,
+                                       stream=True, stream_options={"include_usage": True}, extra_body=extra))
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for ch in chunks[:-1]:
+        got[ch.choices[0].index] += ch.choices[0].token_ids
+    assert list(got.values()) == [w.token_ids for w in wants]
+    finishes = [ch.choices[0].index for ch in chunks[:-1] if ch.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2] and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == 30
+
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                     temperature=0, n=2)
+    assert [ch.index for ch in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
 def test_without_a_chat_template_the_plain_one_is_used(ckpt: Path, alone: LLM, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(ckpt, plain, ignore=shutil.ignore_patterns("tokenizer_config.json"))
@@ -256,8 +288,13 @@ def test_disconnects_abort_and_free_their_blocks(ckpt: Path) -> None:
         with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
             client.post(f"{u}/v1/completions", json=body | {"stream": False}, timeout=0.5)
         wait_for(lambda: idle(u), "the abandoned request's blocks")
+        with client.stream("POST", f"{u}/v1/completions", json=body | {"n": 3}) as r:  # every choice's request
+            lines = (ln for ln in r.iter_lines() if ln)
+            for _ in range(3):
+                assert next(lines).startswith("data: ")
+        wait_for(lambda: idle(u), "the aborted choices' blocks")
         m = scrape(u)
-        assert m["specdec:request_success_total{finished_reason=abort}"] == 2
+        assert m["specdec:request_success_total{finished_reason=abort}"] == 5
         assert m["specdec:generation_tokens_total"] < 2000
         r = client.post(f"{u}/v1/completions", json={"prompt": [5], "max_tokens": 3})
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
@@ -277,7 +314,8 @@ BAD = [  # (body or raw text, status, param, words in the message)
     ({"prompt": "x", "seed": -1}, 400, "seed", "2**64"),
     ({"prompt": "x", "stop": [""]}, 400, "stop", "empty"),
     ({"prompt": "x", "stop": [1.5]}, 400, "stop", "valid"),
-    ({"prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ({"prompt": "x", "n": 0}, 400, "n", "between 1 and 64"),
+    ({"prompt": "x", "n": 65}, 400, "n", "between 1 and 64"),
     ({"prompt": "x", "logprobs": 5}, 400, "logprobs", "not supported"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"max_tokens": 4}, 400, "prompt", "required"),

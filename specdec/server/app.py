@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from ..api import LLM
 from ..engine import NonFiniteLogitsError
+from ..params import SamplingParams
 from .chat import ChatTemplate
 from .errors import ApiError, bad_request
 from .loop import DEFAULT_MAX_QUEUED, Aborted, EngineLoop, Job, Update
@@ -66,76 +67,104 @@ class Server:
             raise bad_request(f"{self.llm.path} has no tokenizer.json: send prompts as token ids", "prompt")
         return self.llm._encode(text, 0)
 
-    def submit(self, key: str, ids: list[int], params: Any) -> tuple[Job, asyncio.Queue[Update]]:
-        aloop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    def submit(self, key: str, ids: list[int], params: SamplingParams, queue: asyncio.Queue[tuple[int, Update]],
+               index: int) -> Job:
+        """Queue a request whose updates arrive on `queue` tagged with `index` (its choice)."""
+        aloop = asyncio.get_running_loop()
 
         def deliver(u: Update) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody listens
-                aloop.call_soon_threadsafe(queue.put_nowait, u)
+                aloop.call_soon_threadsafe(queue.put_nowait, (index, u))
 
         job = Job(key, ids, params, deliver)
         self.loop.submit(job)
-        return job, queue
+        return job
 
-    async def respond(self, shape: Shape, ids: list[int], params: Any, stream: bool,
+    async def respond(self, shape: Shape, ids: list[int], params: SamplingParams, n: int, stream: bool,
                       include_usage: bool) -> Response:
-        job, queue = self.submit(shape.id, ids, params)
+        """n choices, each a request of its own in the engine (choice i > 0 seeded with seed + i, as vLLM does);
+        with prefix caching they share the prompt's blocks once one has prefilled them."""
+        queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
+        jobs: list[Job] = []
         try:
+            for i in range(n):
+                key = shape.id if n == 1 else f"{shape.id}-{i}"
+                jobs.append(self.submit(key, ids, child_params(params, i), queue, i))
             first = await queue.get()
-            if first.error is not None:
-                raise as_api_error(first.error)
+            if first[1].error is not None:
+                raise as_api_error(first[1].error)
             if stream:
-                return StreamingResponse(self._events(job, queue, first, shape, include_usage),
+                return StreamingResponse(self._events(jobs, queue, first, shape, include_usage),
                                          media_type="text/event-stream")
-            updates = [first]
-            while not updates[-1].finished:
-                updates.append(await queue.get())
-                if updates[-1].error is not None:
-                    raise as_api_error(updates[-1].error)
+            texts, left, (i, u) = [""] * n, n, first
+            while True:
+                if u.error is not None:
+                    raise as_api_error(u.error)
+                texts[i] += "".join(o.text for o in u.outs)
+                left -= u.finished
+                if not left:
+                    break
+                i, u = await queue.get()
         except BaseException:  # refused, failed, or cancelled by a client disconnect
-            self.loop.abort(job.key)
+            for job in jobs:
+                self.loop.abort(job.key)
             raise
-        r = job.request
-        text = "".join(o.text for u in updates for o in u.outs)
-        return JSONResponse(shape.full(text, list(r.generated), r.finish_reason, r.stop_reason, usage_of(r),
-                                       spec_decode(job, self.speculative)))
+        choices = [(t, list(job.request.generated), job.request.finish_reason, job.request.stop_reason)
+                   for t, job in zip(texts, jobs)]
+        return JSONResponse(shape.full(choices, usage_of(jobs), spec_decode(jobs, self.speculative)))
 
-    async def _events(self, job: Job, queue: asyncio.Queue[Update], u: Update, shape: Shape,
-                      include_usage: bool) -> AsyncIterator[str]:
-        """The SSE stream: a chat stream opens with the role; then one event per StepOutput (the tokens one verify
-        step accepted; the last carries finish_reason and spec_decode); the usage chunk if asked; [DONE]."""
+    async def _events(self, jobs: list[Job], queue: asyncio.Queue[tuple[int, Update]], first: tuple[int, Update],
+                      shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE stream: a chat stream opens each choice with the role; then one event per StepOutput (the
+        tokens one verify step accepted for one choice; a choice's last carries its finish_reason and spec_decode);
+        after every choice ends, the usage chunk if asked; [DONE]."""
         done = False
         try:
             if shape.chat:
-                yield sse(shape.chunk("", [], role=True))
+                for i in range(len(jobs)):
+                    yield sse(shape.chunk("", [], role=True, index=i))
+            left, (i, u) = len(jobs), first
             while True:
                 if u.error is not None and not isinstance(u.error, Aborted):
                     yield sse(as_api_error(u.error).body())
                     break
+                job = jobs[i]
                 r = job.request
-                for i, o in enumerate(u.outs):
-                    last = u.finished and i == len(u.outs) - 1
+                for k, o in enumerate(u.outs):
+                    last = u.finished and k == len(u.outs) - 1
                     yield sse(shape.chunk(o.text, o.token_ids, r.finish_reason if last else None,
                                           r.stop_reason if last else None,
-                                          spec_decode(job, self.speculative) if last else None))
+                                          spec_decode([job], self.speculative) if last else None, index=i))
                 if u.finished:
                     if not u.outs:  # aborted by a shutdown between steps
                         yield sse(shape.chunk("", [], r.finish_reason, r.stop_reason,
-                                              spec_decode(job, self.speculative)))
-                    if include_usage:
-                        yield sse(shape.usage_chunk(usage_of(r),
-                                                    spec_decode(job, self.speculative)))
-                    break
-                u = await queue.get()
+                                              spec_decode([job], self.speculative), index=i))
+                    left -= 1
+                    if not left:
+                        if include_usage:
+                            yield sse(shape.usage_chunk(usage_of(jobs), spec_decode(jobs, self.speculative)))
+                        break
+                i, u = await queue.get()
             done = True
             yield sse("[DONE]")
         finally:
-            if not done:  # the client went away (or the stream failed): free the request's blocks now
-                self.loop.abort(job.key)
+            if not done:  # the client went away (or the stream failed): free the requests' blocks now
+                for job in jobs:
+                    self.loop.abort(job.key)
 
 
-def usage_of(r: Any) -> dict:
-    return usage(len(r.prompt), len(r.generated), r.metrics.num_cached_tokens)
+def child_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i's SamplingParams: a given seed becomes seed + i (mod 2^64), so the choices differ and each is
+    reproducible."""
+    if i == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + i) % 2**64)
+
+
+def usage_of(jobs: list[Job]) -> dict:
+    """The usage of a response's choices: the prompt counted once (and its cached tokens: the first choice's)."""
+    rs = [job.request for job in jobs]
+    return usage(len(rs[0].prompt), sum(len(r.generated) for r in rs), rs[0].metrics.num_cached_tokens)
 
 
 def as_api_error(e: Exception) -> ApiError:
@@ -228,7 +257,7 @@ def create_app(llm: LLM, served_model_name: str | None = None,
         ids = server.encode(prompt) if isinstance(prompt, str) else prompt
         params = body.sampling_params(COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens)
         shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", server.name)
-        return await until_disconnect(raw, server.respond(shape, ids, params, body.stream, body.include_usage))
+        return await until_disconnect(raw, server.respond(shape, ids, params, body.n, body.stream, body.include_usage))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, raw: Request) -> Response:
@@ -250,6 +279,6 @@ def create_app(llm: LLM, served_model_name: str | None = None,
                                   f"the context of {server.context}", "messages")
         params = body.sampling_params(max_tokens)
         shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", server.name)
-        return await until_disconnect(raw, server.respond(shape, ids, params, body.stream, body.include_usage))
+        return await until_disconnect(raw, server.respond(shape, ids, params, body.n, body.stream, body.include_usage))
 
     return app

@@ -25,12 +25,15 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
                960.0, 1920.0)
 
 
-def spec_decode(job: Job, speculative: bool) -> dict:
-    """A finished request's spec_decode object: what responses carry and the counters add up."""
-    m = job.request.metrics
-    return {"mean_accepted_length": m.mean_accepted_length, "num_drafts": m.num_decode_steps if speculative else 0,
-            "num_draft_tokens": m.num_drafted, "num_accepted_tokens": m.num_accepted,
-            "num_accepted_tokens_per_pos": list(m.accepted_per_position)}
+def spec_decode(jobs: list[Job], speculative: bool) -> dict:
+    """The spec_decode object of finished requests (one, or a response's n choices) as responses carry it and the
+    counters add up: tokens per main-model step, verify steps, draft tokens verified and accepted."""
+    ms = [job.request.metrics for job in jobs]
+    steps = sum(m.num_steps for m in ms)
+    return {"mean_accepted_length": sum(m.num_generated for m in ms) / steps if steps else 0.0,
+            "num_drafts": sum(m.num_decode_steps for m in ms) if speculative else 0,
+            "num_draft_tokens": sum(m.num_drafted for m in ms), "num_accepted_tokens": sum(m.num_accepted for m in ms),
+            "num_accepted_tokens_per_pos": [sum(c) for c in zip(*(m.accepted_per_position for m in ms))]}
 
 
 class ServerMetrics:
@@ -70,7 +73,7 @@ class ServerMetrics:
     def observe(self, job: Job) -> None:
         """A finished request (on the engine loop thread)."""
         r = job.request
-        s = spec_decode(job, self.speculative)
+        s = spec_decode([job], self.speculative)
         self.drafts.inc(s["num_drafts"])
         self.draft_tokens.inc(s["num_draft_tokens"])
         self.accepted.inc(s["num_accepted_tokens"])

@@ -15,6 +15,7 @@ from ..params import SamplingParams
 from .errors import ApiError, bad_request
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+MAX_N = 64  # choices per request; each runs as a request of its own
 
 # OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -71,8 +72,8 @@ class _Sampling(BaseModel):
 
     def check(self) -> None:
         """400 for what the request asks and this server does not do."""
-        if self.n != 1:
-            raise bad_request(f"n: only n=1 is supported (one choice per request), got {self.n}", "n")
+        if not 1 <= self.n <= MAX_N:
+            raise bad_request(f"n: the number of choices must be between 1 and {MAX_N}, got {self.n}", "n")
         for name, value in (self.model_extra or {}).items():
             if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
                 raise bad_request(f"{name}: not supported by this server (got {value!r})", name)

@@ -1,5 +1,6 @@
 """Response bodies in OpenAI's shapes: text_completion / chat.completion and their stream chunks, each choice also
-carrying the token ids (vLLM's `token_ids`) and each finished response its `spec_decode` object and `usage`."""
+carrying the token ids (vLLM's `token_ids`) and each finished response its `spec_decode` object and `usage`
+(over its n choices: the prompt counted once)."""
 
 from __future__ import annotations
 
@@ -26,24 +27,27 @@ class Shape:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, token_ids: list[int], finish_reason: str, stop_reason: int | str | None,
-             usage: dict, spec: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
-        return self._head(False) | {"choices": [choice], "usage": usage, "spec_decode": spec}
+    def full(self, choices: list[tuple[str, list[int], str, int | str | None]], usage: dict, spec: dict) -> dict:
+        """choices: (text, token_ids, finish_reason, stop_reason) of each of the request's n choices."""
+        out = []
+        for i, (text, token_ids, finish_reason, stop_reason) in enumerate(choices):
+            if self.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            else:
+                choice = {"index": i, "text": text, "logprobs": None}
+            out.append(choice | {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids})
+        return self._head(False) | {"choices": out, "usage": usage, "spec_decode": spec}
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None,
-              stop_reason: int | str | None = None, spec: dict | None = None, role: bool = False) -> dict:
-        """One stream event: the text and tokens one verify step accepted; the last one has finish_reason and
-        spec_decode. role=True: the chat stream's opening delta."""
+              stop_reason: int | str | None = None, spec: dict | None = None, role: bool = False,
+              index: int = 0) -> dict:
+        """One stream event of choice `index`: the text and tokens one verify step accepted; the choice's last one
+        has finish_reason and its spec_decode. role=True: a chat choice's opening delta."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": text} if role else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None}
+            choice = {"index": index, "delta": delta, "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": index, "text": text, "logprobs": None}
         choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
         out = self._head(True) | {"choices": [choice]}
         return out | {"spec_decode": spec} if spec is not None else out
