@@ -33,7 +33,7 @@ from .model.transformer import DeepseekV3
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 from .request import Request, Status
-from .sampling import SamplingBatch, sample_from
+from .sampling import SamplingBatch, logprob_dict, sample_from, token_logprobs
 from .step_clock import StepClock
 from .verify import Relaxed, accept
 
@@ -241,11 +241,13 @@ class Engine:
             logits = self.model.logits(torch.stack([parts[i][-1] for i in firsts]))
             sb = SamplingBatch.build([r.params for r in freq], [r.gen for r in freq], 1, dev)
             first = torch.stack([self._sample(logits, sb), _finite(logits)], 1)
-            first = self.model.dist.broadcast(first).tolist()  # sync; rank 0 decides under tensor parallelism
-            for r, (tok, finite) in zip(freq, first):
+            first = self.model.dist.broadcast(first)
+            host = first.tolist()  # sync; rank 0 decides under tensor parallelism
+            lps = self._logprobs(freq, logits, first[:, 0], 1)
+            for i, (r, (tok, finite)) in enumerate(zip(freq, host)):
                 if self._check_finite(r, finite):
                     r.metrics.num_steps += 1
-                    r.emit([tok])
+                    r.emit([tok], lps[i] if lps else None)
         t1 = time.perf_counter()
         for (r, _, e), n in zip(chunks, lens):
             r.metrics.prefill_time += (t1 - t0) * n / sum(lens)
@@ -290,8 +292,8 @@ class Engine:
             return self._decode_plain(active, rows, root, sb, t0)
         draft = self._propose(active, rows, root, sb)
         t1 = self.clock.mark()
-        hidden, host = self._verify(active, rows, draft, sb)
-        cont, n_before, paths = self._commit(active, draft.tree.num_nodes, host)
+        hidden, host, lps = self._verify(active, rows, draft, sb)
+        cont, n_before, paths = self._commit(active, draft.tree.num_nodes, host, lps)
         t2 = self.clock.mark()
         timed = [r.metrics for r in active if r.finish_reason != "error"]
         self.clock.add(timed, "draft_time", t0, t1)
@@ -311,10 +313,11 @@ class Engine:
         return self.drafter.draft(root, g, [r.n_main for r in active], rows, self.pool.mtp, sb)
 
     def _verify(self, active: list[Request], rows: Rows, draft: Draft, sb: SamplingBatch
-                ) -> tuple[torch.Tensor, list[list[int]]]:
+                ) -> tuple[torch.Tensor, list[list[int]], list[list[dict[int, float]] | None] | None]:
         """One tree-masked main forward over every node, acceptance, and the step's one host transfer: per request
         [accepted count, path (k+1), path tokens (k+1), bonus token, finite flag]. Returns the nodes' hidden states
-        [B, N, D] too (the MTP extend reads the accepted path's)."""
+        [B, N, D] too (the MTP extend reads the accepted path's), and the emitted tokens' logprobs when a request
+        asks for them."""
         tree, q = draft.tree, draft.q
         b, n = len(active), tree.num_nodes
         k, w = self.spec.num_speculative_tokens, self.spec.topk
@@ -330,18 +333,27 @@ class Engine:
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
         finite = _finite(logits.view(b, n, -1)).all(-1)
         host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
-        host = self.model.dist.broadcast(host).tolist()  # sync; rank 0's acceptance is every rank's
+        dev_host = self.model.dist.broadcast(host)
+        host = dev_host.tolist()  # sync; rank 0's acceptance is every rank's
         self.clock.synced()
-        return hidden, host
+        lps = None
+        if any(r.params.logprobs is not None for r in active):
+            # emitted token j (accepted drafts, then the bonus) is the main model's choice at path node j
+            a, path = dev_host[:, 0], dev_host[:, 1:2 + k].clamp(min=0)
+            emitted = torch.cat([dev_host[:, 3 + k:3 + 2 * k], a[:, None] * 0], 1).scatter(
+                1, a[:, None], dev_host[:, -2:-1])
+            rows = logits.view(b, n, -1).gather(1, path[..., None].expand(b, k + 1, logits.shape[-1]))
+            lps = self._logprobs(active, rows.view(b * (k + 1), -1), emitted.reshape(-1), k + 1)
+        return hidden, host, lps
 
-    def _commit(self, active: list[Request], n_nodes: int, host: list[list[int]]
-                ) -> tuple[list[Request], list[int], list[list[int]]]:
+    def _commit(self, active: list[Request], n_nodes: int, host: list[list[int]],
+                lps: list[list[dict[int, float]] | None] | None) -> tuple[list[Request], list[int], list[list[int]]]:
         """Emit each request's accepted tokens and bonus; move the accepted path's main-cache rows to the rows
         right after its prefix. Returns the requests that go on, their committed rows before this step, and
         their accepted paths (node indices from the root)."""
         k = self.spec.num_speculative_tokens
         src, dst, cont, n_before, paths = [], [], [], [], []
-        for r, row in zip(active, host):
+        for i, (r, row) in enumerate(zip(active, host)):
             if not self._check_finite(r, row[-1]):
                 continue
             a = row[0]
@@ -353,7 +365,7 @@ class Engine:
             for d in range(a):
                 m.accepted_per_position[d] += 1
             start = r.n_main
-            r.emit(row[2 + k + 1:2 + k + 1 + a] + [row[-2]])
+            r.emit(row[2 + k + 1:2 + k + 1 + a] + [row[-2]], lps[i] if lps else None)
             if r.finish_reason is not None:
                 self._finish(r)
                 continue
@@ -377,19 +389,32 @@ class Engine:
         meta = rows.meta(n_main, [1] * len(active), _ones(len(active), root.device))
         hidden = self.model(root, torch.tensor(n_main, device=root.device), meta, self.pool.main)
         logits = self.model.logits(hidden)
-        host = torch.stack([self._sample(logits, sb), _finite(logits)], 1)
-        host = self.model.dist.broadcast(host).tolist()  # sync; rank 0 decides under tensor parallelism
+        out = self.model.dist.broadcast(torch.stack([self._sample(logits, sb), _finite(logits)], 1))
+        host = out.tolist()  # sync; rank 0 decides under tensor parallelism
+        lps = self._logprobs(active, logits, out[:, 0], 1)
         self.clock.synced()
         self.clock.add([r.metrics for r in active], "verify_time", t0, self.clock.mark())
-        for r, (tok, finite) in zip(active, host):
+        for i, (r, (tok, finite)) in enumerate(zip(active, host)):
             if self._check_finite(r, finite):
                 r.metrics.num_steps += 1
                 r.n_main += 1
-                r.emit([tok])
+                r.emit([tok], lps[i] if lps else None)
                 if r.finish_reason is not None:
                     self._finish(r)
                 else:
                     self.pool.cache_prefix(r.table, r.tokens, r.n_main)
+
+    def _logprobs(self, reqs: list[Request], logits: torch.Tensor, chosen: torch.Tensor, per: int
+                  ) -> list[list[dict[int, float]] | None] | None:
+        """logits [len(reqs) * per, V] and the tokens chosen there -> per request its `per` rows' logprob dicts,
+        None for a request that does not ask (and instead of the list when none does); rows past what a request
+        emits are never read."""
+        want = [r.params.logprobs for r in reqs]
+        if all(w is None for w in want):
+            return None
+        ids, values = token_logprobs(logits, chosen, max(w or 0 for w in want))
+        return [None if w is None else [logprob_dict(ids[i * per + j], values[i * per + j], w) for j in range(per)]
+                for i, w in enumerate(want)]
 
     def _check_finite(self, r: Request, finite: int) -> bool:
         """False, and the request ends with its error, when its logits were not finite."""

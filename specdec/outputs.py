@@ -63,6 +63,7 @@ class RequestOutput:
     metrics: Metrics
     text: str | None = None  # when the checkpoint ships a tokenizer (stop tokens not rendered, cut at stop strings)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None = None  # per token: {token: log-prob}, its own first (params.logprobs)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class StepOutput:
     request: Any  # specdec.engine.Request: finish_reason, metrics, generated so far
     token_ids: list[int]
     text: str
+    logprobs: list[dict[int, float]] | None = None  # per token, when its params ask for logprobs
 
     @property
     def metrics(self) -> Metrics:

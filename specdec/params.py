@@ -11,6 +11,7 @@ from typing import Any
 
 GREEDY_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does): dividing by them overflows
 MAX_SEED = 2**64  # torch.Generator seeds are unsigned 64-bit
+MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI's top_logprobs and vLLM's default max_logprobs
 
 
 def _int(v: Any) -> bool:
@@ -31,7 +32,10 @@ class SamplingParams:
     """Per-request sampling. temperature 0 (or below 1e-5) is greedy; top_k 0 (or -1) means no top-k cut.
 
     stop: strings that end the request when the generated text contains one (the text then ends before it);
-    stop_token_ids: tokens that end it (kept in token_ids, not rendered in text), as EOS does unless ignore_eos."""
+    stop_token_ids: tokens that end it (kept in token_ids, not rendered in text), as EOS does unless ignore_eos.
+    logprobs: also return, for each generated token, its log-probability and those of the `logprobs` most likely
+    tokens (0: its own only), under the main model's raw distribution (before temperature, top-k and top-p), as
+    vLLM does; None returns none."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -41,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> ValueError:
@@ -70,6 +75,8 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "True or False")
+        if self.logprobs is not None and not (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

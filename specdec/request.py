@@ -49,14 +49,15 @@ class Request:
     text: TextTracker | None = None  # with a tokenizer: the generated text, cut at a stop string
     arrival: float = field(default_factory=time.perf_counter)
     outbox: list[StepOutput] = field(default_factory=list)  # emitted, not yet taken by the caller
+    logprobs: list[dict[int, float]] | None = None  # per generated token, when params.logprobs is set
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def emit(self, new: list[int]) -> None:
-        """Append accepted tokens, stopping at a stop token, a stop string or max_tokens; what was emitted (tokens
-        and the text they add) goes to the outbox."""
+    def emit(self, new: list[int], logprobs: list[dict[int, float]] | None = None) -> None:
+        """Append accepted tokens (and their logprobs, when asked for), stopping at a stop token, a stop string or
+        max_tokens; what was emitted (tokens, the text they add, their logprobs) goes to the outbox."""
         out, piece = [], ""
         for t in new:
             out.append(t)
@@ -74,10 +75,14 @@ class Request:
         if self.finish_reason is not None and self.text is not None:
             piece += self.text.finish()
         self.tokens.extend(out)
+        lps = None
+        if logprobs is not None:
+            lps = logprobs[:len(out)]
+            self.logprobs = (self.logprobs or []) + lps
         self.metrics.num_generated += len(out)
         if self.metrics.num_generated == len(out) and out:
             self.metrics.first_token_time = time.perf_counter() - self.arrival
-        self.outbox.append(StepOutput(self, out, piece))
+        self.outbox.append(StepOutput(self, out, piece, lps))
 
     def take(self) -> list[StepOutput]:
         out, self.outbox = self.outbox, []

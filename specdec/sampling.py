@@ -98,3 +98,18 @@ class SamplingBatch:
         if not self.any_filtered:
             return (logits.float() / rep(self.temperature)[:, None]).softmax(-1)
         return process_logits(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[list[list[int]], list[list[float]]]:
+    """logits [M, V], chosen [M] -> per row the ids and log-probabilities (log_softmax of the raw logits) of the
+    chosen token, then of the n most likely ones, on the host. Called after the step's sync, only when a request
+    of the batch asked for logprobs."""
+    lp = logits.float().log_softmax(-1)
+    top_v, top_i = lp.topk(n, dim=-1)
+    ids = torch.cat([chosen[:, None], top_i], 1)
+    return ids.tolist(), torch.cat([lp.gather(-1, chosen[:, None]), top_v], 1).tolist()
+
+
+def logprob_dict(ids: list[int], values: list[float], n: int) -> dict[int, float]:
+    """One row of token_logprobs as {token: log-prob}: the chosen token first, then the n most likely."""
+    return {ids[0]: values[0]} | dict(zip(ids[1:1 + n], values[1:1 + n]))

@@ -185,6 +185,40 @@ def test_n_choices_are_requests_of_their_own(url: str, alone: LLM) -> None:
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
 
 
+def test_logprobs_over_http(url: str, alone: LLM) -> None:
+    """Completions' legacy logprobs and chat's logprobs / top_logprobs carry what LLM.generate returns, streamed
+    and not, through the openai client."""
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    prompt = "def parse(text):\n"
+    want = alone.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2))[0]
+    token_lps = [d[t] for t, d in zip(want.token_ids, want.logprobs)]
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(token_lps, abs=1e-5)
+    assert lp.tokens == [alone.tokenizer.decode([t]) for t in want.token_ids]
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(10)]
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                                       stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(token_lps, abs=1e-5)
+    assert [o for ch in chunks for o in ch.choices[0].logprobs.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": "Write a loop."}]
+    ids = alone.tokenizer.encode(f"{BOS}<｜User｜>Write a loop.<｜Assistant｜>", add_special_tokens=False).ids
+    want = alone.generate([ids], SamplingParams(max_tokens=8, temperature=0, logprobs=3))[0]
+    r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert [x.logprob for x in content] == pytest.approx([d[t] for t, d in zip(want.token_ids, want.logprobs)],
+                                                         abs=1e-5)
+    for x, d in zip(content, want.logprobs):
+        assert len(x.top_logprobs) == 3 and x.top_logprobs[0].logprob == pytest.approx(max(d.values()), abs=1e-5)
+        assert x.bytes == list(x.token.encode())
+    assert c.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
+
+
 def test_without_a_chat_template_the_plain_one_is_used(ckpt: Path, alone: LLM, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(ckpt, plain, ignore=shutil.ignore_patterns("tokenizer_config.json"))
@@ -316,7 +350,8 @@ BAD = [  # (body or raw text, status, param, words in the message)
     ({"prompt": "x", "stop": [1.5]}, 400, "stop", "valid"),
     ({"prompt": "x", "n": 0}, 400, "n", "between 1 and 64"),
     ({"prompt": "x", "n": 65}, 400, "n", "between 1 and 64"),
-    ({"prompt": "x", "logprobs": 5}, 400, "logprobs", "not supported"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "integer in [0, 20]"),
+    ({"prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"max_tokens": 4}, 400, "prompt", "required"),
     ({"prompt": ""}, 400, "prompt", "empty"),
@@ -334,6 +369,9 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages", "leaves no room"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": 6}, 400,
      "max_completion_tokens", "disagree"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs", "logprobs=true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs",
+     "between 0 and 20"),
 ]
 
 

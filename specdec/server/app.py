@@ -30,7 +30,7 @@ from .errors import ApiError, bad_request
 from .loop import DEFAULT_MAX_QUEUED, Aborted, EngineLoop, Job, Update
 from .metrics import ServerMetrics, spec_decode
 from .protocol import COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, validation_error
-from .responses import Shape, sse, usage
+from .responses import Shape, logprobs_object, sse, usage
 
 log = logging.getLogger("specdec.server")
 
@@ -109,8 +109,8 @@ class Server:
             for job in jobs:
                 self.loop.abort(job.key)
             raise
-        choices = [(t, list(job.request.generated), job.request.finish_reason, job.request.stop_reason)
-                   for t, job in zip(texts, jobs)]
+        choices = [(t, list(r.generated), r.finish_reason, r.stop_reason, self._logprobs(shape, r.logprobs, params))
+                   for t, r in zip(texts, (job.request for job in jobs))]
         return JSONResponse(shape.full(choices, usage_of(jobs), spec_decode(jobs, self.speculative)))
 
     async def _events(self, jobs: list[Job], queue: asyncio.Queue[tuple[int, Update]], first: tuple[int, Update],
@@ -123,7 +123,7 @@ class Server:
             if shape.chat:
                 for i in range(len(jobs)):
                     yield sse(shape.chunk("", [], role=True, index=i))
-            left, (i, u) = len(jobs), first
+            left, (i, u), offsets = len(jobs), first, [0] * len(jobs)
             while True:
                 if u.error is not None and not isinstance(u.error, Aborted):
                     yield sse(as_api_error(u.error).body())
@@ -132,9 +132,12 @@ class Server:
                 r = job.request
                 for k, o in enumerate(u.outs):
                     last = u.finished and k == len(u.outs) - 1
+                    lp = self._logprobs(shape, o.logprobs, job.params, offsets[i])
+                    offsets[i] += sum(map(len, lp["tokens"])) if lp and not shape.chat else 0
                     yield sse(shape.chunk(o.text, o.token_ids, r.finish_reason if last else None,
                                           r.stop_reason if last else None,
-                                          spec_decode([job], self.speculative) if last else None, index=i))
+                                          spec_decode([job], self.speculative) if last else None, index=i,
+                                          logprobs=lp))
                 if u.finished:
                     if not u.outs:  # aborted by a shutdown between steps
                         yield sse(shape.chunk("", [], r.finish_reason, r.stop_reason,
@@ -151,6 +154,17 @@ class Server:
             if not done:  # the client went away (or the stream failed): free the requests' blocks now
                 for job in jobs:
                     self.loop.abort(job.key)
+
+
+    def token_text(self, t: int) -> str:
+        """A token as logprobs name it: its text, or vLLM's "token_id:N" without a tokenizer."""
+        return self.llm.tokenizer.decode([t]) if self.llm.tokenizer is not None else f"token_id:{t}"
+
+    def _logprobs(self, shape: Shape, lps: list[dict[int, float]] | None, params: SamplingParams,
+                  offset: int = 0) -> dict | None:
+        if lps is None or params.logprobs is None:
+            return None
+        return logprobs_object(shape.chat, lps, params.logprobs, self.token_text, offset)
 
 
 def child_params(params: SamplingParams, i: int) -> SamplingParams:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..inputs import check_text, check_token_ids
-from ..params import SamplingParams
+from ..params import MAX_LOGPROBS, SamplingParams
 from .errors import ApiError, bad_request
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
@@ -19,9 +19,9 @@ MAX_N = 64  # choices per request; each runs as a request of its own
 
 # OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
-    "top_logprobs": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
 }
 
@@ -84,6 +84,11 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many top logprobs each token carries (None: no logprobs); completions and chat say it apart."""
+        return None
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The request's SamplingParams; a bad value is a 400 naming its field. stop may mix strings and token ids
         (the ids join stop_token_ids)."""
@@ -96,7 +101,7 @@ class _Sampling(BaseModel):
             return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None
                                   else self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                   stop=tuple(texts) or None, stop_token_ids=tuple(ids) or None,
-                                  ignore_eos=self.ignore_eos)
+                                  ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
             raise (bad_request(f"{m[1]} {m[2]}", m[1]) if m else bad_request(str(e))) from None
@@ -104,6 +109,11 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Any = None
+    logprobs: int | None = None  # the legacy completions form: how many top logprobs per token
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self, vocab_size: int) -> str | list[int]:
         """The one prompt: text, token ids (checked against the vocabulary), or a list holding one of those."""
@@ -148,9 +158,20 @@ class ChatRequest(_Sampling):
     messages: list[Message]
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self) -> None:
         super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs: only with logprobs=true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}",
+                              "top_logprobs")
         if not self.messages:
             raise bad_request("messages: at least one message is required", "messages")
         if self.max_completion_tokens is not None and self.max_tokens is not None \

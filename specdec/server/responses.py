@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -27,27 +28,28 @@ class Shape:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, choices: list[tuple[str, list[int], str, int | str | None]], usage: dict, spec: dict) -> dict:
-        """choices: (text, token_ids, finish_reason, stop_reason) of each of the request's n choices."""
+    def full(self, choices: list[tuple[str, list[int], str, int | str | None, dict | None]], usage: dict,
+             spec: dict) -> dict:
+        """choices: (text, token_ids, finish_reason, stop_reason, logprobs) of each of the request's n choices."""
         out = []
-        for i, (text, token_ids, finish_reason, stop_reason) in enumerate(choices):
+        for i, (text, token_ids, finish_reason, stop_reason, logprobs) in enumerate(choices):
             if self.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None}
+                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
             else:
-                choice = {"index": i, "text": text, "logprobs": None}
+                choice = {"index": i, "text": text, "logprobs": logprobs}
             out.append(choice | {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids})
         return self._head(False) | {"choices": out, "usage": usage, "spec_decode": spec}
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None,
               stop_reason: int | str | None = None, spec: dict | None = None, role: bool = False,
-              index: int = 0) -> dict:
-        """One stream event of choice `index`: the text and tokens one verify step accepted; the choice's last one
-        has finish_reason and its spec_decode. role=True: a chat choice's opening delta."""
+              index: int = 0, logprobs: dict | None = None) -> dict:
+        """One stream event of choice `index`: the text, tokens (and logprobs) one verify step accepted; the
+        choice's last one has finish_reason and its spec_decode. role=True: a chat choice's opening delta."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": text} if role else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs}
         else:
-            choice = {"index": index, "text": text, "logprobs": None}
+            choice = {"index": index, "text": text, "logprobs": logprobs}
         choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
         out = self._head(True) | {"choices": [choice]}
         return out | {"spec_decode": spec} if spec is not None else out
@@ -62,3 +64,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def logprobs_object(chat: bool, lps: list[dict[int, float]], n: int, token_text: Callable[[int], str],
+                    offset: int = 0) -> dict:
+    """OpenAI's logprobs of some generated tokens: lps[j] maps token j (first) and the n most likely tokens to
+    their log-probabilities. Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions (the legacy
+    form): {tokens, token_logprobs, top_logprobs, text_offset}, offsets counted from `offset` in the text."""
+    picks = [(next(iter(d.items())), sorted(d.items(), key=lambda kv: -kv[1])[:n]) for d in lps]
+    if chat:
+        def item(t: int, v: float) -> dict:
+            s = token_text(t)
+            return {"token": s, "logprob": v, "bytes": list(s.encode())}
+
+        return {"content": [item(*c) | {"top_logprobs": [item(*kv) for kv in top]} for c, top in picks]}
+    texts = [token_text(c[0]) for c, _ in picks]
+    offsets = [offset + sum(len(t) for t in texts[:j]) for j in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [c[1] for c, _ in picks],
+            "top_logprobs": [{token_text(t): v for t, v in top} for _, top in picks], "text_offset": offsets}
