@@ -16,7 +16,6 @@ The caller holds `lock` around add / abort / step / take when several threads sh
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from collections import deque
@@ -27,8 +26,7 @@ import torch
 from .detokenizer import TextTracker
 from .drafter import Draft, Drafter
 from .inputs import check_token_ids
-from .kv_pool import KVPool, Rows
-from .model.config import ModelConfig
+from .kv_pool import KVPool, Rows, default_kv_tokens
 from .model.transformer import DeepseekV3
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
@@ -37,41 +35,10 @@ from .sampling import SamplingBatch, logprob_dict, sample_from, token_logprobs
 from .step_clock import StepClock
 from .verify import Relaxed, accept
 
-CPU_KV_SHARE = 0.10  # of the available memory, for the default pool on a CPU
-GPU_KV_SHARE = 0.90  # of the free memory after the weights, on a GPU
-
 
 class NonFiniteLogitsError(ValueError):
     """The main model produced NaN or infinite logits for a request (broken weights, or activations that overflow
     the compute dtype). Raised instead of decoding garbage."""
-
-
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool) -> int:
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
-    return layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def default_kv_tokens(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mtp: bool,
-                      max_num_seqs: int) -> int:
-    """The pool when the caller names none: GPU_KV_SHARE of the GPU's free memory, or CPU_KV_SHARE of the memory
-    the OS reports available, never more than max_num_seqs full contexts."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE
-    else:
-        free = _available_memory() * CPU_KV_SHARE
-    cap = max_num_seqs * cfg.max_position_embeddings
-    return int(max(64, min(cap, free // kv_bytes_per_token(cfg, dtype, mtp))))
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class Engine:
