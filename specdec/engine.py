@@ -30,9 +30,11 @@ from .kv_pool import KVPool, Rows, default_kv_tokens
 from .model.transformer import DeepseekV3
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
+from .penalties import Penalties
 from .request import Request, Status
 from .sampling import SamplingBatch, logprob_dict, sample_from, token_logprobs
 from .step_clock import StepClock
+from .tree import TokenTree
 from .verify import Relaxed, accept
 
 
@@ -207,7 +209,7 @@ class Engine:
             freq = [reqs[i] for i in firsts]
             logits = self.model.logits(torch.stack([parts[i][-1] for i in firsts]))
             sb = SamplingBatch.build([r.params for r in freq], [r.gen for r in freq], 1, dev)
-            first = torch.stack([self._sample(logits, sb), _finite(logits)], 1)
+            first = torch.stack([self._sample(self._penalize(freq, logits), sb), _finite(logits)], 1)
             first = self.model.dist.broadcast(first)
             host = first.tolist()  # sync; rank 0 decides under tensor parallelism
             lps = self._logprobs(freq, logits, first[:, 0], 1)
@@ -238,6 +240,11 @@ class Engine:
                 if e == r.n_prefill:
                     r.status = Status.RUNNING
         return bool(firsts)
+
+    def _penalize(self, reqs: list[Request], logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
+        """The target logits: penalized when a request asks (rows of a tree count their drafted ancestors)."""
+        pen = Penalties.build(reqs, self.cfg.vocab_size, self.device)
+        return logits if pen is None else pen.apply(logits, tree)
 
     def _sample(self, logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         top1 = logits.argmax(-1)
@@ -293,10 +300,11 @@ class Engine:
         meta = rows.meta(n_main, [n] * b, tree.mask.reshape(b * n, n))
         hidden = self.model(tree.tokens.reshape(-1), pos, meta, self.pool.main).view(b, n, -1)
         logits = self.model.logits(hidden.view(b * n, -1))
-        p = sb.probs(logits, n).view(b, n, -1) if sb.any_sampled else None
+        target = self._penalize(active, logits, tree)
+        p = sb.probs(target, n).view(b, n, -1) if sb.any_sampled else None
         u_acc = sb.uniform((k, w)) if sb.any_sampled else None
         u_bonus = sb.uniform(()) if sb.any_sampled else None
-        acc = accept(tree, logits.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
+        acc = accept(tree, target.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
         path_tok = tree.tokens.gather(1, acc.path.clamp(min=0))
         finite = _finite(logits.view(b, n, -1)).all(-1)
         host = torch.cat([acc.num_accepted[:, None], acc.path, path_tok, acc.bonus[:, None], finite[:, None]], 1)
@@ -356,7 +364,8 @@ class Engine:
         meta = rows.meta(n_main, [1] * len(active), _ones(len(active), root.device))
         hidden = self.model(root, torch.tensor(n_main, device=root.device), meta, self.pool.main)
         logits = self.model.logits(hidden)
-        out = self.model.dist.broadcast(torch.stack([self._sample(logits, sb), _finite(logits)], 1))
+        tok = self._sample(self._penalize(active, logits), sb)
+        out = self.model.dist.broadcast(torch.stack([tok, _finite(logits)], 1))
         host = out.tolist()  # sync; rank 0 decides under tensor parallelism
         lps = self._logprobs(active, logits, out[:, 0], 1)
         self.clock.synced()

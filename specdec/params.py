@@ -35,7 +35,10 @@ class SamplingParams:
     stop_token_ids: tokens that end it (kept in token_ids, not rendered in text), as EOS does unless ignore_eos.
     logprobs: also return, for each generated token, its log-probability and those of the `logprobs` most likely
     tokens (0: its own only), under the main model's raw distribution (before temperature, top-k and top-p), as
-    vLLM does; None returns none."""
+    vLLM does; None returns none.
+    presence_penalty / frequency_penalty in [-2, 2] (OpenAI's) subtract from a token's logit for having appeared
+    in the output / per appearance; repetition_penalty > 0 (vLLM's) divides the positive logits and multiplies
+    the negative ones of tokens seen in the prompt or the output. MTP stays lossless under them (penalties.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -46,6 +49,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> ValueError:
@@ -77,10 +83,19 @@ class SamplingParams:
             raise bad("ignore_eos", "True or False")
         if self.logprobs is not None and not (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (_real(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise bad(name, "a number in [-2, 2]")
+        if not (_real(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", "a finite number > 0 (1: off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 ACCEPTANCE = ("exact", "relaxed")

@@ -1,11 +1,15 @@
 """Speculative sampling keeps the main model's distribution: the 2nd and 3rd generated tokens, sampled many
-times with and without MTP (chain and tree), against the exact distribution enumerated from the model."""
+times with and without MTP (chain and tree), against the exact distribution enumerated from the model, with
+top-k / top-p and with penalties (whose target at a tree node counts its drafted ancestors)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from models import agreeable_checkpoint
+from penalty_reference import penalized_reference
 from stats import assert_matches
 
 from specdec import LLM, SamplingParams, SpecConfig
@@ -22,30 +26,33 @@ def ckpt(tmp_path_factory):
                                 vocab_size=V, eos_token_id=None, bos_token_id=None)
 
 
-def _probs(llm: LLM, ids: list[int], temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    logits = llm.logits(ids)[-1:]
-    return process_logits(logits, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]))[0]
+def _probs(llm: LLM, generated: list[int], sp: SamplingParams) -> torch.Tensor:
+    logits = penalized_reference(llm.logits(PROMPT + generated)[-1], PROMPT, generated, sp.presence_penalty,
+                                 sp.frequency_penalty, sp.repetition_penalty)[None]
+    return process_logits(logits, torch.tensor([sp.temperature]), torch.tensor([sp.top_k]),
+                          torch.tensor([sp.top_p]))[0]
 
 
 def exact_marginals(llm: LLM, sp: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """P(2nd token) and P(3rd token), enumerating every (1st, 2nd) prefix."""
-    kw = dict(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
-    p1 = _probs(llm, PROMPT, **kw).double()
+    p1 = _probs(llm, [], sp).double()
     p2 = torch.zeros(V, dtype=torch.float64)
     p3 = torch.zeros(V, dtype=torch.float64)
     for a in range(V):
         if p1[a] == 0:
             continue
-        pa = _probs(llm, PROMPT + [a], **kw).double()
+        pa = _probs(llm, [a], sp).double()
         p2 += p1[a] * pa
         for b in range(V):
             if pa[b] > 0:
-                p3 += p1[a] * pa[b] * _probs(llm, PROMPT + [a, b], **kw).double()
+                p3 += p1[a] * pa[b] * _probs(llm, [a, b], sp).double()
     return p2, p3
 
 
 SETTINGS = [SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True),
-            SamplingParams(max_tokens=3, temperature=0.7, top_k=6, top_p=0.9, ignore_eos=True)]
+            SamplingParams(max_tokens=3, temperature=0.7, top_k=6, top_p=0.9, ignore_eos=True),
+            SamplingParams(max_tokens=3, temperature=0.9, presence_penalty=2.0, frequency_penalty=1.0,
+                           repetition_penalty=1.8, ignore_eos=True)]
 SPECS = [None, SpecConfig(num_speculative_tokens=2), SpecConfig(num_speculative_tokens=2, topk=2),
          SpecConfig(num_speculative_tokens=3, topk=3, num_draft_tokens=5)]
 
@@ -58,8 +65,7 @@ def test_second_and_third_token_distribution(ckpt, si, seed):
     base_seed = seed  # fresh samples every run
     for spec in SPECS:
         llm = plain if spec is None else LLM(ckpt, dtype="float32", speculative=spec)
-        params = [SamplingParams(max_tokens=3, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                                 seed=base_seed + i, ignore_eos=True) for i in range(N)]
+        params = [dataclasses.replace(sp, seed=base_seed + i) for i in range(N)]
         out = llm.generate([PROMPT] * N, params)
         toks = torch.tensor([o.token_ids for o in out])
         assert toks.shape == (N, 3)

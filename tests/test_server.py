@@ -219,6 +219,16 @@ def test_logprobs_over_http(url: str, alone: LLM) -> None:
     assert c.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
 
 
+def test_penalties_over_http(url: str, alone: LLM) -> None:
+    body = {"prompt": [9] * 20, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "presence_penalty": 1,
+            "frequency_penalty": 0.5, "repetition_penalty": 1.5}
+    want = alone.generate([[9] * 20], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                     presence_penalty=1.0, frequency_penalty=0.5,
+                                                     repetition_penalty=1.5))[0]
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want.token_ids, r.text
+
+
 def test_without_a_chat_template_the_plain_one_is_used(ckpt: Path, alone: LLM, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(ckpt, plain, ignore=shutil.ignore_patterns("tokenizer_config.json"))
@@ -352,6 +362,8 @@ BAD = [  # (body or raw text, status, param, words in the message)
     ({"prompt": "x", "n": 65}, 400, "n", "between 1 and 64"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "integer in [0, 20]"),
     ({"prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"max_tokens": 4}, 400, "prompt", "required"),
     ({"prompt": ""}, 400, "prompt", "empty"),

@@ -20,7 +20,6 @@ MAX_N = 64  # choices per request; each runs as a request of its own
 # OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
     "min_tokens": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
 }
@@ -54,7 +53,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """What completions and chat share (vLLM's extras: top_k, ignore_eos, stop_token_ids)."""
+    """What completions and chat share (vLLM's extras: top_k, ignore_eos, stop_token_ids, repetition_penalty)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
@@ -66,6 +65,9 @@ class _Sampling(BaseModel):
     stop: str | list[str | int] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -101,7 +103,9 @@ class _Sampling(BaseModel):
             return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None
                                   else self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                   stop=tuple(texts) or None, stop_token_ids=tuple(ids) or None,
-                                  ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
+                                  ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
+                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                  repetition_penalty=self.repetition_penalty)
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
             raise (bad_request(f"{m[1]} {m[2]}", m[1]) if m else bad_request(str(e))) from None
