@@ -24,7 +24,7 @@ from specdec.model.parallel import DistInfo, get_dist
 from specdec.model.plan import weight_bytes_per_rank
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
-from specdec import LLM, SpecConfig
+from specdec import LLM, SamplingParams, SpecConfig
 
 # divisible by 2 and 3: 6 heads, 6 experts, vocab 264, MLP widths on 8-blocks
 SHAPE = dict(vocab_size=264, num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6,
@@ -139,6 +139,18 @@ def test_greedy_tree_speculation_equals_one_rank(tp: LLM, single: LLM) -> None:
 def test_seeded_sampling_equals_one_rank(tp: LLM, single: LLM) -> None:
     out, ref = tp.generate(PROMPTS, SAMPLED), single.generate(PROMPTS, SAMPLED)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+
+
+def test_penalties_and_logprobs_equal_one_rank(tp: LLM, single: LLM) -> None:
+    """Every rank penalizes from its own copy of the requests; rank 0's logprobs are the single rank's."""
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True, presence_penalty=1.0,
+                            repetition_penalty=1.3, logprobs=2)
+    out, ref = tp.generate(PROMPTS, params), single.generate(PROMPTS, params)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    for o, r in zip(out, ref):
+        assert list(map(list, o.logprobs)) == list(map(list, r.logprobs))
+        assert [v for d in o.logprobs for v in d.values()] == pytest.approx(
+            [v for d in r.logprobs for v in d.values()], abs=1e-4)
 
 
 def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: LLM) -> None:
