@@ -179,6 +179,11 @@ def test_n_choices_are_requests_of_their_own(url: str, alone: LLM) -> None:
     assert sorted(finishes) == [0, 1, 2] and not chunks[-1].choices
     assert chunks[-1].usage.completion_tokens == 30
 
+    # choices 1.. start once choice 0 has prefilled the prompt, so they take its full blocks from the cache
+    hits = scrape(url)["specdec:prefix_cache_hits_total"]
+    long = c.completions.create(model="tiny", prompt=list(range(2, 152)), max_tokens=4, n=3)
+    assert len(long.choices) == 3 and scrape(url)["specdec:prefix_cache_hits_total"] - hits == 2 * 128
+
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                      temperature=0, n=2)
     assert [ch.index for ch in chat.choices] == [0, 1]

@@ -82,17 +82,18 @@ class Server:
 
     async def respond(self, shape: Shape, ids: list[int], params: SamplingParams, n: int, stream: bool,
                       include_usage: bool) -> Response:
-        """n choices, each a request of its own in the engine (choice i > 0 seeded with seed + i, as vLLM does);
-        with prefix caching they share the prompt's blocks once one has prefilled them."""
+        """n choices, each a request of its own in the engine (choice i > 0 seeded with seed + i, as vLLM does).
+        Choices 1.. are submitted once choice 0 has emitted its first token: its prompt is then prefilled and its
+        full blocks are in the prefix cache, so the others reuse them instead of prefilling the prompt n times."""
         queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
         jobs: list[Job] = []
         try:
-            for i in range(n):
-                key = shape.id if n == 1 else f"{shape.id}-{i}"
-                jobs.append(self.submit(key, ids, child_params(params, i), queue, i))
+            jobs.append(self.submit(shape.id if n == 1 else f"{shape.id}-0", ids, params, queue, 0))
             first = await queue.get()
             if first[1].error is not None:
                 raise as_api_error(first[1].error)
+            for i in range(1, n):
+                jobs.append(self.submit(f"{shape.id}-{i}", ids, child_params(params, i), queue, i))
             if stream:
                 return StreamingResponse(self._events(jobs, queue, first, shape, include_usage),
                                          media_type="text/event-stream")
