@@ -283,7 +283,8 @@ class LLM:
         for _ in self._drive(reqs):
             pass
         return [RequestOutput(i, r.prompt, r.generated, r.finish_reason, r.metrics,
-                              r.text.text if r.text is not None else None, r.stop_reason, r.logprobs)
+                              r.text.text if r.text is not None else None, r.stop_reason, r.logprobs,
+                              r.prompt_logprobs)
                 for i, r in enumerate(reqs)]
 
     @collective

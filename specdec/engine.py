@@ -144,7 +144,8 @@ class Engine:
         pool = self.pool
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            cached = pool.share_prefix(r.table, r.tokens, r.n_prefill)
+            # prompt logprobs need every prompt row's logits: such a request prefills its whole prompt (as vLLM)
+            cached = 0 if r.params.prompt_logprobs is not None else pool.share_prefix(r.table, r.tokens, r.n_prefill)
             if not pool.grow(r.table, r.n_prefill + self.step_rows):
                 pool.release(r.table)
                 break
@@ -204,6 +205,9 @@ class Engine:
                             self.pool.main)
         lens = [e - s for _, s, e in chunks]
         parts = list(hidden.split(lens))
+        for (r, s, e), part in zip(chunks, parts):
+            if r.params.prompt_logprobs is not None:
+                self._prompt_logprobs(r, s, e, part)
         firsts = [i for i, (r, _, e) in enumerate(chunks) if e == r.n_prefill and r.n_prefill == len(r.tokens)]
         if firsts:  # fresh prompts done: their first token, from the last prompt position
             freq = [reqs[i] for i in firsts]
@@ -240,6 +244,18 @@ class Engine:
                 if e == r.n_prefill:
                     r.status = Status.RUNNING
         return bool(firsts)
+
+    def _prompt_logprobs(self, r: Request, s: int, e: int, hidden: torch.Tensor) -> None:
+        """Prompt rows s..e-1 (hidden [e-s, D]) predict prompt tokens s+1..: their logprobs, once (a recompute
+        after preemption finds them done)."""
+        lps = r.prompt_logprobs = r.prompt_logprobs or [None]  # the first prompt token has no prediction
+        start, end = len(lps), min(e + 1, len(r.prompt))  # the next prompt token to score, one past the last
+        if start >= end:
+            return
+        rows = hidden[start - 1 - s:end - 1 - s]
+        chosen = torch.tensor(r.prompt[start:end], device=rows.device)
+        ids, values = token_logprobs(self.model.logits(rows), chosen, r.params.prompt_logprobs)
+        lps.extend(logprob_dict(i, v, r.params.prompt_logprobs) for i, v in zip(ids, values))
 
     def _penalize(self, reqs: list[Request], logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
         """The target logits: penalized when a request asks (rows of a tree count their drafted ancestors)."""

@@ -64,6 +64,7 @@ class RequestOutput:
     text: str | None = None  # when the checkpoint ships a tokenizer (stop tokens not rendered, cut at stop strings)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None  # per token: {token: log-prob}, its own first (params.logprobs)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token, None for the first one
 
 
 @dataclass(frozen=True)

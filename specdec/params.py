@@ -35,7 +35,8 @@ class SamplingParams:
     stop_token_ids: tokens that end it (kept in token_ids, not rendered in text), as EOS does unless ignore_eos.
     logprobs: also return, for each generated token, its log-probability and those of the `logprobs` most likely
     tokens (0: its own only), under the main model's raw distribution (before temperature, top-k and top-p), as
-    vLLM does; None returns none.
+    vLLM does; None returns none. prompt_logprobs: the same for each prompt token after the first (the request then
+    prefills its whole prompt: the prefix cache holds no logits).
     presence_penalty / frequency_penalty in [-2, 2] (OpenAI's) subtract from a token's logit for having appeared
     in the output / per appearance; repetition_penalty > 0 (vLLM's) divides the positive logits and multiplies
     the negative ones of tokens seen in the prompt or the output. MTP stays lossless under them (penalties.py)."""
@@ -49,6 +50,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -81,8 +83,10 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "True or False")
-        if self.logprobs is not None and not (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (_int(v) and 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"None or an integer in [0, {MAX_LOGPROBS}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (_real(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise bad(name, "a number in [-2, 2]")

@@ -50,6 +50,7 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     outbox: list[StepOutput] = field(default_factory=list)  # emitted, not yet taken by the caller
     logprobs: list[dict[int, float]] | None = None  # per generated token, when params.logprobs is set
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token (None first), when asked
 
     @property
     def finished(self) -> bool:

@@ -88,3 +88,36 @@ def test_logprobs_are_finite_and_normalized(ckpt: Path) -> None:
     for d in out.logprobs:
         v = torch.tensor(list(d.values()))
         assert torch.isfinite(v).all() and (v <= 0).all() and v.exp().sum() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_equal_the_reference(ckpt: Path, ref: LLM, chunk: int) -> None:
+    """prompt_logprobs: None for the first prompt token, then each token's log-probability and the top-n given the
+    tokens before it, the same when the prompt is prefilled in chunks of 7; such a request skips the prefix cache."""
+    llm = LLM(ckpt, dtype="float32", speculative=SPECS["chain"], prefill_chunk=chunk)
+    prompt = [(7 * i) % 250 + 2 for i in range(150)]
+    llm.generate([prompt], SamplingParams(max_tokens=2))  # its blocks are now cached
+    out = llm.generate([prompt, [4, 5]], [SamplingParams(max_tokens=3, prompt_logprobs=2),
+                                          SamplingParams(max_tokens=3)])
+    assert out[0].metrics.num_cached_tokens == 0 and out[1].prompt_logprobs is None
+    lps = out[0].prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    full = ref.logits(prompt).log_softmax(-1)
+    for j in range(1, len(prompt)):
+        row, d = full[j - 1], lps[j]
+        assert next(iter(d)) == prompt[j] and d[prompt[j]] == pytest.approx(row[prompt[j]].item(), abs=1e-4)
+        assert set(d) == set(row.topk(2).indices.tolist()) | {prompt[j]}, f"prompt token {j}"
+
+
+def test_prompt_logprobs_survive_preemption(ckpt: Path) -> None:
+    """A pool that preempts: recomputed prompts do not score their tokens twice."""
+    prompts = [[(5 * i + k) % 250 + 2 for i in range(90)] for k in range(3)]
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    roomy = LLM(ckpt, dtype="float32", speculative=SPECS["tree"]).generate(prompts, params)
+    tight = LLM(ckpt, dtype="float32", speculative=SPECS["tree"], kv_cache_tokens=384, prefill_chunk=32)
+    out = tight.generate(prompts, params)
+    assert sum(o.metrics.num_preemptions for o in out) > 0
+    for a, b in zip(out, roomy):
+        assert len(a.prompt_logprobs) == 90 and a.token_ids == b.token_ids
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert list(x) == list(y) and list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)

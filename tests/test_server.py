@@ -224,6 +224,28 @@ def test_logprobs_over_http(url: str, alone: LLM) -> None:
     assert c.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
 
 
+def test_echo_scores_the_prompt(url: str, alone: LLM) -> None:
+    """echo with logprobs (how evaluation harnesses score a continuation): the prompt's text and its tokens'
+    logprobs come first, the first prompt token's being None."""
+    prompt = "def parse(text):\n    return"
+    ids = alone._encode(prompt, 0)  # as the server encodes it (BOS first)
+    want = alone.generate([ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=1,
+                                                prompt_logprobs=1))[0]
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True,
+                             extra_body={"ignore_eos": True})
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt) and len(ch.text) > len(prompt) and ch.token_ids == want.token_ids
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expect = [d[t] for t, d in zip(ids[1:], want.prompt_logprobs[1:])] + [want.logprobs[0][want.token_ids[0]]]
+    assert lp.token_logprobs[1:] == pytest.approx(expect, abs=1e-5)
+    plain = c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "echo": True, "stream": True}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 def test_penalties_over_http(url: str, alone: LLM) -> None:
     body = {"prompt": [9] * 20, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "presence_penalty": 1,
             "frequency_penalty": 0.5, "repetition_penalty": 1.5}

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from ..api import LLM
 from ..engine import NonFiniteLogitsError
 from ..params import SamplingParams
+from ..request import Request as EngineRequest
 from .chat import ChatTemplate
 from .errors import ApiError, bad_request
 from .loop import DEFAULT_MAX_QUEUED, Aborted, EngineLoop, Job, Update
@@ -81,7 +82,7 @@ class Server:
         return job
 
     async def respond(self, shape: Shape, ids: list[int], params: SamplingParams, n: int, stream: bool,
-                      include_usage: bool) -> Response:
+                      include_usage: bool, echo: str | None = None) -> Response:
         """n choices, each a request of its own in the engine (choice i > 0 seeded with seed + i, as vLLM does).
         Choices 1.. are submitted once choice 0 has emitted its first token: its prompt is then prefilled and its
         full blocks are in the prefix cache, so the others reuse them instead of prefilling the prompt n times."""
@@ -110,8 +111,7 @@ class Server:
             for job in jobs:
                 self.loop.abort(job.key)
             raise
-        choices = [(t, list(r.generated), r.finish_reason, r.stop_reason, self._logprobs(shape, r.logprobs, params))
-                   for t, r in zip(texts, (job.request for job in jobs))]
+        choices = [self._choice(shape, t, job.request, echo) for t, job in zip(texts, jobs)]
         return JSONResponse(shape.full(choices, usage_of(jobs), spec_decode(jobs, self.speculative)))
 
     async def _events(self, jobs: list[Job], queue: asyncio.Queue[tuple[int, Update]], first: tuple[int, Update],
@@ -133,7 +133,7 @@ class Server:
                 r = job.request
                 for k, o in enumerate(u.outs):
                     last = u.finished and k == len(u.outs) - 1
-                    lp = self._logprobs(shape, o.logprobs, job.params, offsets[i])
+                    lp = self._logprobs(shape, o.token_ids, o.logprobs, job.params, offsets[i])
                     offsets[i] += sum(map(len, lp["tokens"])) if lp and not shape.chat else 0
                     yield sse(shape.chunk(o.text, o.token_ids, r.finish_reason if last else None,
                                           r.stop_reason if last else None,
@@ -157,15 +157,27 @@ class Server:
                     self.loop.abort(job.key)
 
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.tokenizer.decode(ids) if self.llm.tokenizer is not None else ""
+
     def token_text(self, t: int) -> str:
         """A token as logprobs name it: its text, or vLLM's "token_id:N" without a tokenizer."""
         return self.llm.tokenizer.decode([t]) if self.llm.tokenizer is not None else f"token_id:{t}"
 
-    def _logprobs(self, shape: Shape, lps: list[dict[int, float]] | None, params: SamplingParams,
-                  offset: int = 0) -> dict | None:
+    def _logprobs(self, shape: Shape, tokens: list[int], lps: list[dict[int, float] | None] | None,
+                  params: SamplingParams, offset: int = 0) -> dict | None:
         if lps is None or params.logprobs is None:
             return None
-        return logprobs_object(shape.chat, lps, params.logprobs, self.token_text, offset)
+        return logprobs_object(shape.chat, tokens, lps, params.logprobs, self.token_text, offset)
+
+    def _choice(self, shape: Shape, text: str, r: EngineRequest, echo: str | None) -> tuple:
+        """One finished choice for Shape.full; echo: the prompt's text, put before the completion's (and its
+        tokens' logprobs before the completion's, when asked)."""
+        tokens, lps = list(r.generated), r.logprobs
+        if echo is not None:
+            text = echo + text
+            tokens, lps = list(r.prompt) + tokens, (r.prompt_logprobs + lps if lps is not None else None)
+        return text, list(r.generated), r.finish_reason, r.stop_reason, self._logprobs(shape, tokens, lps, r.params)
 
 
 def child_params(params: SamplingParams, i: int) -> SamplingParams:
@@ -271,8 +283,13 @@ def create_app(llm: LLM, served_model_name: str | None = None,
         prompt = body.prompt_input(llm.config.vocab_size)
         ids = server.encode(prompt) if isinstance(prompt, str) else prompt
         params = body.sampling_params(COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens)
+        echo = None
+        if body.echo:  # the prompt's text before the completion's; its tokens' logprobs too when asked
+            echo = prompt if isinstance(prompt, str) else server.detokenize(ids)
+            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", server.name)
-        return await until_disconnect(raw, server.respond(shape, ids, params, body.n, body.stream, body.include_usage))
+        return await until_disconnect(raw, server.respond(shape, ids, params, body.n, body.stream, body.include_usage,
+                                                          echo))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, raw: Request) -> Response:

@@ -19,7 +19,7 @@ MAX_N = 64  # choices per request; each runs as a request of its own
 
 # OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
     "min_tokens": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
 }
@@ -114,6 +114,12 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Any = None
     logprobs: int | None = None  # the legacy completions form: how many top logprobs per token
+    echo: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.echo and self.stream:
+            raise bad_request("echo: not supported with stream=true", "echo")
 
     @property
     def num_logprobs(self) -> int | None:

@@ -66,19 +66,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def logprobs_object(chat: bool, lps: list[dict[int, float]], n: int, token_text: Callable[[int], str],
-                    offset: int = 0) -> dict:
-    """OpenAI's logprobs of some generated tokens: lps[j] maps token j (first) and the n most likely tokens to
-    their log-probabilities. Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions (the legacy
-    form): {tokens, token_logprobs, top_logprobs, text_offset}, offsets counted from `offset` in the text."""
-    picks = [(next(iter(d.items())), sorted(d.items(), key=lambda kv: -kv[1])[:n]) for d in lps]
+def logprobs_object(chat: bool, tokens: list[int], lps: list[dict[int, float] | None], n: int,
+                    token_text: Callable[[int], str], offset: int = 0) -> dict:
+    """OpenAI's logprobs of some tokens: lps[j] maps tokens[j] (first) and the n most likely tokens to their
+    log-probabilities (None for an echoed first prompt token, which has none). Chat: {"content": [{token, logprob,
+    bytes, top_logprobs}]}; completions (the legacy form): {tokens, token_logprobs, top_logprobs, text_offset},
+    offsets counted from `offset` in the text."""
+    tops = [None if d is None else sorted(d.items(), key=lambda kv: -kv[1])[:n] for d in lps]
+    texts = [token_text(t) for t in tokens]
     if chat:
-        def item(t: int, v: float) -> dict:
-            s = token_text(t)
+        def item(s: str, v: float) -> dict:
             return {"token": s, "logprob": v, "bytes": list(s.encode())}
 
-        return {"content": [item(*c) | {"top_logprobs": [item(*kv) for kv in top]} for c, top in picks]}
-    texts = [token_text(c[0]) for c, _ in picks]
+        return {"content": [item(s, d[t]) | {"top_logprobs": [item(token_text(u), v) for u, v in top]}
+                            for t, s, d, top in zip(tokens, texts, lps, tops)]}
     offsets = [offset + sum(len(t) for t in texts[:j]) for j in range(len(texts))]
-    return {"tokens": texts, "token_logprobs": [c[1] for c, _ in picks],
-            "top_logprobs": [{token_text(t): v for t, v in top} for _, top in picks], "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": [None if d is None else d[t] for t, d in zip(tokens, lps)],
+            "top_logprobs": [None if top is None else {token_text(u): v for u, v in top} for top in tops],
+            "text_offset": offsets}
