@@ -96,6 +96,9 @@ class Engine:
         if need > self.pool.num_tokens:
             raise ValueError(f"{where}: needs {need} KV rows (prompt + max_tokens + draft rows) but the whole pool "
                              f"holds {self.pool.num_tokens} (kv_cache_tokens)")
+        if params.logit_bias and max(params.logit_bias) >= cfg.vocab_size:
+            raise ValueError(f"{where}: logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
+                             f"{cfg.vocab_size}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"{where}: stop strings need a tokenizer (the checkpoint has no tokenizer.json); use "
                              "stop_token_ids")
@@ -258,7 +261,8 @@ class Engine:
         lps.extend(logprob_dict(i, v, r.params.prompt_logprobs) for i, v in zip(ids, values))
 
     def _penalize(self, reqs: list[Request], logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
-        """The target logits: penalized when a request asks (rows of a tree count their drafted ancestors)."""
+        """The target logits, adjusted when a request asks (penalties.py: rows of a tree count their drafted
+        ancestors)."""
         pen = Penalties.build(reqs, self.cfg.vocab_size, self.device)
         return logits if pen is None else pen.apply(logits, tree)
 

@@ -39,7 +39,9 @@ class SamplingParams:
     prefills its whole prompt: the prefix cache holds no logits).
     presence_penalty / frequency_penalty in [-2, 2] (OpenAI's) subtract from a token's logit for having appeared
     in the output / per appearance; repetition_penalty > 0 (vLLM's) divides the positive logits and multiplies
-    the negative ones of tokens seen in the prompt or the output. MTP stays lossless under them (penalties.py)."""
+    the negative ones of tokens seen in the prompt or the output. logit_bias (OpenAI's): {token id: a bias in
+    [-100, 100]} added to its logit. min_tokens (vLLM's): EOS and stop_token_ids cannot end the request before
+    that many tokens (stop strings still can). MTP stays lossless under all of them (penalties.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -54,6 +56,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> ValueError:
@@ -92,14 +96,24 @@ class SamplingParams:
                 raise bad(name, "a number in [-2, 2]")
         if not (_real(self.repetition_penalty) and self.repetition_penalty > 0):
             raise bad("repetition_penalty", "a finite number > 0 (1: off)")
+        bias = self.logit_bias
+        if bias is not None:
+            if not (isinstance(bias, dict) and all(_int(t) and t >= 0 and _real(v) and -100 <= v <= 100
+                                                   for t, v in bias.items())):
+                raise bad("logit_bias", "a dict of token ids (>= 0) to biases in [-100, 100]")
+            object.__setattr__(self, "logit_bias", {t: float(v) for t, v in bias.items()} or None)
+        if not (_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens):
+            raise bad("min_tokens", f"an integer in [0, max_tokens={self.max_tokens}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
     @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def adjusts_target(self) -> bool:
+        """Whether penalties, a logit bias or min_tokens change the main model's distribution (penalties.py)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.logit_bias is not None or self.min_tokens > 0)
 
 
 ACCEPTANCE = ("exact", "relaxed")

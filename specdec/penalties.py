@@ -1,9 +1,12 @@
-"""Presence, frequency and repetition penalties (vLLM's and OpenAI's meaning), also inside a draft tree.
+"""What changes the main model's distribution per request (vLLM's and OpenAI's meaning), also inside a draft tree:
+logit_bias, min_tokens, and presence, frequency and repetition penalties, applied in vLLM's order (bias and
+min_tokens, then penalties).
 
 The target distribution at a tree node depends on every token before it: the committed ones, and the drafted
 tokens on the node's path (itself included, excluding the root, which is already committed). So the penalties of
-node i count the committed generated tokens plus its ancestors' tokens, and verification stays lossless: the
-drafter may propose from any distribution, acceptance compares against the penalized target.
+node i count the committed generated tokens plus its ancestors' tokens, and min_tokens holds the stop tokens back
+at node i while generated + depth(i) < min_tokens. Verification stays lossless: the drafter may propose from any
+distribution, acceptance compares against the adjusted target.
 """
 
 from __future__ import annotations
@@ -38,12 +41,15 @@ class Penalties:
     presence: torch.Tensor  # [B]
     frequency: torch.Tensor  # [B]
     repetition: torch.Tensor  # [B]
+    bias: torch.Tensor  # [B, V] float32 (logit_bias)
+    min_left: torch.Tensor  # [B] int64: tokens still to generate before a stop token may end the request
+    stop_mask: torch.Tensor  # [B, V] bool: the request's stop tokens (EOS unless ignored, stop_token_ids)
 
     @classmethod
     def build(cls, reqs: list[Any], vocab: int, device: torch.device) -> Penalties | None:
-        """reqs: engine Requests (prompt, generated, params); None when none is penalized."""
+        """reqs: engine Requests (prompt, generated, stop_ids, params); None when no request's target changes."""
         ps = [r.params for r in reqs]
-        if not any(p.penalized for p in ps):
+        if not any(p.adjusts_target for p in ps):
             return None
 
         def scatter(seqs: list[list[int]]) -> torch.Tensor:
@@ -53,13 +59,23 @@ class Penalties:
             return out.index_put_((rows, ids), torch.ones_like(ids, dtype=out.dtype), accumulate=True)
 
         f = lambda name: torch.tensor([getattr(p, name) for p in ps], dtype=torch.float32, device=device)  # noqa: E731
+        bias = torch.zeros(len(ps), vocab, device=device)
+        for i, p in enumerate(ps):
+            if p.logit_bias:
+                bias[i, list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), dtype=bias.dtype,
+                                                           device=device)
+        min_left = torch.tensor([p.min_tokens - len(r.generated) for p, r in zip(ps, reqs)], device=device)
+        stops = scatter([sorted(r.stop_ids) if p.min_tokens else [] for p, r in zip(ps, reqs)]) > 0
         return cls(scatter([r.generated for r in reqs]), scatter([r.prompt for r in reqs]) > 0,
-                   f("presence_penalty"), f("frequency_penalty"), f("repetition_penalty"))
+                   f("presence_penalty"), f("frequency_penalty"), f("repetition_penalty"), bias, min_left, stops)
 
     def apply(self, logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
-        """logits [B * N, V] (N rows a request: its tree's nodes, or 1) -> the penalized logits, same shape."""
+        """logits [B * N, V] (N rows a request: its tree's nodes, or 1) -> the adjusted logits, same shape."""
         b, v = self.counts.shape
-        x = logits.float().view(b, -1, v)
+        x = logits.float().view(b, -1, v) + self.bias[:, None, :]
+        depth = tree.depth if tree is not None else torch.zeros(b, x.shape[1], dtype=torch.long, device=x.device)
+        held = (depth < self.min_left[:, None])[..., None] & self.stop_mask[:, None, :]  # [B, N, V]
+        x = x.masked_fill(held, float("-inf"))
         counts = self.counts[:, None, :].expand(b, x.shape[1], v)
         if tree is not None:  # node i also counts the drafted tokens on its path: its ancestors and itself
             path = tree.mask.float()

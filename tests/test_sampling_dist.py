@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 from models import agreeable_checkpoint
-from penalty_reference import penalized_reference
+from penalty_reference import adjusted_reference
 from stats import assert_matches
 
 from specdec import LLM, SamplingParams, SpecConfig
@@ -27,8 +27,7 @@ def ckpt(tmp_path_factory):
 
 
 def _probs(llm: LLM, generated: list[int], sp: SamplingParams) -> torch.Tensor:
-    logits = penalized_reference(llm.logits(PROMPT + generated)[-1], PROMPT, generated, sp.presence_penalty,
-                                 sp.frequency_penalty, sp.repetition_penalty)[None]
+    logits = adjusted_reference(llm.logits(PROMPT + generated)[-1], PROMPT, generated, sp)[None]
     return process_logits(logits, torch.tensor([sp.temperature]), torch.tensor([sp.top_k]),
                           torch.tensor([sp.top_p]))[0]
 

@@ -254,6 +254,10 @@ def test_penalties_over_http(url: str, alone: LLM) -> None:
                                                      repetition_penalty=1.5))[0]
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want.token_ids, r.text
+    banned = want.token_ids[0]
+    r = httpx.post(f"{url}/v1/completions", json=body | {"logit_bias": {str(banned): -100}, "min_tokens": 3},
+                   timeout=30)
+    assert r.status_code == 200 and banned not in r.json()["choices"][0]["token_ids"], r.text
 
 
 def test_without_a_chat_template_the_plain_one_is_used(ckpt: Path, alone: LLM, tmp_path: Path) -> None:
@@ -391,6 +395,10 @@ BAD = [  # (body or raw text, status, param, words in the message)
     ({"prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
     ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias", "token ids"),
+    ({"prompt": "x", "logit_bias": {"3": 500}}, 400, "logit_bias", "[-100, 100]"),
+    ({"prompt": "x", "logit_bias": {str(VOCAB): 1}}, 400, None, "outside the vocabulary"),
+    ({"prompt": "x", "min_tokens": 50, "max_tokens": 5}, 400, "min_tokens", "max_tokens=5"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"max_tokens": 4}, 400, "prompt", "required"),
     ({"prompt": ""}, 400, "prompt", "empty"),

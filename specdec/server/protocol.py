@@ -19,8 +19,7 @@ MAX_N = 64  # choices per request; each runs as a request of its own
 
 # OpenAI parameters this server does not implement: accepted only at a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "min_tokens": (None, 0),
+    "best_of": (None, 1), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
 }
 
@@ -53,7 +52,8 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """What completions and chat share (vLLM's extras: top_k, ignore_eos, stop_token_ids, repetition_penalty)."""
+    """What completions and chat share (vLLM's extras: top_k, ignore_eos, stop_token_ids, repetition_penalty,
+    min_tokens)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
@@ -68,6 +68,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token ids as JSON keys
+    min_tokens: int = 0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,13 +101,19 @@ class _Sampling(BaseModel):
         ids = [s for s in stop if not isinstance(s, str)] + list(self.stop_token_ids or [])
         if any(not s for s in texts):
             raise bad_request("stop: stop strings must not be empty", "stop")
+        bias = None
+        if self.logit_bias:
+            if not all(re.fullmatch(r"\d+", k) for k in self.logit_bias):
+                raise bad_request("logit_bias: keys must be token ids", "logit_bias")
+            bias = {int(k): v for k, v in self.logit_bias.items()}
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None
                                   else self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                   stop=tuple(texts) or None, stop_token_ids=tuple(ids) or None,
                                   ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
                                   presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                                  repetition_penalty=self.repetition_penalty)
+                                  repetition_penalty=self.repetition_penalty, logit_bias=bias,
+                                  min_tokens=self.min_tokens)
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
             raise (bad_request(f"{m[1]} {m[2]}", m[1]) if m else bad_request(str(e))) from None
