@@ -318,5 +318,6 @@ def test_example_requests_file_parses() -> None:
     from specdec.cli.common import EXAMPLE, read_requests
 
     reqs = read_requests(Path(__file__).parents[1] / EXAMPLE)
-    assert len(reqs) == 4 and any(r.overrides for r in reqs)
+    assert len(reqs) == 5 and any(r.overrides for r in reqs)
     assert any(isinstance(r.prompt, list) for r in reqs) and any(isinstance(r.prompt, str) for r in reqs)
+    assert dict(reqs[4].overrides)["logit_bias"] == {13: -100}  # OpenAI's string keys read as token ids

@@ -171,6 +171,9 @@ def _parse_request(obj: object, where: str) -> Prompt:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (allowed: prompt or "
                          f"prompt_token_ids, and {', '.join(sorted(PER_REQUEST))})")
+    bias = obj.get("logit_bias")
+    if isinstance(bias, dict):  # JSON object keys are strings: token ids as OpenAI writes them
+        obj = obj | {"logit_bias": {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}}
     overrides = tuple((k, v) for k, v in obj.items() if k in PER_REQUEST)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:

@@ -53,8 +53,12 @@ def stats_line(spec_desc: str, metrics: list[Metrics], seconds: float) -> str:
 
 
 def output_json(o: RequestOutput) -> dict:
-    return {"request_id": o.request_id, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-            "stop_reason": o.stop_reason, "prompt_token_ids": o.prompt_token_ids, "metrics": o.metrics.as_dict()}
+    out = {"request_id": o.request_id, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+           "stop_reason": o.stop_reason, "prompt_token_ids": o.prompt_token_ids, "metrics": o.metrics.as_dict()}
+    for name in ("logprobs", "prompt_logprobs"):  # when a request asked: [{token id: log-prob}] (JSON keys)
+        if getattr(o, name) is not None:
+            out[name] = getattr(o, name)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
