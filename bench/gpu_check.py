@@ -144,15 +144,15 @@ def random_model(config: dict[str, Any], dev: torch.device, dtype: torch.dtype, 
 
 
 def decode(model: Any, spec: Any, prompts: list[list[int]], max_tokens: int, dev: torch.device,
-           dtype: torch.dtype) -> tuple[list[list[int]], float, int]:
-    """Greedy decoding through the engine: (generated tokens per prompt, seconds, engine steps). The one function
-    that knows the engine's API."""
+           dtype: torch.dtype, **extra: Any) -> tuple[list[list[int]], float, int]:
+    """Greedy decoding through the engine (extra: more SamplingParams): (generated tokens per prompt, seconds,
+    engine steps). The one function that knows the engine's API."""
     from specdec.engine import Engine
     from specdec.params import SamplingParams
 
     need = sum(len(p) + max_tokens + 64 for p in prompts)
     engine = Engine(model, spec, dev, dtype, seed=0, kv_cache_tokens=64 * (need // 64 + len(prompts) + 1))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)
     t0 = time.perf_counter()
     reqs = [engine.add(p, params) for p in prompts]
     while engine.has_unfinished:
@@ -215,7 +215,12 @@ def section_model(dev: torch.device, smoke: bool, backends: list[str]) -> dict[s
             run[label] = {"tokens": tokens, "first_run_s": first, "seconds": seconds, "steps": steps_n,
                           "tokens_per_s": n_prompts * max_tokens / seconds, "syncs": syncs,
                           "syncs_per_step": syncs / steps_n if syncs is not None else None}
-        run["lossless"] = run["plain"]["tokens"] == run["mtp"]["tokens"]
+        # the target adjustments and logprobs on the device: still the plain tokens with MTP
+        extra = dict(presence_penalty=0.5, repetition_penalty=1.3, logit_bias={prompts[0][0]: -100.0},
+                     min_tokens=2, logprobs=2)
+        adjusted = [decode(model, s, prompts, max_tokens, dev, dtype, **extra)[0] for s in (None, spec)]
+        run["lossless"] = run["plain"]["tokens"] == run["mtp"]["tokens"] and adjusted[0] == adjusted[1]
+        run["adjusted_lossless"] = adjusted[0] == adjusted[1]
         run["speedup"] = run["mtp"]["tokens_per_s"] / run["plain"]["tokens_per_s"]
         out["runs"][name] = run
     return out

@@ -27,6 +27,6 @@ def test_gpu_check_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {"weight_dequant", "act_quant", "fp8_gemm", "moe", "mla"} <= {r["kernel"] for r in rows}
     assert all(r["ok"] and r["GB/s"] is not None for r in rows)
     run = report["sections"]["model"]["runs"]["triton"]
-    assert run["lossless"] and run["plain"]["tokens"] == run["mtp"]["tokens"]
+    assert run["lossless"] and run["plain"]["tokens"] == run["mtp"]["tokens"] and run["adjusted_lossless"]
     assert [len(t) for t in run["plain"]["tokens"]] == [4, 4] and run["mtp"]["steps"] >= 1
     assert (run["plain"]["syncs"] is None) == (DEVICE.type != "cuda"), "syncs are counted on CUDA only"
