@@ -34,7 +34,8 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_seen: tor
 
 @dataclass(frozen=True)
 class Penalties:
-    """A batch's penalty state for one step: built only when some request is penalized."""
+    """A batch's target adjustments for one step (penalties, logit bias, min_tokens): built only when some
+    request asks for one."""
 
     counts: torch.Tensor  # [B, V] float32: generated tokens committed so far
     prompt_seen: torch.Tensor  # [B, V] bool
