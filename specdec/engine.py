@@ -139,9 +139,11 @@ class Engine:
             first = self._prefill()
             if first and self._decoded:  # let the first tokens out now; decode next step (never twice in a row)
                 self._decoded = False
-                return
-            self._decode()
-            self._decoded = True
+            else:
+                self._decode()
+                self._decoded = True
+            for r in self.running:  # rows below n_main are final in both caches: index their full blocks
+                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
 
     def _schedule(self) -> None:
         pool = self.pool
@@ -242,10 +244,8 @@ class Engine:
             for r, _, _ in keep:
                 r.metrics.prefill_time += dt / len(keep)
         for r, _, e in chunks:
-            if not r.finished:
-                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
-                if e == r.n_prefill:
-                    r.status = Status.RUNNING
+            if not r.finished and e == r.n_prefill:
+                r.status = Status.RUNNING
         return bool(firsts)
 
     def _prompt_logprobs(self, r: Request, s: int, e: int, hidden: torch.Tensor) -> None:
@@ -299,7 +299,6 @@ class Engine:
             self.clock.add([r.metrics for r in cont], "draft_time", t2, self.clock.mark())
             for r, gi in zip(cont, g):
                 r.g = gi
-                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
 
     def _propose(self, active: list[Request], rows: Rows, root: torch.Tensor, sb: SamplingBatch) -> Draft:
         """The MTP drafts a chain or tree from each request's last committed row."""
@@ -397,8 +396,6 @@ class Engine:
                 r.emit([tok], lps[i] if lps else None)
                 if r.finish_reason is not None:
                     self._finish(r)
-                else:
-                    self.pool.cache_prefix(r.table, r.tokens, r.n_main)
 
     def _logprobs(self, reqs: list[Request], logits: torch.Tensor, chosen: torch.Tensor, per: int
                   ) -> list[list[dict[int, float]] | None] | None:
