@@ -67,8 +67,12 @@ class Penalties:
                                                            device=device)
         min_left = torch.tensor([p.min_tokens - len(r.generated) for p, r in zip(ps, reqs)], device=device)
         stops = scatter([sorted(r.stop_ids) if p.min_tokens else [] for p, r in zip(ps, reqs)]) > 0
-        return cls(scatter([r.generated for r in reqs]), scatter([r.prompt for r in reqs]) > 0,
-                   f("presence_penalty"), f("frequency_penalty"), f("repetition_penalty"), bias, min_left, stops)
+        # only the requests whose penalties read them pay for scattering their tokens (a prompt can be long)
+        counted = [r.generated if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 else []
+                   for p, r in zip(ps, reqs)]
+        prompts = [r.prompt if p.repetition_penalty != 1 else [] for p, r in zip(ps, reqs)]
+        return cls(scatter(counted), scatter(prompts) > 0, f("presence_penalty"), f("frequency_penalty"),
+                   f("repetition_penalty"), bias, min_left, stops)
 
     def apply(self, logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
         """logits [B * N, V] (N rows a request: its tree's nodes, or 1) -> the adjusted logits, same shape."""
