@@ -170,9 +170,6 @@ class KVPool:
 
     # --- prefix caching ----------------------------------------------------------------------------------------
 
-    def _chain(self, prev: bytes, tokens: list[int]) -> bytes:
-        return hashlib.blake2b(prev + array("q", tokens).tobytes(), digest_size=16).digest()
-
     def share_prefix(self, table: BlockTable, tokens: list[int], rows: int) -> int:
         """Give an empty `table` the cached blocks that hold the longest indexed prefix of the `rows` rows a
         prefill must write (the last row is always recomputed: its output seeds the next token and draft);
@@ -184,7 +181,7 @@ class KVPool:
             end = (k + 1) * bs
             if end + la > len(tokens):
                 break
-            h = self._chain(h, tokens[end - bs:end])
+            h = _chain(h, tokens[end - bs:end])
             b = self._index.get((h, tuple(tokens[end:end + la])))
             if b is None:
                 break
@@ -208,11 +205,16 @@ class KVPool:
             end = (k + 1) * bs
             if end + la > len(tokens):
                 return
-            h = self._chain(table.hashes[-1] if k else b"", tokens[end - bs:end])
+            h = _chain(table.hashes[-1] if k else b"", tokens[end - bs:end])
             table.hashes.append(h)
             key, b = (h, tuple(tokens[end:end + la])), table.blocks[k]
             if key not in self._index and b not in self._key:
                 self._index[key], self._key[b] = b, key
+
+
+def _chain(prev: bytes, tokens: list[int]) -> bytes:
+    """The prefix cache's key of a block: its tokens hashed onto the previous block's key."""
+    return hashlib.blake2b(prev + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
