@@ -1,4 +1,5 @@
-"""Small generic fixtures: fresh seeds and a factory for random checkpoints in the released layout."""
+"""Small generic fixtures: fresh seeds, a factory for random checkpoints in the released layout, and the agreeable
+checkpoint several engine tests share."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import agreeable_checkpoint
 from specdec.model.checkpoint import tiny_config, write_random_checkpoint
 
 # Test shapes are tiny: extra intra-op threads only add OpenMP barrier waits, which cost 10-100x on a busy
@@ -32,3 +34,9 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, seed: int) -> Call
         return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), cfg, seed=seed, num_shards=num_shards)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agreeable checkpoint (its MTP drafts are often, not always, accepted), built once per session."""
+    return agreeable_checkpoint(tmp_path_factory.mktemp("shared"), seed=1, noise=0.14)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import agreeable_checkpoint
 
 from specdec import LLM, SamplingParams, SpecConfig
 
@@ -17,13 +16,8 @@ SPECS = {"plain": None, "chain": SpecConfig(3), "tree": SpecConfig(3, topk=2, nu
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return agreeable_checkpoint(tmp_path_factory.mktemp("logprobs"), seed=1, noise=0.14)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt: Path) -> LLM:
-    return LLM(ckpt, dtype="float32", speculative=None)
+def ref(shared_ckpt: Path) -> LLM:
+    return LLM(shared_ckpt, dtype="float32", speculative=None)
 
 
 def _check(ref: LLM, prompt: list[int], out, n: int) -> None:
@@ -41,12 +35,12 @@ def _check(ref: LLM, prompt: list[int], out, n: int) -> None:
 
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_logprobs_equal_the_full_sequence_reference(ckpt: Path, ref: LLM, name: str, temperature: float,
+def test_logprobs_equal_the_full_sequence_reference(shared_ckpt: Path, ref: LLM, name: str, temperature: float,
                                                     seed: int) -> None:
     """A batch where only some requests ask (n = 0, 2 or 5); sampled tokens get the raw distribution's
     log-probabilities, not the tempered one's."""
     rng = random.Random(seed)
-    llm = LLM(ckpt, dtype="float32", speculative=SPECS[name])
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SPECS[name])
     prompts = [[rng.randrange(2, 256) for _ in range(rng.randint(1, 20))] for _ in range(4)]
     ns = [0, None, 2, 5]
     params = [SamplingParams(max_tokens=rng.randint(1, 16), temperature=temperature, seed=seed + i,
@@ -58,9 +52,9 @@ def test_logprobs_equal_the_full_sequence_reference(ckpt: Path, ref: LLM, name: 
             _check(ref, prompt, out, n)
 
 
-def test_logprobs_end_where_the_tokens_end_and_stream_per_step(ckpt: Path, ref: LLM) -> None:
+def test_logprobs_end_where_the_tokens_end_and_stream_per_step(shared_ckpt: Path, ref: LLM) -> None:
     """A stop token inside an accepted run cuts the logprobs with the tokens; stream_steps gives each step's."""
-    llm = LLM(ckpt, dtype="float32", speculative=SPECS["chain"])
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SPECS["chain"])
     prompt = [5, 9, 200]
     full = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].token_ids
     stop = full[7]
@@ -81,9 +75,9 @@ def test_bad_logprobs_are_refused(bad) -> None:
         SamplingParams(logprobs=bad)
 
 
-def test_logprobs_are_finite_and_normalized(ckpt: Path) -> None:
+def test_logprobs_are_finite_and_normalized(shared_ckpt: Path) -> None:
     """logprobs=20 on a tiny vocabulary: values are log-probabilities (<= 0, their exp sums to at most 1)."""
-    llm = LLM(ckpt, dtype="float32", speculative=SPECS["tree"])
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SPECS["tree"])
     out = llm.generate([[3, 4]], SamplingParams(max_tokens=6, temperature=0.7, seed=3, logprobs=20))[0]
     for d in out.logprobs:
         v = torch.tensor(list(d.values()))
@@ -91,10 +85,10 @@ def test_logprobs_are_finite_and_normalized(ckpt: Path) -> None:
 
 
 @pytest.mark.parametrize("chunk", [512, 7])
-def test_prompt_logprobs_equal_the_reference(ckpt: Path, ref: LLM, chunk: int) -> None:
+def test_prompt_logprobs_equal_the_reference(shared_ckpt: Path, ref: LLM, chunk: int) -> None:
     """prompt_logprobs: None for the first prompt token, then each token's log-probability and the top-n given the
     tokens before it, the same when the prompt is prefilled in chunks of 7; such a request skips the prefix cache."""
-    llm = LLM(ckpt, dtype="float32", speculative=SPECS["chain"], prefill_chunk=chunk)
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SPECS["chain"], prefill_chunk=chunk)
     prompt = [(7 * i) % 250 + 2 for i in range(150)]
     llm.generate([prompt], SamplingParams(max_tokens=2))  # its blocks are now cached
     out = llm.generate([prompt, [4, 5]], [SamplingParams(max_tokens=3, prompt_logprobs=2),
@@ -109,12 +103,12 @@ def test_prompt_logprobs_equal_the_reference(ckpt: Path, ref: LLM, chunk: int) -
         assert set(d) == set(row.topk(2).indices.tolist()) | {prompt[j]}, f"prompt token {j}"
 
 
-def test_prompt_logprobs_survive_preemption(ckpt: Path) -> None:
+def test_prompt_logprobs_survive_preemption(shared_ckpt: Path) -> None:
     """A pool that preempts: recomputed prompts do not score their tokens twice."""
     prompts = [[(5 * i + k) % 250 + 2 for i in range(90)] for k in range(3)]
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, prompt_logprobs=0)
-    roomy = LLM(ckpt, dtype="float32", speculative=SPECS["tree"]).generate(prompts, params)
-    tight = LLM(ckpt, dtype="float32", speculative=SPECS["tree"], kv_cache_tokens=384, prefill_chunk=32)
+    roomy = LLM(shared_ckpt, dtype="float32", speculative=SPECS["tree"]).generate(prompts, params)
+    tight = LLM(shared_ckpt, dtype="float32", speculative=SPECS["tree"], kv_cache_tokens=384, prefill_chunk=32)
     out = tight.generate(prompts, params)
     assert sum(o.metrics.num_preemptions for o in out) > 0
     for a, b in zip(out, roomy):

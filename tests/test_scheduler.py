@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-from models import agreeable_checkpoint
 from staggered import run_staggered
 
 from specdec import LLM, SamplingParams, SpecConfig
@@ -17,13 +16,8 @@ TREE = SpecConfig(3, topk=2)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return agreeable_checkpoint(tmp_path_factory.mktemp("sched"), seed=1, noise=0.14)
-
-
-@pytest.fixture(scope="module")
-def alone(ckpt: Path) -> LLM:
-    return LLM(ckpt, dtype="float32", speculative=TREE)
+def alone(shared_ckpt: Path) -> LLM:
+    return LLM(shared_ckpt, dtype="float32", speculative=TREE)
 
 
 def _requests(seed: int, n: int, max_tokens: int = 30) -> list[tuple[list[int], SamplingParams]]:
@@ -35,13 +29,13 @@ def _requests(seed: int, n: int, max_tokens: int = 30) -> list[tuple[list[int], 
 
 @pytest.mark.parametrize("kv_tokens, max_seqs, chunk", [(None, 64, 512), (512, 64, 7), (2048, 5, 16)],
                          ids=["roomy", "tight-pool", "few-seqs"])
-def test_staggered_arrivals_equal_each_request_alone(ckpt: Path, alone: LLM, kv_tokens, max_seqs, chunk,
+def test_staggered_arrivals_equal_each_request_alone(shared_ckpt: Path, alone: LLM, kv_tokens, max_seqs, chunk,
                                                      seed: int) -> None:
     """16 greedy requests of different lengths arriving at different times; a pool that holds few of them (so
     they queue and get preempted: requests then outgrow their first block), few running slots, prompts prefilled
     in chunks of 7 or 16 tokens."""
     reqs = _requests(seed, 16, max_tokens=90 if kv_tokens == 512 else 30)
-    llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=kv_tokens, max_num_seqs=max_seqs,
+    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=kv_tokens, max_num_seqs=max_seqs,
               prefill_chunk=chunk)
     done = run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
@@ -55,19 +49,19 @@ def test_staggered_arrivals_equal_each_request_alone(ckpt: Path, alone: LLM, kv_
         assert sum(r.metrics.num_preemptions for r in done) > 0, f"seed={seed}: the tight pool never preempted"
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(ckpt: Path, alone: LLM, seed: int) -> None:
+def test_seeded_sampling_does_not_depend_on_the_batch(shared_ckpt: Path, alone: LLM, seed: int) -> None:
     rng = random.Random(seed)
     reqs = [([rng.randrange(2, 256) for _ in range(rng.randint(1, 20))],
              SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=seed + i, ignore_eos=True))
             for i in range(8)]
-    llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=512)
+    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=512)
     done = run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
         assert r.generated == alone.generate([prompt], p)[0].token_ids, f"seed={seed} request {i}"
 
 
-def test_aborts_free_their_blocks_at_once(ckpt: Path) -> None:
-    llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=1024)
+def test_aborts_free_their_blocks_at_once(shared_ckpt: Path) -> None:
+    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=1024)
     e = llm.engine
     a = e.add([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     b = e.add([8] * 30, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
@@ -84,12 +78,12 @@ def test_aborts_free_their_blocks_at_once(ckpt: Path) -> None:
     assert e.pool.usage() == 0 and not e.has_unfinished
 
 
-def test_a_request_larger_than_the_pool_is_refused(ckpt: Path) -> None:
-    llm = LLM(ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=128)
+def test_a_request_larger_than_the_pool_is_refused(shared_ckpt: Path) -> None:
+    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=128)
     with pytest.raises(ValueError, match=r"prompt 0: needs \d+ KV rows .* the whole pool holds 128"):
         llm.generate([[1] * 100], SamplingParams(max_tokens=50))
     assert llm.generate([[1] * 10], SamplingParams(max_tokens=20, ignore_eos=True))[0].finish_reason == "length"
     with pytest.raises(ValueError, match="kv_cache_tokens"):
-        LLM(ckpt, dtype="float32", kv_cache_tokens=0)
+        LLM(shared_ckpt, dtype="float32", kv_cache_tokens=0)
     with pytest.raises(ValueError, match="max_num_seqs"):
-        LLM(ckpt, dtype="float32", max_num_seqs=0)
+        LLM(shared_ckpt, dtype="float32", max_num_seqs=0)
