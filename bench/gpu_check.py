@@ -4,7 +4,7 @@
     python bench/gpu_check.py --smoke --out check.json    # tiny shapes on the CPU (Triton's interpreter)
 
 Sections, in order; one that would start after --budget seconds is recorded as skipped:
-  kernels  every Triton kernel against its reference at DeepSeek-V3's TP=8 per-rank shapes (bench/kernels.py)
+  kernels  every Triton kernel against its reference at DeepSeek-V3's TP=8 per-rank shapes (bench/kernel_bench.py)
   gemm     FP8 GEMM TFLOPS at M = 1..128 on the per-rank linears, beside torch._scaled_mm (per-tensor scales,
            cuBLAS) where the device has FP8
   mla      MLA decode bandwidth (bytes by FlashMLA's formula), the Triton kernel and flashinfer's where installed
@@ -33,8 +33,8 @@ import torch
 
 
 def _bench_kernels() -> Any:
-    """bench/kernels.py as a module (a file beside this one, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+    """bench/kernel_bench.py as a module (a file beside this one, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernel_bench.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
@@ -182,7 +182,6 @@ def section_model(dev: torch.device, smoke: bool, backends: list[str]) -> dict[s
     from specdec.kernels.backend import Backend
     from specdec.kernels.warmup import ModelShape, model_cases, warmup
     from specdec.model.checkpoint import tiny_config
-
     from specdec.params import SpecConfig
 
     fp8 = {**FP8_BLOCKS, "weight_block_size": [32, 32] if smoke else [128, 128]}

@@ -42,14 +42,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
 from specdec.kernels.attn_meta import AttnMeta
-from specdec.model import LatentCache
+from specdec.model.cache import LatentCache
 from specdec.model.checkpoint import save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.moe import Gate, MoE
 from specdec.model.transformer import DeepseekV3
-from tqdm import tqdm
-
 from specdec.prompts import HELD_OUT  # the held-out modules, shared with the benchmarks
 
 # standard-library folders that are not training text (HELD_OUT lists the held-out modules)

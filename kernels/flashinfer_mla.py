@@ -5,8 +5,8 @@ takes: causal masks (decode, chain verification: query i of n new tokens sees ke
 lower-triangular tree_mask), kv_lora_rank 512 with rope 64, bf16/fp16. `fits` says no for anything else (token trees,
 float32, other head sizes, a cache of another dtype) and the backend runs the Triton kernel instead. Written for
 flashinfer-python < 0.7 (keyword arguments throughout: its next API drops the positional forms); flashinfer builds
-its kernels the first time they run. Not yet run on a GPU in this repository: bench/kernels.py and bench/gpu_check.py
-check it against mla_attention_ref where flashinfer is installed.
+its kernels the first time they run. Not yet run on a GPU in this repository: bench/kernel_bench.py and
+bench/gpu_check.py check it against mla_attention_ref where flashinfer is installed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
 from specdec.kernels.fp8 import weight_quant_ref
 from specdec.kernels.triton_util import cdiv
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_dequant_ref
 from specdec.kernels.triton_util import cdiv
-from torch import nn
 
 from .config import ModelConfig
 from .parallel import DistInfo

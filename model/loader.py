@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
+
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_dequant_ref
 from specdec.kernels.triton_util import cdiv
-from tqdm import tqdm
 
 from .checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest
 from .config import ConfigError, ModelConfig

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.cpu import mqa_attention
-from torch import nn
 
 from .layers import Build, apply_rope, fuse_columns
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from specdec.kernels.cpu import moe_runs
 from torch import nn
+
+from specdec.kernels.cpu import moe_runs
 
 from .config import ModelConfig
 from .layers import Build, fuse_columns, transposed_storage

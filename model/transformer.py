@@ -7,9 +7,10 @@ step for the rows the caller asks for. It never samples or schedules.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
-from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig

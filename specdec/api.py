@@ -18,7 +18,8 @@ from .inputs import Prompt, as_prompt_list, check_text, check_token_ids
 from .kernels.attn_meta import AttnMeta
 from .kernels.backend import Backend
 from .launcher import collective, join
-from .model import LatentCache, load_model
+from .model.cache import LatentCache
+from .model.loader import load_model
 from .model.transformer import DeepseekV3
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams, SpecConfig, check_seed

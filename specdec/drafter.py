@@ -14,7 +14,7 @@ import torch
 
 from .kernels.attn_meta import AttnMeta
 from .kv_pool import Rows
-from .model import LatentCache
+from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
 from .params import SpecConfig
 from .sampling import SamplingBatch, gumbel_topk

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels.attn_meta import AttnMeta, causal_tree_mask
-from .model import KVPoolError, LatentCache
+from .model.cache import KVPoolError, LatentCache
 from .model.config import ModelConfig
 
 BLOCK_SIZE = 64  # tokens per block, as FlashMLA pages its cache

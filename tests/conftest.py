@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from models import agreeable_checkpoint
+
 from specdec.model.checkpoint import tiny_config, write_random_checkpoint
 
 # Test shapes are tiny: extra intra-op threads only add OpenMP barrier waits, which cost 10-100x on a busy

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from specdec.model.checkpoint import random_tensors, save_checkpoint, tiny_config
 from specdec.model.config import ModelConfig
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from specdec.kernels.fp8 import weight_dequant_ref
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from _interp import DEVICE, rel
+
+from specdec import LLM
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_quant_ref
-from specdec.model import LatentCache
+from specdec.model.cache import LatentCache
 from specdec.model.checkpoint import tiny_config, write_random_checkpoint
-
-from specdec import LLM
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
 

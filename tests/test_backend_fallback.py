@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from _interp import DEVICE, rel
+
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_quant_ref
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from reference import V3_CONFIG
+
+from specdec.cli import main
+from specdec.cli.inspect import RESERVE
 from specdec.model import loader
 from specdec.model.checkpoint import checkpoint_manifest, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.parallel import DistInfo
 from specdec.model.plan import weight_bytes_per_rank
 from specdec.model.transformer import DeepseekV3
-
-from specdec.cli import main
-from specdec.cli.inspect import RESERVE
 
 V3 = str(V3_CONFIG)
 V3_ROUTED_PER_EXPERT = 3 * 2048 * 7168  # gate, up, down of one routed expert

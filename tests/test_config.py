@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from reference import V3_CONFIG
+
 from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ConfigError, ModelConfig
 

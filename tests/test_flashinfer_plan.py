@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.flashinfer_mla import FlashinferMLA, kv_pages
 

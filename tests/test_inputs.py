@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from models import agreeable_checkpoint, byte_bpe
-from specdec.model.loader import CheckpointError
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.engine import NonFiniteLogitsError
+from specdec.model.loader import CheckpointError
 
 
 @pytest.fixture(scope="module")

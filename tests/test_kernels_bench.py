@@ -1,4 +1,4 @@
-"""bench/kernels.py --smoke: every kernel group at tiny shapes (the interpreter without a GPU), table printed last."""
+"""bench/kernel_bench.py --smoke: every kernel group at tiny shapes (the interpreter without a GPU), table last."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.interpreter
 
 
 def test_bench_smoke(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    path = Path(__file__).parents[1] / "bench" / "kernels.py"
+    path = Path(__file__).parents[1] / "bench" / "kernel_bench.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.cpu import mla_attention_mqa, moe_runs, moe_sparse, mqa_attention
 from specdec.kernels.mla import mla_attention_ref

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _interp import DEVICE, poisoned, rel, wide_rows
+
 from specdec.kernels import fp8
 
 pytestmark = pytest.mark.interpreter

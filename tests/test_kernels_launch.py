@@ -7,9 +7,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 from _interp import DEVICE
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from specdec.kernels import triton_util
 from specdec.kernels.triton_util import LazyKernel, check_device, compile_only, sm_count
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 class _Recorder:

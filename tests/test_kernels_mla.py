@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _interp import DEVICE, poisoned, rel, wide_rows
+
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
 from specdec.kernels.mla import mla_attention, mla_attention_ref
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _interp import DEVICE, poisoned, rel, wide_rows
+
 from specdec.kernels.fp8 import weight_quant_ref
 from specdec.kernels.moe import moe, moe_align, moe_ref, moe_w8a8_ref
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from specdec.model import CheckpointError, load_model
+
 from specdec.model.checkpoint import tiny_config
+from specdec.model.loader import CheckpointError, load_model
 
 FP8_32 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
 INDEX = "model.safetensors.index.json"

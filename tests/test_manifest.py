@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from reference import DATA
+
 from specdec.model.checkpoint import TensorSpec, checkpoint_manifest, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.loader import Checkpoint

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 from oracle import hf_logits, hf_models, hf_mtp_logits
-from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
-from specdec.kernels.backend import Backend
-from specdec.model import load_model
-from specdec.model.cache import LatentCache
-from specdec.model.checkpoint import tiny_config
 
 from specdec import LLM
+from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
+from specdec.kernels.backend import Backend
+from specdec.model.cache import LatentCache
+from specdec.model.checkpoint import tiny_config
+from specdec.model.loader import load_model
 
 TOL = 1e-4
 FP8_32 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}

@@ -17,14 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from models import agreeable_checkpoint
-from specdec.model import DeepseekV3, ModelConfig, load_model
-from specdec.model.checkpoint import tiny_config
-from specdec.model.loader import Checkpoint
-from specdec.model.parallel import DistInfo, get_dist
-from specdec.model.plan import weight_bytes_per_rank
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
 from specdec import LLM, SamplingParams, SpecConfig
+from specdec.model.checkpoint import tiny_config
+from specdec.model.config import ModelConfig
+from specdec.model.loader import Checkpoint, load_model
+from specdec.model.parallel import DistInfo, get_dist
+from specdec.model.plan import weight_bytes_per_rank
+from specdec.model.transformer import DeepseekV3
 
 # divisible by 2 and 3: 6 heads, 6 experts, vocab 264, MLP widths on 8-blocks
 SHAPE = dict(vocab_size=264, num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 from models import agreeable_checkpoint
-from specdec.model.parallel import DistInfo, get_dist
 from tp_torchrun import GREEDY, PROMPTS
 
 from specdec import LLM, SpecConfig
 from specdec.launcher import TensorParallelError
+from specdec.model.parallel import DistInfo, get_dist
 
 SHAPE = dict(vocab_size=264, num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6,
              moe_intermediate_size=48)

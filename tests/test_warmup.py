@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _interp import DEVICE, rel
+
 from specdec.kernels.backend import Backend
 from specdec.kernels.warmup import Gemm, Mla, ModelShape, Moe, model_cases, run_case, warmup
 from specdec.model.checkpoint import tiny_config

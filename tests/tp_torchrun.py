@@ -13,10 +13,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from specdec.model.parallel import shutdown_distributed
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.drafter import Drafter
+from specdec.model.parallel import shutdown_distributed
 
 CHAIN = SpecConfig(num_speculative_tokens=3)
 PROMPTS = [[5, 9, 200], [17], [3, 4, 5, 6, 7, 8]]

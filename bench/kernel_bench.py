@@ -1,7 +1,7 @@
 """Kernel bench for a lent GPU: every Triton kernel at DeepSeek-V3 shapes, checked against its reference, timed.
 
-    python bench/kernels.py            # H200-sized cases, about 2-4 minutes, table printed last
-    python bench/kernels.py --smoke    # tiny shapes; on a machine without a GPU it runs Triton's interpreter
+    python bench/kernel_bench.py            # H200-sized cases, about 2-4 minutes, table printed last
+    python bench/kernel_bench.py --smoke    # tiny shapes; on a machine without a GPU it runs Triton's interpreter
 
 Times are medians of triton.testing.do_bench. Bytes and FLOPs are counted from shapes (the unique bytes a kernel
 must move, the FLOPs it must do; MLA's bytes by FlashMLA's formula); %roof compares the time with

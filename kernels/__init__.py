@@ -1,1 +1,0 @@
-"""Compute kernels: each Triton kernel sits beside a plain-torch reference of the same function."""
