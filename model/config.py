@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,28 @@ class Fp8Config:
 # annotation (a string under `from __future__ import annotations`) -> accepted JSON value types
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "int | None": (int, type(None)), "float": (int, float),
                                             "bool": (bool,)}
+_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+             "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group", "moe_layer_freq")
+_NON_NEGATIVE = ("intermediate_size", "qk_nope_head_dim", "n_routed_experts", "n_shared_experts",
+                 "moe_intermediate_size", "first_k_dense_replace", "num_nextn_predict_layers")
+
+
+def _yarn(rope: dict[str, Any], max_position_embeddings: Any, err: Callable[[str], ConfigError]) -> YarnScaling:
+    """rope_scaling's yarn fields, each a finite JSON number (null or 0 takes HF's default for beta_*, mscale*)."""
+    if "factor" not in rope:
+        raise err("rope_scaling (yarn) is malformed: it has no 'factor'")
+    vals = {"factor": rope["factor"],
+            "original_max_position_embeddings": rope.get("original_max_position_embeddings", max_position_embeddings),
+            "beta_fast": rope.get("beta_fast") or 32, "beta_slow": rope.get("beta_slow") or 1,
+            "mscale": rope.get("mscale") or 0.0, "mscale_all_dim": rope.get("mscale_all_dim") or 0.0}
+    for k, v in vals.items():
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise err(f"rope_scaling.{k} must be a finite number, got {v!r}")
+    if not float(vals["original_max_position_embeddings"]).is_integer():
+        raise err(f"rope_scaling.original_max_position_embeddings must be an integer, got "
+                  f"{vals['original_max_position_embeddings']!r}")
+    vals["original_max_position_embeddings"] = int(vals["original_max_position_embeddings"])
+    return YarnScaling(**{k: v if k == "original_max_position_embeddings" else float(v) for k, v in vals.items()})
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
@@ -165,19 +188,7 @@ class ModelConfig:
             if "rope_theta" in rope:
                 kw["rope_theta"] = rope["rope_theta"]
             if kind == "yarn":
-                try:
-                    kw["yarn"] = YarnScaling(
-                        factor=float(rope["factor"]),
-                        original_max_position_embeddings=int(
-                            rope.get("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
-                        ),
-                        beta_fast=float(rope.get("beta_fast") or 32),
-                        beta_slow=float(rope.get("beta_slow") or 1),
-                        mscale=float(rope.get("mscale") or 0.0),
-                        mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
-                    )
-                except (KeyError, TypeError, ValueError) as e:
-                    raise err(f"rope_scaling (yarn) is malformed: {e}") from None
+                kw["yarn"] = _yarn(rope, d.get("max_position_embeddings", 4096), err)
             elif kind != "default":
                 raise err(f"rope type {kind!r} unsupported (yarn or default)")
 
@@ -215,34 +226,51 @@ class ModelConfig:
         return cls.from_dict(d, str(p))
 
     def validate(self, source: str = "config") -> None:
+        """Raise ConfigError naming the field for a value of the wrong type, out of range, or not finite."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"{source}: {msg}")
 
-        for f in fields(self):  # JSON can hold any type: check before any arithmetic on the values
+        for f in fields(self):  # JSON can hold any type (and NaN, Infinity): check before any arithmetic on the values
             ok = _JSON_TYPES.get(f.type)
             v = getattr(self, f.name)
             need(ok is None or (isinstance(v, ok) and (bool in ok or not isinstance(v, bool))),
                  f"{f.name} must be {f.type}, got {v!r}")
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                  "qk_rope_head_dim", "v_head_dim"):
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v!r}")
+        for f in _POSITIVE:
             v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{f} must be a positive integer, got {v!r}")
-        need(self.qk_nope_head_dim >= 0, "qk_nope_head_dim must be >= 0")
+            need(v > 0, f"{f} must be a positive integer, got {v!r}")
+        for f in _NON_NEGATIVE:
+            v = getattr(self, f)
+            need(v >= 0, f"{f} must be >= 0, got {v!r}")
+        for f in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            v = getattr(self, f)
+            need(v > 0, f"{f} must be > 0, got {v!r}")
+        vocab = self.vocab_size
+        for e in self.eos_token_ids:  # an id past the vocabulary never comes out of the model: EOS would never stop
+            need(0 <= e < vocab, f"eos_token_id {e} is outside the vocabulary [0, {vocab})")
+        need(self.bos_token_id is None or 0 <= self.bos_token_id < vocab,
+             f"bos_token_id {self.bos_token_id} is outside the vocabulary [0, {vocab})")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim {self.qk_rope_head_dim} must be even")
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or null")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
-        need(self.moe_layer_freq >= 1, "moe_layer_freq must be >= 1")
         if self.n_routed_experts:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive when n_routed_experts > 0")
             need(self.n_routed_experts % self.n_group == 0,
                  f"n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")
-            need(1 <= self.topk_group <= self.n_group, f"topk_group {self.topk_group} must be in [1, n_group]")
+            need(self.topk_group <= self.n_group, f"topk_group {self.topk_group} must be in [1, n_group]")
             per_group = self.n_routed_experts // self.n_group
             need(self.n_group == 1 or per_group >= 2, "each expert group needs >= 2 experts (group score = top-2 sum)")
             need(1 <= self.num_experts_per_tok <= self.topk_group * per_group,
                  f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts in topk_group groups")
-        need(self.intermediate_size > 0 or self.first_k_dense_replace == 0 or self.n_routed_experts == 0,
-             "intermediate_size must be positive")
+        dense = self.n_routed_experts == 0 or self.first_k_dense_replace > 0 or (
+            self.moe_layer_freq > 1 and self.num_hidden_layers > 1)  # layer 0, or layer 1 (1 % freq != 0), is dense
+        need(self.intermediate_size > 0 or not dense,
+             f"intermediate_size must be positive (the config has dense MLP layers), got {self.intermediate_size}")
         if self.yarn is not None:
-            need(self.yarn.factor > 0, "rope_scaling.factor must be positive")
+            y = self.yarn
+            need(y.factor > 0, f"rope_scaling.factor must be positive, got {y.factor!r}")
+            need(y.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings must be "
+                 f"positive, got {y.original_max_position_embeddings!r}")
+            need(y.beta_fast > 0 and y.beta_slow > 0,
+                 f"rope_scaling.beta_fast / beta_slow must be positive, got {y.beta_fast!r} / {y.beta_slow!r}")
+            need(self.rope_theta != 1, "rope_theta must not be 1 with yarn scaling (its ramp divides by log(theta))")

@@ -47,6 +47,11 @@ def test_rope_parameters_spelling_equals_rope_scaling() -> None:
     assert ModelConfig.from_dict(plain).rope_theta == 123.0 and ModelConfig.from_dict(plain).yarn is None
 
 
+def test_all_experts_moe_needs_no_dense_width() -> None:
+    c = ModelConfig.from_dict(tiny_config(intermediate_size=0, first_k_dense_replace=0))
+    assert all(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+
+
 def test_nulls_and_lists() -> None:
     c = ModelConfig.from_dict(tiny_config(n_group=None, topk_group=None, first_k_dense_replace=None,
                                           eos_token_id=[1, 7], q_lora_rank=None))
@@ -82,6 +87,30 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "string for float": (tiny_config(rms_norm_eps="tiny"), "rms_norm_eps must be float"),
     "string for int | None": (tiny_config(q_lora_rank="48"), "q_lora_rank"),
     "bad eos": (tiny_config(eos_token_id=["</s>"]), "eos_token_id"),
+    # issue 17: values of the right type but out of range or not finite, each named (none reaches arithmetic)
+    "no expert groups": (tiny_config(n_group=0), "n_group must be a positive integer, got 0"),
+    "negative context": (tiny_config(max_position_embeddings=-5), "max_position_embeddings must be a positive"),
+    "empty context": (tiny_config(max_position_embeddings=0), "max_position_embeddings must be a positive"),
+    "eos -1": (tiny_config(eos_token_id=-1), "eos_token_id -1 is outside the vocabulary [0, 256)"),
+    "eos past the vocabulary": (tiny_config(eos_token_id=[1, 256]), "eos_token_id 256 is outside the vocabulary"),
+    "bos past the vocabulary": (tiny_config(bos_token_id=300), "bos_token_id 300 is outside the vocabulary"),
+    "zero eps": (tiny_config(rms_norm_eps=0), "rms_norm_eps must be > 0"),
+    "negative rope_theta": (tiny_config(rope_theta=-1), "rope_theta must be > 0"),
+    "NaN scaling factor": (tiny_config(routed_scaling_factor=float("nan")), "routed_scaling_factor must be a finite"),
+    "infinite eps": (tiny_config(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite"),
+    "negative shared experts": (tiny_config(n_shared_experts=-1), "n_shared_experts must be >= 0"),
+    "negative dense layers": (tiny_config(first_k_dense_replace=-2), "first_k_dense_replace must be >= 0"),
+    "no dense width": (tiny_config(intermediate_size=0), "intermediate_size must be positive"),
+    "no dense width, every other layer dense": (tiny_config(intermediate_size=0, first_k_dense_replace=0,
+                                                            moe_layer_freq=2), "intermediate_size"),
+    "yarn factor NaN": (tiny_config(rope_scaling={"type": "yarn", "factor": float("nan")}), "rope_scaling.factor"),
+    "yarn factor 0": (tiny_config(rope_scaling={"type": "yarn", "factor": 0}), "rope_scaling.factor"),
+    "yarn beta as text": (tiny_config(rope_scaling={"type": "yarn", "factor": 4, "beta_fast": "32"}),
+                          "rope_scaling.beta_fast must be a finite number"),
+    "yarn context 2.5": (tiny_config(rope_scaling={"type": "yarn", "factor": 4,
+                                                   "original_max_position_embeddings": 2.5}),
+                         "rope_scaling.original_max_position_embeddings must be an integer"),
+    "yarn with rope_theta 1": (tiny_config(rope_theta=1, rope_scaling={"type": "yarn", "factor": 4}), "rope_theta"),
 }
 
 
