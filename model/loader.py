@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -96,17 +95,22 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: malformed index (needs a 'weight_map' object)") from None
             files: dict[str, list[str]] = {}
             for name, fname in weight_map.items():
+                if not isinstance(fname, str) or not fname:
+                    raise CheckpointError(f"{index.name}: weight_map entry for tensor {name} must be a file name, "
+                                          f"got {fname!r}")
                 files.setdefault(fname, []).append(name)
         elif single.is_file():
             files = {"model.safetensors": None}  # type: ignore[dict-item]
         else:
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
-        root = self.path.resolve()
         entries: dict[str, HeaderEntry] = {}
         for fname, names in files.items():
-            f = (self.path / fname).resolve()
-            if os.path.commonpath([root, f]) != str(root):
+            # The name must stay in the folder; the file may be a symlink to anywhere (Hugging Face's cache links
+            # snapshots/<rev>/*.safetensors to ../../blobs/<hash>): the folder's owner put it there.
+            rel = PurePosixPath(fname)
+            if rel.is_absolute() or ".." in rel.parts:
                 raise CheckpointError(f"{index.name}: entry {fname!r} points outside the checkpoint directory")
+            f = self.path / rel
             if not f.is_file():
                 which = f" (holds {names[0]})" if names else ""
                 raise CheckpointError(f"{index.name}: names missing file {fname}{which}")
@@ -146,19 +150,20 @@ class Checkpoint:
                 t = sl[r, slice(*cols)] if cols else sl[r]
         except Exception as ex:  # safetensors raises its own error types
             raise CheckpointError(f"{e.file.name}: cannot read tensor {name} ({ex})") from None
-        if not _finite(t):
+        if not _all_finite(t):
             raise CheckpointError(f"{e.file.name}: tensor {name} holds NaN or infinite values (corrupt data)")
         return t
 
 
-def _finite(t: torch.Tensor) -> bool:
+def _all_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in a stored tensor (FP8 e4m3fn has no inf; its NaN is every exponent and mantissa bit set)."""
     if t.dtype == torch.float8_e4m3fn:
         return not bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
     return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
-def _shard_range(full: int, local: int, rank: int) -> tuple[int, int]:
+def _shard_range(local: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s [begin, end) of a dimension split in equal shares of `local` (model/plan.py checked the split)."""
     return rank * local, (rank + 1) * local
 
 
@@ -167,9 +172,9 @@ def _load_linear(ck: Checkpoint, name: str, m: Linear, dist: DistInfo) -> None:
     n_full, k_full = spec.shape
     rows = cols = None
     if m.shard_dim == 0 and m.out_features != n_full:
-        rows = _shard_range(n_full, m.out_features, dist.rank)
+        rows = _shard_range(m.out_features, dist.rank)
     if m.shard_dim == 1 and m.in_features != k_full:
-        cols = _shard_range(k_full, m.in_features, dist.rank)
+        cols = _shard_range(m.in_features, dist.rank)
     w = ck.read(f"{name}.weight", rows, cols)
     if spec.dtype == "F8_E4M3":
         bn, bk = ck.config.fp8.block_n, ck.config.fp8.block_k
@@ -214,7 +219,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
         name = f"{mname}.{pname}"
         shard = getattr(p, "shard_dim", None)
         full = ck.entries[name].spec.shape
-        rows = _shard_range(full[0], p.shape[0], dist.rank) if shard == 0 and p.shape[0] != full[0] else None
+        rows = _shard_range(p.shape[0], dist.rank) if shard == 0 and p.shape[0] != full[0] else None
         p.data.copy_(ck.read(name, rows).to(p.dtype))
     model.finalize()
     if cpu_layout is None:

@@ -168,6 +168,17 @@ def _index_path_outside(ck: Path) -> list[str]:
     return ["../x.safetensors", "outside"]
 
 
+def _index_path_absolute(ck: Path) -> list[str]:
+    target = str(shutil.copy(ck / SHARD2, ck.parent / "abs.safetensors"))
+    edit_json(ck / INDEX, lambda d: d["weight_map"].__setitem__("model.norm.weight", target))
+    return ["abs.safetensors", "outside"]
+
+
+def _index_entry_not_a_name(ck: Path) -> list[str]:
+    edit_json(ck / INDEX, lambda d: d["weight_map"].__setitem__("model.norm.weight", 2))
+    return [INDEX, "model.norm.weight", "must be a file name, got 2"]
+
+
 def _index_not_json(ck: Path) -> list[str]:
     (ck / INDEX).write_text('{"weight_map": ')
     return [INDEX]
@@ -230,6 +241,8 @@ BROKEN: dict[str, tuple[Callable[[Path], list[str]], bool]] = {  # case -> (brea
     "header offsets overlap": (_header_offsets_overlap, False),
     "index names a missing file": (_index_names_missing_file, False),
     "index path outside the checkpoint": (_index_path_outside, False),
+    "index path absolute": (_index_path_absolute, False),
+    "index entry not a file name": (_index_entry_not_a_name, False),
     "index not JSON": (_index_not_json, False),
     "no weight files": (_no_weights, False),
     "config.json bad JSON": (_config_bad_json, False),
@@ -261,6 +274,40 @@ def test_sharded_and_single_file_load_the_same_weights(make_checkpoint) -> None:
     assert one.keys() == three.keys()
     assert all(torch.equal(one[k], three[k]) for k in one)
     assert one["model.layers.1.mlp.w13"].abs().sum() > 0  # weights were actually read
+
+
+def _hub_snapshot(src: Path, root: Path) -> Path:
+    """src laid out as Hugging Face's cache holds a download: every file a blob under blobs/, linked (relative
+    links) from snapshots/<rev>/."""
+    snap = root / "models--tiny" / "snapshots" / "0123abc"
+    blobs = root / "models--tiny" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    return snap
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_hugging_face_cache_layout_loads(num_shards: int, make_checkpoint, tmp_path: Path) -> None:
+    """Symlinked shards (and config) load like the files they point to, also when the links lead outside the
+    folder: that is how the Hugging Face cache holds every downloaded checkpoint."""
+    src = make_checkpoint(num_shards=num_shards)
+    snap = _hub_snapshot(src, tmp_path)
+    assert all(f.is_symlink() for f in snap.iterdir())
+    want = load_model(src, dtype=torch.float32, progress=False).state_dict()
+    got = load_model(snap, dtype=torch.float32, progress=False).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_symlinked_shard_elsewhere_is_followed(make_checkpoint, tmp_path: Path) -> None:
+    """A link the user put in the folder is followed, wherever it leads (index names with `..` or an absolute path
+    are refused: BROKEN above)."""
+    ck = make_checkpoint()
+    (ck / SHARD2).rename(tmp_path / "moved.safetensors")
+    (ck / SHARD2).symlink_to(tmp_path / "moved.safetensors")
+    load_model(ck, dtype=torch.float32, progress=False)
 
 
 class _Trap:
