@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from .model.cache import LatentCache
 from .model.loader import load_model
 from .model.transformer import DeepseekV3
 from .outputs import RequestOutput, StepOutput
-from .params import SamplingParams, SpecConfig, check_seed
+from .params import SamplingParams, SpecConfig, check_seed, check_spec_config
 from .request import Request
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -63,7 +64,12 @@ def default_threads(device: torch.device, num_params: int) -> int | None:
     torch's default. None: leave torch's setting alone (GPUs)."""
     if device.type != "cpu":
         return None
-    return 1 if num_params < SMALL_MODEL_PARAMS else os.cpu_count() or 1
+    return 1 if num_params < SMALL_MODEL_PARAMS else usable_cores()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _load_tokenizer(path: Path) -> Any | None:
@@ -87,7 +93,8 @@ class LLM:
     calls; `close()` (or `with LLM(...) as llm:`, or exit) stops them. Output does not depend on N.
 
     threads: CPU intra-op threads (torch.set_num_threads, process-wide); default one for models under 1B
-    parameters on CPU (see `default_threads`), else torch's choice.
+    parameters on CPU (see `default_threads`), else torch's choice. More than the cores this process may use
+    (`usable_cores`) is capped at that count, with a warning.
 
     The engine is continuously batched over one KV pool allocated here: kv_cache_tokens rows (default: 90% of a
     GPU's free memory, 10% of a CPU's available memory), at most max_num_seqs requests running at once; more wait
@@ -109,16 +116,22 @@ class LLM:
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
                  prefill_chunk: int = 512, enable_prefix_caching: bool = True, warmup: bool | None = None,
                  progress: bool = False):
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"model must be a checkpoint directory (a str or Path) or None, got "
+                             f"{type(model).__name__}")
         self.path = Path(model) if model is not None else BUNDLED_MODEL
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         check_seed(seed, "seed")
-        if speculative is not None and not isinstance(speculative, SpecConfig):
-            raise ValueError(f"speculative must be a SpecConfig or None, got {type(speculative).__name__}")
+        check_spec_config(speculative, "speculative")
         if not (type(tensor_parallel_size) is int and tensor_parallel_size >= 1):
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if threads is not None and not (type(threads) is int and threads >= 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if threads is not None and threads > usable_cores():  # more only wait at barriers (170x slower at 1000)
+            warnings.warn(f"threads={threads} exceeds the {usable_cores()} CPU cores this process may use; using "
+                          f"{usable_cores()}", stacklevel=2)
+            threads = usable_cores()
         self.seed = seed
         self._served: dict[str, Request] = {}  # engine_step's live requests by key
         self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
@@ -165,6 +178,7 @@ class LLM:
         model. Raises ValueError for MTP without an MTP layer, and on rank 0 of a tensor-parallel group this
         process spawned (its workers replay this LLM's calls with their own engine; under torchrun every rank makes
         the same view, which works)."""
+        check_spec_config(speculative, "speculative")
         seed = self.seed if seed is None else seed
         check_seed(seed, "seed")
         if speculative == self.speculative and seed == self.seed:

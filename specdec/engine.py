@@ -99,6 +99,8 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= cfg.vocab_size:
             raise ValueError(f"{where}: logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
                              f"{cfg.vocab_size}")
+        if self.spec is not None:
+            self.spec.check_request(params, where)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"{where}: stop strings need a tokenizer (the checkpoint has no tokenizer.json); use "
                              "stop_token_ids")

@@ -116,6 +116,12 @@ class SamplingParams:
                 or self.logit_bias is not None or self.min_tokens > 0)
 
 
+def check_spec_config(spec: Any, what: str) -> None:
+    """Raise ValueError unless spec is a SpecConfig or None (plain decoding)."""
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise ValueError(f"{what} must be a SpecConfig or None, got {type(spec).__name__}")
+
+
 ACCEPTANCE = ("exact", "relaxed")
 MAX_DRAFT_STEPS = 32
 
@@ -127,7 +133,8 @@ class SpecConfig:
 
     acceptance="exact" is lossless. "relaxed" (TensorRT-LLM's relaxed acceptance: a greedy draft token is accepted
     when it is among the target's top `relaxed_topk` and within `relaxed_delta` of the top-1 log-probability) is
-    lossy: output no longer equals the main model's alone. Off by default.
+    lossy: output no longer equals the main model's alone. Off by default. It is defined for greedy decoding only:
+    an engine with relaxed acceptance refuses sampled requests (`check_request`).
     """
 
     num_speculative_tokens: int = 3
@@ -165,6 +172,14 @@ class SpecConfig:
         if self.num_draft_tokens is not None:
             return self.num_draft_tokens
         return self.num_speculative_tokens if self.topk == 1 else self.max_tree_nodes
+
+    def check_request(self, params: SamplingParams, where: str) -> None:
+        """Raise ValueError naming `where` for a request this drafting cannot serve as asked: relaxed acceptance
+        has no sampling rule (verify.py applies it to greedy rows), so a sampled request would silently get exact
+        acceptance."""
+        if self.acceptance == "relaxed" and not params.greedy:
+            raise ValueError(f"{where}: relaxed acceptance applies to greedy decoding only (temperature 0), got "
+                             f"temperature {params.temperature:g}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError for draft widths the vocabulary cannot supply."""

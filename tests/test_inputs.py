@@ -229,3 +229,30 @@ def test_kv_pool_error_names_no_missing_option() -> None:
     with pytest.raises(KVPoolError) as e:
         LatentCache(1, 2**40, 1024, torch.float32, torch.device("cpu"))
     assert "max_model_len" not in str(e.value) and "fewer or shorter requests" in str(e.value)
+
+
+@pytest.mark.parametrize("model", [123, ["ckpt"], b"/path"])
+def test_model_must_be_a_path(model: object) -> None:
+    with pytest.raises(ValueError, match=f"model must be a checkpoint directory .* got {type(model).__name__}"):
+        LLM(model)
+
+
+def test_with_speculative_checks_its_argument(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="speculative must be a SpecConfig or None, got dict"):
+        llm.with_speculative({"num_speculative_tokens": 2})
+
+
+def test_threads_beyond_the_cores_are_capped(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("specdec.api.usable_cores", lambda: 1)
+    with pytest.warns(UserWarning, match="threads=1000 exceeds the 1 CPU cores this process may use; using 1"):
+        llm = LLM(ckpt, dtype="float32", speculative=None, threads=1000)
+    assert llm.threads == 1 and torch.get_num_threads() == 1
+
+
+def test_relaxed_acceptance_refuses_sampled_requests(llm: LLM) -> None:
+    """Relaxed acceptance is defined for greedy rows only (verify.py): a sampled request would silently get exact
+    acceptance, so the engine refuses it, naming the request; greedy requests run."""
+    relaxed = llm.with_speculative(SpecConfig(3, acceptance="relaxed"))
+    with pytest.raises(ValueError, match="prompt 1: relaxed acceptance applies to greedy decoding only .* 0.7"):
+        relaxed.generate([[4, 5], [6, 7]], [SamplingParams(temperature=0), SamplingParams(temperature=0.7)])
+    assert relaxed.generate([[4, 5]], SamplingParams(max_tokens=4, temperature=0))[0].finish_reason == "length"
