@@ -23,6 +23,7 @@ def _report(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-3000:]}"
 
 
+@pytest.mark.gpu_scripts
 def test_every_kernel_compiles_for_sm90() -> None:
     p = _python("-m", "specdec.kernels.aot", "--arch", "90")
     print(p.stdout)  # the variant table, for `pytest -s`

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _interp import DEVICE  # sets TRITON_INTERPRET=1 without a GPU
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.gpu_scripts]
 
 
 def test_gpu_check_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
