@@ -3,23 +3,26 @@
 Every request owns a list of blocks (its block table). Row i of a request (token i in the main cache; MTP row i in
 each MTP layer's cache) lives at slot table[i // B] * B + i % B of the corresponding cache: the two caches share the
 slot space, so one table addresses both. A request's slot map (`slots`, one slot per row it may use) is kept as a
-tensor and extended when it grows, so a step's attention metadata is a slice of it, not a rebuild.
+tensor and extended when it grows, so a step's row map (`Rows`) slices it, or stacks the batch's slices, and never
+recomputes slots from blocks.
 
-Blocks are taken lowest-first, and right after a request's last block when that one is free, so a request's slots
-are usually one consecutive run: CPU attention then reads its rows as a view of the cache (AttnMeta.host_base).
+Free blocks wait in a queue (an insertion-ordered dict: O(1) to take the first, to take any one, to put one back).
+A request takes the block right after its last one when that one is free, else the first in the queue; a fresh
+pool queues blocks in order, and a released request's blocks go back to the front in table order. So a request's
+slots are usually one consecutive run: CPU attention then reads its rows as a view of the cache (AttnMeta.host_base).
 
 Prefix caching (as vLLM's): a full block whose rows are final is indexed by a chained hash of every token up to its
 end, plus the `lookahead` tokens after it (MTP row i pairs token i+1 with the main model's state at i, so with one
 MTP layer a block's MTP rows also depend on the next block's first token). A later request whose tokens hash alike
 shares the block (reference counted) instead of recomputing it; nobody writes a shared block, since requests only
 write rows past their committed ones. Unreferenced indexed blocks count as free and are evicted least recently used
-first, after the never-indexed free ones.
+first, after the never-indexed free ones; a request releases its blocks last first (as vLLM), so a chain loses its
+tail before its head, and what stays indexed stays reachable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import os
 from array import array
 from collections import OrderedDict
@@ -100,8 +103,7 @@ class KVPool:
         self.device = device
         self.main = LatentCache(cfg.num_hidden_layers, slots, cfg.kv_cache_dim, dtype, device)
         self.mtp = LatentCache(cfg.num_nextn_predict_layers, slots, cfg.kv_cache_dim, dtype, device) if mtp else None
-        self._free = list(range(self.num_blocks))  # a heap: lowest block first, never-indexed blocks
-        self._is_free = [True] * self.num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))  # never indexed: a queue
         self._offsets = torch.arange(block_size, device=device)
         self.lookahead = lookahead  # None: no prefix caching
         self._refs = [0] * self.num_blocks
@@ -135,16 +137,14 @@ class KVPool:
         new = []
         for _ in range(need):
             last = (new or table.blocks or [None])[-1]
-            if last is not None and last + 1 < self.num_blocks and self._is_free[last + 1]:
+            if last is not None and last + 1 in self._free:  # right after the request's last block: one run
                 b = last + 1
-                self._free.remove(b)
-                heapq.heapify(self._free)
+                del self._free[b]
             elif self._free:
-                b = heapq.heappop(self._free)
+                b, _ = self._free.popitem(last=False)
             else:  # evict the least recently used cached block
                 b, _ = self._evictable.popitem(last=False)
                 del self._index[self._key.pop(b)]
-            self._is_free[b] = False
             self._refs[b] = 1
             new.append(b)
         self._append(table, new)
@@ -156,16 +156,17 @@ class KVPool:
         table.slots = added if table.slots is None else torch.cat([table.slots, added])
 
     def release(self, table: BlockTable) -> None:
-        """Drop `table`'s hold on its blocks; a block nobody holds is free again (evictable when indexed)."""
-        for b in table.blocks:
+        """Drop `table`'s hold on its blocks, last first; a block nobody holds is free again: evictable when indexed
+        (its chain's tail then goes before its head), else back at the front of the queue (in table order)."""
+        for b in reversed(table.blocks):
             self._refs[b] -= 1
             if self._refs[b]:
                 continue
             if b in self._key:
                 self._evictable[b] = None
             else:
-                self._is_free[b] = True
-                heapq.heappush(self._free, b)
+                self._free[b] = None
+                self._free.move_to_end(b, last=False)
         table.blocks, table.slots, table.hashes = [], None, []
 
     # --- prefix caching ----------------------------------------------------------------------------------------
