@@ -1,6 +1,7 @@
 """Attention metadata: which cached keys each query token sees (decode, chains, token trees), addressed by slot.
 
-Every attention implementation (kernels/mla.py, kernels/cpu.py, kernels/flashinfer_mla.py, model/mla.py) reads it.
+Every attention implementation (kernels/mla.py, kernels/torch_backend.py, kernels/flashinfer_mla.py, model/mla.py)
+reads it.
 """
 
 from __future__ import annotations

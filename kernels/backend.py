@@ -1,7 +1,7 @@
 """Backend choice: which implementation runs each kernel. Chosen once and passed down explicitly.
 
 torch: plain torch (FP8 weights are dequantized at load, so fp8_linear is rarely reached); MLA and MoE take the
-    batched paths of kernels/cpu.py, which are tested against the references.
+    batched paths of kernels/torch_backend.py (any device), which are tested against the references.
 triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
     Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it. GPUs without FP8 (before sm_89, e.g.
     A100) get `fp8=False`: FP8 checkpoints load dequantized to BF16 (`keep_fp8`), linears run in torch, the MoE and
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import cpu, fp8, mla, moe
+from . import fp8, mla, moe, torch_backend
 from .attn_meta import AttnMeta
 from .triton_util import interpreting
 
@@ -78,7 +78,7 @@ class Backend:
                       scale: float) -> torch.Tensor:
         """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
         if self.name == "torch":
-            return cpu.mla_attention_mqa(q_lat, q_pe, kv_cache, meta, scale)
+            return torch_backend.mla_attention_mqa(q_lat, q_pe, kv_cache, meta, scale)
         if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, kv_cache, meta):
             return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
         return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)
@@ -90,7 +90,7 @@ class Backend:
         if self.name == "torch":
             if s13 is not None:  # FP8 weights kept on the torch backend: the reference dequantizes per expert
                 return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
-            return cpu.moe_sparse(x, topk_ids, topk_w, w13, w2)
+            return torch_backend.moe_sparse(x, topk_ids, topk_w, w13, w2)
         if s13 is not None and not self.fp8:
             raise ValueError("moe: FP8 expert weights on a GPU without FP8: load them dequantized (Backend.keep_fp8)")
         return moe.moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)

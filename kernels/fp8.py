@@ -13,15 +13,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, block_n: int = 128, block_k: int = 128,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w [N, K] fp8, s [ceil(N/bn), ceil(K/bk)] f32 -> w * s per block, [N, K] in `dtype` (edge blocks partial)."""
     n, k = w.shape
-    if s.shape != (_cdiv(n, block_n), _cdiv(k, block_k)):
+    if s.shape != (cdiv(n, block_n), cdiv(k, block_k)):
         raise ValueError(f"weight scale shape {tuple(s.shape)} does not match weight {tuple(w.shape)} "
                          f"with {block_n}x{block_k} blocks")
     full = s.float().repeat_interleave(block_n, 0)[:n].repeat_interleave(block_k, 1)[:, :k]
@@ -31,7 +27,7 @@ def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, block_n: int = 128, blo
 def weight_quant_ref(w: torch.Tensor, block_n: int = 128, block_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of weight_dequant: w [N, K] float -> (fp8 [N, K], scale_inv f32 [ceil(N/bn), ceil(K/bk)])."""
     n, k = w.shape
-    nb, kb = _cdiv(n, block_n), _cdiv(k, block_k)
+    nb, kb = cdiv(n, block_n), cdiv(k, block_k)
     pad = torch.zeros(nb * block_n, kb * block_k, dtype=torch.float32, device=w.device)
     pad[:n, :k] = w.float()
     blocks = pad.view(nb, block_n, kb, block_k)
@@ -44,7 +40,7 @@ def weight_quant_ref(w: torch.Tensor, block_n: int = 128, block_k: int = 128) ->
 def act_quant_ref(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (fp8 [M, K], scale f32 [M, ceil(K/block)]) with one scale per 1 x block group."""
     m, k = x.shape
-    kb = _cdiv(k, block)
+    kb = cdiv(k, block)
     pad = torch.zeros(m, kb * block, dtype=torch.float32, device=x.device)
     pad[:, :k] = x.float()
     g = pad.view(m, kb, block)

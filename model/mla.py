@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.kernels.attn_meta import AttnMeta
-from specdec.kernels.cpu import mqa_attention
+from specdec.kernels.torch_backend import mqa_attention
 
 from .layers import Build, apply_rope, fuse_columns
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.kernels.cpu import moe_runs
+from specdec.kernels.torch_backend import moe_runs
 
 from .config import ModelConfig
 from .layers import Build, fuse_columns, transposed_storage
@@ -123,8 +123,8 @@ class MoE(nn.Module):
 
     def lay_out_for_cpu(self) -> None:
         """Experts stored as [E, D, 2I] / [E, I, D] in memory (w13/w2 keep their shapes), the router as [D, E]: what
-        kernels/cpu.py's small-M GEMMs read fastest (moe_sparse for one token, moe_runs for several). Not for FP8
-        weights kept FP8."""
+        kernels/torch_backend.py's small-M GEMMs read fastest (moe_sparse for one token, moe_runs for several). Not
+        for FP8 weights kept FP8."""
         if self.s13 is None:
             transposed_storage(self.w13)
             transposed_storage(self.w2)

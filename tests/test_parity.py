@@ -138,7 +138,7 @@ def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.fixture
 def models(make_checkpoint) -> dict[str, torch.nn.Module]:
-    """naive; absorbed on the CPU layout (fused, pre-absorbed weights: MLA._absorbed_cpu, kernels/cpu.py);
+    """naive; absorbed on the CPU layout (fused, pre-absorbed weights: MLA._absorbed_cpu, kernels/torch_backend.py);
     absorbed_ref on the checkpoint's layout (the reference path)."""
     ckpt = make_checkpoint(tiny_config(rope_scaling=YARN))
     out = {m: load_model(ckpt, dtype=torch.float32, mla_mode=m, progress=False) for m in ("naive", "absorbed")}

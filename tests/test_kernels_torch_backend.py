@@ -1,4 +1,4 @@
-"""The CPU backend's batched torch paths equal the references on fresh random inputs."""
+"""The torch backend's batched paths equal the references on fresh random inputs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
-from specdec.kernels.cpu import mla_attention_mqa, moe_runs, moe_sparse, mqa_attention
 from specdec.kernels.mla import mla_attention_ref
 from specdec.kernels.moe import moe_ref
+from specdec.kernels.torch_backend import mla_attention_mqa, moe_runs, moe_sparse, mqa_attention
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

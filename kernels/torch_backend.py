@@ -1,8 +1,9 @@
-"""Fast plain-torch paths for the CPU backend: the same functions as the references, in fewer, larger ops.
+"""The torch backend's paths (plain torch, on any device): the same functions as the references, in fewer, larger
+ops.
 
 On a CPU a small model's step is dominated by per-op overhead and by small-M GEMMs, so these batch what the
 references loop over and read weights in the layout a small-M GEMM wants. Each is tested against its reference
-(tests/test_kernels_cpu.py).
+(tests/test_kernels_torch_backend.py).
 """
 
 from __future__ import annotations
