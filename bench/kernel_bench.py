@@ -116,8 +116,8 @@ def bench_mla(rows: list[Row], dev: torch.device, smoke: bool, heads: int, fi: b
     for b, ctx, n, kind in cases:
         total = b * (ctx + n)
         slots = torch.randperm(total, device=dev).view(b, ctx + n)
-        tm = torch.cat([tree_mask(g, n) if kind == "tree" else torch.ones(n, n, dtype=torch.bool).tril()] * b)
-        meta = AttnMeta.build(slots, [ctx] * b, [n] * b, tm.to(dev))
+        tm = torch.cat([tree_mask(g, n)] * b).to(dev) if kind == "tree" else None  # None: causal (is_causal)
+        meta = AttnMeta.build(slots, [ctx] * b, [n] * b, tm)
         q = torch.randn(b * n, heads, c, device=dev, dtype=torch.bfloat16)
         q_pe = torch.randn(b * n, heads, r, device=dev, dtype=torch.bfloat16)
         kv = torch.randn(total, c + r, device=dev, dtype=torch.bfloat16)

@@ -20,6 +20,8 @@ class AttnMeta:
     Sequence b owns queries cu_q[b]:cu_q[b+1]; they are also its new keys, written at the slots right after its
     ctx_lens[b] cached ones: key i of sequence b lives at slot block_table[b, i]. Query t of sequence b sees every
     key i < ctx_lens[b] (the prefix) and new key ctx_lens[b] + j iff tree_mask[t, j] (causal, chain or tree).
+    What the host needs to choose a kernel (lengths, is_causal) is host fields, set by the builder: reading them
+    never syncs with the device.
     """
 
     block_table: torch.Tensor  # [B, S] int64 slots
@@ -30,13 +32,18 @@ class AttnMeta:
     host_ctx_lens: tuple[int, ...]
     host_cu_q: tuple[int, ...]
     host_base: tuple[int, ...] | None = None  # set when sequence b's keys sit at slots base[b], base[b] + 1, ...
+    is_causal: bool = False  # every sequence's new tokens attend causally (decode, chains, prefill)
 
     @classmethod
-    def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int], tree_mask: torch.Tensor,
-              host_base: tuple[int, ...] | None = None) -> AttnMeta:
-        """host_base: pass it when sequence b's keys sit at slots host_base[b], host_base[b] + 1, ... (CPU
-        attention then slices the cache)."""
+    def build(cls, block_table: torch.Tensor, ctx_lens: list[int], n_new: list[int],
+              tree_mask: torch.Tensor | None = None, host_base: tuple[int, ...] | None = None) -> AttnMeta:
+        """tree_mask None: causal (a chain, a prompt); a mask given is a tree's, causal only when every sequence
+        has one new token (the mask is never read back to find out). host_base: pass it when sequence b's keys
+        sit at slots host_base[b], host_base[b] + 1, ... (CPU attention then slices the cache)."""
         dev = block_table.device
+        causal = tree_mask is None or max(n_new, default=0) <= 1
+        if tree_mask is None:
+            tree_mask = causal_tree_mask(n_new, dev)
         cu = [0]
         for n in n_new:
             cu.append(cu[-1] + n)
@@ -49,17 +56,15 @@ class AttnMeta:
             seq = torch.repeat_interleave(torch.arange(b, device=dev), n_t, output_size=cu[-1])  # no sync
             idx = ctx[seq] + torch.arange(cu[-1], device=dev) - cu_t[seq]
             slots = block_table[seq, idx]
-        return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu), host_base)
+        return cls(block_table, ctx, cu_t, tree_mask.to(dev), slots, tuple(ctx_lens), tuple(cu), host_base, causal)
 
     @classmethod
     def contiguous(cls, base: torch.Tensor, ctx_lens: list[int], n_new: list[int],
                    tree_mask: torch.Tensor | None = None) -> AttnMeta:
-        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask defaults to causal.
+        """Sequence b's keys at consecutive slots base[b], base[b] + 1, ...; tree_mask as in build (None: causal).
         A CPU base also fills host_base, so CPU attention can slice the cache instead of gathering it."""
         width = max(c + n for c, n in zip(ctx_lens, n_new))
         block_table = base[:, None] + torch.arange(width, device=base.device)[None, :]
-        if tree_mask is None:
-            tree_mask = causal_tree_mask(n_new, base.device)
         return cls.build(block_table, ctx_lens, n_new, tree_mask,
                          tuple(base.tolist()) if base.device.type == "cpu" else None)
 
@@ -105,14 +110,10 @@ class AttnMeta:
         return max((e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])), default=0)
 
     @cached_property
-    def is_causal(self) -> bool:
-        """Whether every sequence's new tokens attend causally (decode, chains): kernels without custom masks fit.
-        Costs one device sync per AttnMeta when some sequence has more than one new token (then cached)."""
-        if self.max_new <= 1:
-            return True
-        n_new = [e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])]
-        want = causal_tree_mask(n_new, self.tree_mask.device)
-        return bool(torch.equal(self.tree_mask[:, : want.shape[1]], want))
+    def from_scratch(self) -> bool:
+        """Every sequence starts at row 0 and attends causally (prompts prefilled from the start): attention can
+        run on this step's own keys, without the cache."""
+        return self.is_causal and not any(self.host_ctx_lens)
 
 
 def causal_tree_mask(n_new: list[int], device: torch.device | str = "cpu") -> torch.Tensor:

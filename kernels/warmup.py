@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .attn_meta import AttnMeta, causal_tree_mask
+from .attn_meta import AttnMeta
 from .backend import Backend
 from .fp8 import FP8, weight_dequant
 
@@ -159,7 +159,7 @@ def _tree_mask(n: int) -> torch.Tensor:
 def mla_meta(case: Mla, device: torch.device) -> AttnMeta:
     """Each sequence's keys at consecutive slots. Built on the host and moved: AttnMeta.build needs real tensors,
     the meta device has none."""
-    mask = torch.cat([_tree_mask(case.new)] * case.batch) if case.tree else causal_tree_mask([case.new] * case.batch)
+    mask = torch.cat([_tree_mask(case.new)] * case.batch) if case.tree else None  # None: causal (AttnMeta.build)
     base = torch.arange(case.batch) * (case.ctx + case.new)
     meta = AttnMeta.contiguous(base, [case.ctx] * case.batch, [case.new] * case.batch, mask)
     moved = {f.name: getattr(meta, f.name) for f in fields(meta)}

@@ -16,7 +16,13 @@ MLA_MODES = ("auto", "naive", "absorbed")
 
 class MLA(nn.Module):
     """Heads are split across ranks (q_b/kv_b column-parallel, o row-parallel); latent projections are replicated,
-    so every rank caches the same [kv_lora_rank + qk_rope_head_dim] latent row per token."""
+    so every rank caches the same [kv_lora_rank + qk_rope_head_dim] latent row per token.
+
+    Which implementation a step runs is fixed when the layer is built (by mla_mode) and laid out
+    (lay_out_for_cpu); the step only says, through host fields of its AttnMeta, whether it prefills prompts from
+    scratch (`fresh_path`) or attends over cached rows (`cached_path`). The paths: "causal" (fused causal attention
+    over the step's own rows), "naive" (K/V expanded from the cache), "absorbed" (attention in the latent space),
+    "cpu" (absorbed, on lay_out_for_cpu's weights)."""
 
     def __init__(self, build: Build):
         super().__init__()
@@ -42,6 +48,8 @@ class MLA(nn.Module):
         # the CPU decode path's weights, set by lay_out_for_cpu(): x -> [q_a | latent | k_pe] in one GEMM; the
         # query input -> [absorbed q_lat | q_pe] per head; the latent attention output -> o_proj's output
         self.w_a = self.w_q_abs = self.w_o_abs = None
+        self.fresh_path = "absorbed" if self.mode == "absorbed" else "causal"
+        self.cached_path = "naive" if self.mode == "naive" else "absorbed"
 
     def finalize(self) -> None:
         """After loading: kv_b as [H, dn + dv, C] in the compute dtype (dequantized once when it stays FP8)."""
@@ -73,12 +81,15 @@ class MLA(nn.Module):
         self.w_o_abs = o_abs.reshape(cfg.hidden_size, h * c).t().to(self.dtype).contiguous()
         for lin in (q_lin, self.kv_b_proj, self.o_proj):
             lin.lay_out_for_cpu()
+        if self.mode != "naive":
+            self.cached_path = "cpu"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
         """x [T, D], rope = cos/sin [T, R/2] of the tokens' positions -> [T, D]. Writes this step's latent rows to
         kv_cache[meta.slots] first, then attends."""
-        if self.w_q_abs is not None and self.mode != "naive" and any(meta.host_ctx_lens):
+        path = self.fresh_path if meta.from_scratch else self.cached_path
+        if path == "cpu":
             return self._absorbed_cpu(x, rope, kv_cache, meta)
         cfg, t = self.cfg, x.shape[0]
         dn, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
@@ -93,11 +104,10 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, None, :], rope)[:, 0]
         meta.write(kv_cache, torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype))
 
-        fresh = not any(meta.host_ctx_lens)
-        if fresh and self.mode != "absorbed" and meta.is_causal:  # prompts from scratch (prefill, training)
+        if path == "causal":  # prompts from scratch (prefill, training)
             rows = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype).to(x.dtype)  # = what the cache holds
             o = self._causal(q_nope, q_pe, rows, meta)
-        elif self.mode == "naive" or (self.mode == "auto" and fresh):
+        elif path == "naive":
             o = self._naive(q_nope, q_pe, kv_cache, meta)
         else:
             o = self._absorbed(q_nope, q_pe, kv_cache, meta)

@@ -25,16 +25,18 @@ from .tree import Candidates, TokenTree, chain_tree, monotone_scores, select_tre
 class Draft:
     tree: TokenTree
     q: torch.Tensor | None  # [B, R, V] draft distributions (rows indexed by tree.q_row); None if all greedy
+    chain: bool = False  # the tree is a chain: its mask is causal
+
+    def attn_mask(self) -> torch.Tensor | None:
+        """The verify step's tree mask [B * N, N] for AttnMeta.build; None for a chain (causal, which kernels
+        without custom masks take)."""
+        b, n = self.tree.tokens.shape
+        return None if self.chain else self.tree.mask.reshape(b * n, n)
 
 
 class Drafter:
     def __init__(self, model: DeepseekV3, spec: SpecConfig):
         self.model, self.spec = model, spec
-
-    @property
-    def num_expansions(self) -> int:
-        """MTP cache rows a step's drafting needs beyond the committed ones."""
-        return (self.spec.num_speculative_tokens - 1) * self.spec.topk
 
     def extend(self, tokens: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
                carry: list[list[torch.Tensor | None]], rows: Rows, cache: LatentCache) -> torch.Tensor:
@@ -157,7 +159,7 @@ class Drafter:
             g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
             tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
             drafts.append(tok)
-        return Draft(chain_tree(root, torch.cat(drafts, 1)), torch.stack(q_rows, 1) if q_rows else None)
+        return Draft(chain_tree(root, torch.cat(drafts, 1)), torch.stack(q_rows, 1) if q_rows else None, chain=True)
 
     def _children(self, logits: torch.Tensor, sb: SamplingBatch, w: int, q_rows: list[torch.Tensor],
                   rows_per_request: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

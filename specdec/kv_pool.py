@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.attn_meta import AttnMeta, causal_tree_mask
+from .kernels.attn_meta import AttnMeta
 from .model.cache import KVPoolError, LatentCache
 from .model.config import ModelConfig
 
@@ -238,9 +238,9 @@ class Rows:
 
     def meta(self, ctx: list[int], n_new: list[int], tree_mask: torch.Tensor | None = None,
              keep: list[int] | None = None) -> AttnMeta:
-        """AttnMeta for requests `keep` (default all) whose new rows follow ctx[b] committed ones."""
+        """AttnMeta for requests `keep` (default all) whose new rows follow ctx[b] committed ones; tree_mask as
+        AttnMeta.build takes it (None: causal)."""
         maps = self.maps if keep is None else self.maps[keep]
         base = self.base if keep is None else tuple(self.base[b] for b in keep)
-        mask = causal_tree_mask(n_new, maps.device) if tree_mask is None else tree_mask
         host = None if any(b is None for b in base) else base
-        return AttnMeta.build(maps[:, :max(c + n for c, n in zip(ctx, n_new))], ctx, n_new, mask, host)
+        return AttnMeta.build(maps[:, :max(c + n for c, n in zip(ctx, n_new))], ctx, n_new, tree_mask, host)

@@ -11,7 +11,7 @@ import torch
 from _interp import DEVICE, rel
 
 from specdec import LLM
-from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
 from specdec.kernels.fp8 import weight_quant_ref
 from specdec.model.cache import LatentCache
@@ -101,7 +101,7 @@ def test_model_prefill_then_tree_step(tmp_path: Path, seed: int) -> None:
     for backend in ("torch", "triton"):
         llm = _llm(path, backend)
         cache = LatentCache(llm.config.num_hidden_layers, 20, llm.config.kv_cache_dim, torch.float32, DEVICE)
-        meta = AttnMeta.build(slots, [0], [9], causal_tree_mask([9], DEVICE))
+        meta = AttnMeta.build(slots, [0], [9])  # causal
         with torch.inference_mode():
             llm.model(prompt.to(DEVICE), torch.arange(9, device=DEVICE), meta, cache)
             meta = AttnMeta.build(slots, [9], [5], tree.to(DEVICE))

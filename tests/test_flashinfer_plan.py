@@ -23,7 +23,7 @@ def test_kv_pages_lists_every_sequences_keys(seed: int) -> None:
 def test_fits_only_what_the_wrapper_takes() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    meta = AttnMeta.build(torch.arange(8)[None], [3], [2], causal_tree_mask([2]))
+    meta = AttnMeta.build(torch.arange(8)[None], [3], [2])  # causal: a chain
     with FakeTensorMode():  # CUDA tensors without a GPU
         q, q_pe, kv = (torch.empty(*s, device="cuda", dtype=torch.bfloat16) for s in [(2, 4, 512), (2, 4, 64),
                                                                                          (8, 576)])

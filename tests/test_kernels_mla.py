@@ -71,15 +71,6 @@ def test_mla_bf16_and_odd_head_dims(seed: int) -> None:
     assert rel(out, mla_attention_ref(q, q_pe, kv, meta, 0.2)) < 1e-2, f"seed {seed}"
 
 
-def test_is_causal() -> None:
-    bt = torch.arange(40, device=DEVICE).view(2, 20)
-    assert AttnMeta.build(bt, [3, 4], [1, 1], causal_tree_mask([1, 1], DEVICE)).is_causal
-    assert AttnMeta.build(bt, [3, 4], [3, 2], causal_tree_mask([3, 2], DEVICE)).is_causal
-    tree = causal_tree_mask([3, 2], DEVICE).clone()
-    tree[2, 1] = False  # node 2 is a sibling of node 1, not its child
-    assert not AttnMeta.build(bt, [3, 4], [3, 2], tree).is_causal
-
-
 def test_mla_64_node_trees_long_context(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     q, q_pe, kv, meta = _case(g, [200, 40], [64, 33], "tree", h=2, c=32, r=8, dtype=torch.float32)

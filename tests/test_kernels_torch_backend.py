@@ -112,3 +112,17 @@ def test_moe_runs_matches_reference(t, k, seed):
         transposed_storage(p)
     err = rel(moe_runs(x, ids, w, w13, w2), ref)
     assert err < 1e-5, f"seed={seed}: rel err {err:.2e}"
+
+
+def test_is_causal_comes_from_the_builder() -> None:
+    """No mask given is causal; a tree's mask is not (unless each sequence has one new token); either way a host
+    field, never read back from the device: it works on the meta device, which has no data to read."""
+    bt = torch.arange(40).view(2, 20)
+    tree = causal_tree_mask([3, 2]).clone()
+    tree[2, 1] = False  # node 2 is a sibling of node 1, not its child
+    assert not AttnMeta.build(bt, [3, 4], [3, 2], tree).is_causal
+    assert AttnMeta.build(bt, [3, 4], [1, 1], torch.ones(2, 1, dtype=torch.bool)).is_causal
+    meta = AttnMeta.build(bt.to("meta"), [3, 4], [3, 2])
+    assert meta.is_causal and not meta.from_scratch
+    assert torch.equal(AttnMeta.build(bt, [3, 4], [3, 2]).tree_mask, causal_tree_mask([3, 2]))
+    assert AttnMeta.build(bt.to("meta"), [0, 0], [3, 2]).from_scratch

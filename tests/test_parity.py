@@ -13,11 +13,12 @@ import torch
 from oracle import hf_logits, hf_models, hf_mtp_logits
 
 from specdec import LLM
-from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
 from specdec.model.cache import LatentCache
 from specdec.model.checkpoint import tiny_config
 from specdec.model.loader import load_model
+from specdec.model.mla import MLA
 
 TOL = 1e-4
 FP8_32 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
@@ -58,7 +59,7 @@ def full_hidden(model, ids: list[int]) -> torch.Tensor:
     t = len(ids)
     cache = LatentCache(model.cfg.num_hidden_layers, t, model.cfg.kv_cache_dim, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
-        meta = AttnMeta.build(torch.arange(t)[None], [0], [t], causal_tree_mask([t]))
+        meta = AttnMeta.build(torch.arange(t)[None], [0], [t])  # causal from scratch: MLA's fresh path
         return model(torch.tensor(ids), torch.arange(t), meta, cache)
 
 
@@ -119,12 +120,11 @@ class Paged:
         seqs = list(new)
         n_new = [len(new[b]) for b in seqs]
         ctx = [len(self.tokens[b]) for b in seqs]
-        mask = causal_tree_mask(n_new) if tree_mask is None else tree_mask
         offs = depths if depths is not None else [j for n in n_new for j in range(n)]
         pos = torch.tensor(ctx).repeat_interleave(torch.tensor(n_new)) + torch.tensor(offs)
         ids = torch.tensor([t for b in seqs for t in new[b]])
         with torch.inference_mode():
-            h = self.model(ids, pos, AttnMeta.build(self.table[seqs], ctx, n_new, mask), self.cache)
+            h = self.model(ids, pos, AttnMeta.build(self.table[seqs], ctx, n_new, tree_mask), self.cache)
         if commit:
             for b in seqs:
                 self.tokens[b] += new[b]
@@ -147,6 +147,25 @@ def models(make_checkpoint) -> dict[str, torch.nn.Module]:
     assert out["absorbed"].model.layers[0].self_attn.w_q_abs is not None
     assert out["absorbed_ref"].model.layers[0].self_attn.w_q_abs is None
     return out
+
+
+@pytest.mark.parametrize("mode, fresh, cached", [("naive", "causal", "naive"), ("absorbed", "absorbed", "cpu"),
+                                                  ("absorbed_ref", "absorbed", "absorbed")])
+def test_each_mode_runs_the_paths_it_was_built_with(models, mode: str, fresh: str, cached: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt from scratch runs the layer's fresh path and a step over cached rows its cached path (the tests
+    below check that the paths agree), chosen from the AttnMeta's host fields alone."""
+    ran: list[str] = []
+    for name, method in (("causal", "_causal"), ("naive", "_naive"), ("absorbed", "_absorbed"),
+                         ("cpu", "_absorbed_cpu")):
+        real = getattr(MLA, method)
+        monkeypatch.setattr(MLA, method, lambda self, *a, _real=real, _name=name: ran.append(_name) or _real(self, *a))
+    kv = Paged(models[mode], n_seqs=1, max_len=8, g=torch.Generator().manual_seed(0))
+    kv.step({0: [5, 6, 7]})
+    n_layers = models[mode].cfg.num_hidden_layers
+    assert ran == [fresh] * n_layers
+    kv.step({0: [8]})
+    assert ran[n_layers:] == [cached] * n_layers
 
 
 def test_naive_equals_absorbed_on_prefill(models, seed: int) -> None:
