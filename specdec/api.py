@@ -72,6 +72,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _request_output(i: int, r: Request) -> RequestOutput:
+    """The RequestOutput of finished request r, the i-th of its call."""
+    return RequestOutput(i, r.prompt, r.generated, r.finish_reason, r.metrics, r.text.text if r.text is not None
+                         else None, r.stop_reason, r.logprobs, r.prompt_logprobs)
+
+
 def _load_tokenizer(path: Path) -> Any | None:
     tok = path / "tokenizer.json"
     if not tok.is_file():
@@ -297,10 +303,22 @@ class LLM:
         reqs = self._add(prompts, params)
         for _ in self._drive(reqs):
             pass
-        return [RequestOutput(i, r.prompt, r.generated, r.finish_reason, r.metrics,
-                              r.text.text if r.text is not None else None, r.stop_reason, r.logprobs,
-                              r.prompt_logprobs)
-                for i, r in enumerate(reqs)]
+        return [_request_output(i, r) for i, r in enumerate(reqs)]
+
+    @collective
+    def as_completed(self, prompts: list[str] | list[list[int]],
+                     params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """generate's RequestOutputs one at a time, each as soon as its request finishes (finish order; request_id
+        is the prompt's index), so that a caller keeps what finished if it stops early. Closing the iterator
+        aborts the requests still running."""
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return
+        left = dict(enumerate(self._add(prompts, params)))
+        for _ in self._drive(list(left.values())):
+            for i in [i for i, r in left.items() if r.finished]:
+                yield _request_output(i, left.pop(i))
+        for i, r in left.items():
+            yield _request_output(i, r)
 
     @collective
     def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:

@@ -7,14 +7,15 @@ This module never imports the API: rank 0 hands `Driver.launch` a picklable fact
 - already in one (a spawned worker, or a caller that ran `init_distributed` / its own `init_process_group`);
 - under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): every rank builds the LLM and makes the same calls;
 - neither: this process becomes rank 0 and spawns ranks 1..N-1 here (TCP store on 127.0.0.1). Each worker builds
-  its shard and runs every call rank 0 makes. `Driver` sends each call (method name, args, kwargs) down a pipe to
-  every worker before running it, then waits for each worker's acknowledgement.
+  its shard and runs every call rank 0 makes (tp_worker.py). `Driver` sends each call (method name, args, kwargs)
+  down a pipe to every worker before running it, then waits for each worker's acknowledgement.
 
 Two planes: the layers' collectives run over torch.distributed (gloo on CPU, NCCL on CUDA); calls and
 acknowledgements travel over multiprocessing pipes, which never time out while the user is idle, and each
 worker's process sentinel shows its death at once. A ValueError raised by every rank (bad input) leaves the
 group in step and usable. A worker that fails otherwise exits, which fails rank 0's pending collective; rank 0
-then raises TensorParallelError with the worker's error and stops the others.
+then raises TensorParallelError with the worker's error and stops the others. Ctrl-C on rank 0 stops the
+workers; a worker whose rank 0 was killed leaves without a word.
 Scripts that build an `LLM(tensor_parallel_size=N)` outside torchrun need the usual `if __name__ == "__main__":`
 guard (workers start with multiprocessing's spawn).
 
@@ -28,12 +29,10 @@ import functools
 import inspect
 import multiprocessing as mp
 import os
-import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -53,9 +52,9 @@ from .model.parallel import (
     shutdown_distributed,
 )
 from .model.plan import rank_shapes
+from .tp_worker import recv, worker
 
 _driving = False  # this process is rank 0 of a group it spawned (one at a time)
-CARRY_ON_WAIT_S = 30  # a worker whose call raised ValueError waits this long for rank 0 to have raised it too
 
 
 class TensorParallelError(RuntimeError):
@@ -168,7 +167,7 @@ class Driver:
         procs, conns = [], []
         for rank in range(1, tp):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, name=f"specdec-tp{rank}", daemon=True,
+            p = ctx.Process(target=worker, name=f"specdec-tp{rank}", daemon=True,
                             args=(rank, tp, store.port, backend, factory, child, torch.get_num_threads()))
             p.start()
             child.close()
@@ -317,7 +316,7 @@ class Driver:
         out = []
         for p, c in zip(self.procs, self.conns):
             wait([c, p.sentinel], max(0.0, deadline - time.monotonic()))
-            out.append(_recv(c))
+            out.append(recv(c))
         return out
 
     def _expect(self, kind: str, during: str) -> None:
@@ -325,7 +324,7 @@ class Driver:
         and raise TensorParallelError."""
         for rank, (p, c) in enumerate(zip(self.procs, self.conns), 1):
             wait([c, p.sentinel])
-            msg = _recv(c)
+            msg = recv(c)
             if msg is None or msg[0] != kind:
                 self._raise_failed(rank, during, msg)
 
@@ -356,63 +355,9 @@ def _exited(p: mp.process.BaseProcess) -> bool:
     return bool(wait([p.sentinel], 0))
 
 
-def _recv(c: Connection) -> tuple[str, Any] | None:
-    """The next message on c, or None when there is none yet or its worker is gone."""
-    try:
-        return c.recv() if c.poll() else None
-    except (EOFError, OSError):
-        return None
-
-
 def _keep_sockets_on_loopback() -> None:
     """Every rank runs on this host: keep gloo's and NCCL's sockets on the loopback interface (unless set)."""
     lo = next((n for _, n in socket.if_nameindex() if n in ("lo", "lo0")), None)
     if lo is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
-
-
-def _worker(rank: int, world: int, port: int, backend: str, factory: Callable[[], Any], conn: Connection,
-            num_threads: int) -> None:
-    """A spawned rank: join the group, build the LLM's shard with factory(), then run rank 0's calls until told
-    to stop or rank 0 is gone. Ctrl-C is rank 0's to handle (it stops the workers)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(num_threads)
-    conn.send(("started", None))
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
-        init_distributed(world, rank, backend, store=store, local_rank=rank)
-        llm = factory()
-    except BaseException:
-        conn.send(("fatal", traceback.format_exc()))
-        sys.exit(1)
-    conn.send(("ready", None))
-    _serve(llm, conn)
-    shutdown_distributed()
-
-
-def _serve(llm: Any, conn: Connection) -> None:
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return  # rank 0 is gone
-        if msg is None:
-            return
-        name, args, kwargs = msg
-        try:
-            out = getattr(llm, name)(*args, **kwargs)
-            if inspect.isgenerator(out):
-                for _ in out:
-                    pass
-        except ValueError as e:
-            # Bad input fails alike on every rank, before any collective: rank 0 then says carry on. If it does not
-            # (it is waiting in a collective this rank skipped), leave: that ends its wait with an error.
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-            if conn.poll(CARRY_ON_WAIT_S) and _recv(conn) == "continue":
-                continue
-            sys.exit(1)
-        except BaseException:  # out of step with the other ranks: leave, so that rank 0 sees it and stops
-            conn.send(("fatal", traceback.format_exc()))
-            sys.exit(1)
-        conn.send(("ok", None))

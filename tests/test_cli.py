@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from cli_errors import one_line_error
+from cli_runs import signal_after_lines
 from models import VOCAB, agreeable_checkpoint, byte_bpe
 
 from specdec.cli import main
@@ -70,12 +72,30 @@ def test_generate_stream_equals_batch_and_plain(ckpt: Path, capsys: pytest.Captu
 def test_generate_input_file(ckpt_ids: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = jsonl(tmp_path / "r.jsonl", '{"prompt_token_ids": [0, 5, 9, 200]}', "", '{"prompt_token_ids": [0, 7]}')
     assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "4", "--json"]) == 0
-    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [r["request_id"] for r in rows] == [0, 1]
+    rows = sorted((json.loads(x) for x in capsys.readouterr().out.strip().splitlines()), key=lambda r: r["request_id"])
+    assert [(r["request_id"], r["line"]) for r in rows] == [(0, 1), (1, 3)]  # written as they finish, tagged
     assert rows[0]["prompt_token_ids"] == [0, 5, 9, 200] and rows[0]["text"] is None
     assert main(["generate", "--model", str(ckpt_ids), "--input-file", str(f), "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "line 3" in out and "2 requests" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("json_out", [True, False])
+def test_ctrl_c_keeps_the_finished_results(json_out: bool, tmp_path: Path) -> None:
+    """Each request's result is written as it finishes: Ctrl-C after 11 of 12 keeps those 11 (it used to print
+    nothing at all), and exits 130 without a traceback."""
+    ckpt = agreeable_checkpoint(tmp_path / "ckpt", seed=3, max_position_embeddings=4096)
+    f = jsonl(tmp_path / "r.jsonl", *(json.dumps({"prompt_token_ids": [0, 5 + i], "ignore_eos": True,
+                                                  "max_tokens": 4000 if i == 0 else 2}) for i in range(12)))
+    argv = ["generate", "--model", str(ckpt), "--input-file", str(f), "--no-mtp", *(["--json"] if json_out else [])]
+    r = signal_after_lines(argv, 11 if json_out else 22, signal.SIGINT, group=True)
+    assert r.returncode == 130 and r.stderr == "", (r.returncode, r.stderr)
+    if json_out:
+        assert sorted(json.loads(x)["line"] for x in r.stdout) == list(range(2, 13))
+    else:
+        heads = [x for x in r.stdout if x.startswith("=== request")]
+        assert len(heads) == 11 and len(r.stdout) == 22, r.stdout
+        assert not any(x.startswith("=== request 0 ") for x in heads), "request 0 is the one still running"
 
 
 @pytest.mark.parametrize("lines, needles", [
@@ -107,7 +127,7 @@ def test_input_errors_after_load(ckpt_ids: Path, tmp_path: Path, capsys: pytest.
     (["generate", "--prompt", "x", "--input-file", "f"], "not allowed with"),
     (["generate"], "exactly one of --prompt"),
     (["generate", "--prompt", "x", "--bogus"], "unrecognized arguments"),
-    (["generate", "--prompt", "x", "--max-tokens", "two"], "invalid int value"),
+    (["generate", "--prompt", "x", "--max-tokens", "two"], "--max-tokens: expected a positive integer, got 'two'"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
     (["generate", "--prompt", "x", "--topk", "0"], "topk"),
@@ -124,7 +144,8 @@ def test_argument_errors(argv: list[str], needle: str, capsys: pytest.CaptureFix
 
 def test_tp_passes_through(ckpt: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """--tp reaches LLM(tensor_parallel_size=...), which decides what it supports."""
-    one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--tp", "0"], "--tp 0")
+    one_line_error(capsys, ["generate", "--model", str(ckpt), "--prompt", "x", "--tp", "0"], "--tp",
+                   "must be a positive integer, got 0")
     seen = {}
 
     def fake_llm(path: Path, **kw: object) -> None:

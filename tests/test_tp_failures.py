@@ -1,15 +1,17 @@
 """Tensor parallelism when a worker dies: the group stops with an error naming the rank, and one-rank LLMs in the
-same process keep working. In a module of its own, so it starts only after test_tp.py's groups have closed (a
-process drives one spawned group at a time)."""
+same process keep working; a signalled `--tp 2` run exits quietly. In a module of its own, so it starts only after
+test_tp.py's groups have closed (a process drives one spawned group at a time)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from cli_runs import signal_after_lines
 from models import agreeable_checkpoint
 from tp_torchrun import GREEDY, PROMPTS
 
@@ -35,3 +37,25 @@ def test_a_dead_worker_stops_the_group(tmp_path: Path) -> None:
     assert get_dist() == DistInfo() and not dist.is_initialized()
     single = LLM(ckpt, dtype="float32", speculative=None)
     assert single.generate([PROMPTS[1]], GREEDY)[0].finish_reason == "length"  # one rank still works here
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`generate --tp 2` argv over 12 requests, the last one thousands of tokens long: 11 results come out, then
+    it runs until signalled."""
+    d = tmp_path_factory.mktemp("signals")
+    ckpt = agreeable_checkpoint(d / "ckpt", seed=0, noise=0.14, max_position_embeddings=4096, **SHAPE)
+    f = d / "requests.jsonl"
+    f.write_text("".join(json.dumps({"prompt_token_ids": [0, 5 + i, 9], "max_tokens": 3000 if i == 11 else 2,
+                                     "ignore_eos": True}) + "\n" for i in range(12)))
+    return ["generate", "--model", str(ckpt), "--input-file", str(f), "--json", "--no-mtp", "--tp", "2"]
+
+
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, -signal.SIGTERM)])
+def test_a_signalled_tp_run_exits_quietly(long_run: list[str], sig: int, group: bool, code: int) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to rank 0 alone: the run
+    stops within seconds, prints nothing on stderr (no worker traceback, no "leaked semaphore" warning from
+    multiprocessing's resource tracker), and the 11 results that finished are on stdout."""
+    r = signal_after_lines(long_run, 11, sig, group)
+    assert r.returncode == code and r.stderr == "", (r.returncode, r.stderr)
+    assert r.seconds < 15 and sorted(json.loads(x)["line"] for x in r.stdout) == list(range(1, 12)), r

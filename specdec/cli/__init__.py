@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, NoReturn
 
 
@@ -58,17 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """warnings.showwarning for the CLI: one line (`specdec: warning: ...`), not the file, line and source code."""
+    print(f"specdec: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
-    try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # every user error is a ValueError subclass with a one-line message
-        name = " ".join(n for n in ("specdec", getattr(args, "command", None), getattr(args, "bench", None)) if n)
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, and keep Python's exit flush quiet too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    with warnings.catch_warnings():  # restores showwarning when main returns (tests call it in-process)
+        warnings.showwarning = _warning
+        try:
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
+        except (ValueError, FileNotFoundError) as e:  # every user error is a ValueError subclass, one line
+            name = " ".join(n for n in ("specdec", getattr(args, "command", None), getattr(args, "bench", None)) if n)
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, and keep Python's exit flush quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1

@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         common.check_output(args.plot, "--plot", plot_formats())
     prompts = common.load_prompts(args)
-    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
+    params = common.request_params(prompts, args, spec)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     specs = [spec, None, *(s for s in SWEEP_GRID if spec_dict(s) != spec_dict(spec))] if args.sweep else [spec]

@@ -65,8 +65,8 @@ def describe_run(args: argparse.Namespace, n: int, spec_desc: str) -> str:
 def run(args: argparse.Namespace) -> int:
     common.check_output(args.json, "--json")
     prompts = common.load_prompts(args)
-    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
+    params = common.request_params(prompts, args, spec)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     plain = llm.with_speculative(None)
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="tokens/s, ms/token, TTFT with and without MTP, and the speedup",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_bench_args(p)
-    p.add_argument("--runs", type=int, default=3, help="timed passes over the requests (default 3)")
-    p.add_argument("--num-iters-warmup", type=int, default=1, metavar="N",
+    p.add_argument("--runs", type=common.positive_int, default=3, help="timed passes over the requests (default 3)")
+    p.add_argument("--num-iters-warmup", type=common.non_negative_int, default=1, metavar="N",
                    help="untimed passes of the first batch per configuration (default 1)")
     p.add_argument("--profile", action="store_true",
                    help="also print where a step's time goes (phases, then the top torch ops) for the first request")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import stat
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,28 @@ from typing import Any
 from ..api import BUNDLED_MODEL, DTYPES, LLM
 from ..inputs import check_text, check_token_ids
 from ..kernels.backend import BACKENDS
-from ..params import ACCEPTANCE, SamplingParams, SpecConfig
+from ..params import ACCEPTANCE, GREEDY_EPS, SamplingParams, SpecConfig
 from ..prompts import HELD_OUT, held_out_prompts
 
 SPEC_DEFAULTS = SpecConfig()
+
+
+def _int_at_least(lo: int, want: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= lo, so that a bad count is refused before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
+        return v
+
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,20 +47,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=positive_int, default=1, metavar="N",
                    help="tensor-parallel ranks (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="kernel backend (default auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 for models under 1B parameters on CPU, where more only "
-                        "wait at barriers; else torch's default)")
+                        "wait at barriers; else torch's default); more than the cores this process may use are "
+                        "capped at that count, with a warning")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, ignore_eos: bool = False) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--max-tokens", type=positive_int, default=max_tokens,
+                   help=f"tokens to generate (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-request sampling streams (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the per-request sampling streams (default 0)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the text contains TEXT (repeatable); the text ends before it")
     p.add_argument("--stop-token-ids", type=int, nargs="+", default=None, metavar="ID",
@@ -65,7 +87,8 @@ def add_spec_args(p: argparse.ArgumentParser, no_mtp: bool = True) -> None:
                         "tree)")
     p.add_argument("--acceptance", default=None, choices=ACCEPTANCE,
                    help="exact (lossless, default) or relaxed (TensorRT-LLM's: a greedy draft among the target's "
-                        "top --relaxed-topk within --relaxed-delta of its best log-prob is accepted; lossy)")
+                        "top --relaxed-topk within --relaxed-delta of its best log-prob is accepted; lossy; greedy "
+                        "decoding only, so sampled requests are refused)")
     p.add_argument("--relaxed-topk", type=int, default=None, metavar="N",
                    help=f"relaxed acceptance: candidates among the target's top N (default {d.relaxed_topk})")
     p.add_argument("--relaxed-delta", type=float, default=None, metavar="D",
@@ -81,7 +104,7 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-file", default=None, metavar="F",
                    help=f"JSONL requests, one a line (see {EXAMPLE}); default: the built-in held-out prompts, "
                         f"chunks of {len(HELD_OUT)} stdlib modules")
-    p.add_argument("--num-prompts", type=int, default=len(HELD_OUT), metavar="N",
+    p.add_argument("--num-prompts", type=positive_int, default=len(HELD_OUT), metavar="N",
                    help=f"how many built-in held-out prompts (default {len(HELD_OUT)})")
 
 
@@ -92,18 +115,32 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_input_args(p)
     add_sampling_args(p, max_tokens=128, ignore_eos=True)
     add_spec_args(p, no_mtp=False)
-    p.add_argument("--batch-size", type=int, default=1, help="requests per generate call (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="requests per generate call (default 1)")
 
 
 def spec_config(args: argparse.Namespace) -> SpecConfig | None:
-    """The SpecConfig the flags ask for (None with --no-mtp); raises ValueError for impossible values and for
-    draft flags given together with --no-mtp."""
+    """The SpecConfig the flags ask for (None with --no-mtp); raises ValueError for impossible values, for draft
+    flags given together with --no-mtp, and for --acceptance relaxed with a --temperature that samples."""
     given = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "no_mtp", False):
         if given:
             raise ValueError(f"--no-mtp decodes without drafts: drop {', '.join(SPEC_FLAGS[k] for k in given)}")
         return None
-    return SpecConfig(**given)
+    spec = SpecConfig(**given)
+    if spec.acceptance == "relaxed" and getattr(args, "temperature", 0) >= GREEDY_EPS:
+        raise ValueError(f"--acceptance relaxed applies to greedy decoding only: drop --temperature "
+                         f"{args.temperature:g} or the relaxed acceptance")
+    return spec
+
+
+def request_params(prompts: list[Prompt], args: argparse.Namespace, spec: SpecConfig | None) -> list[SamplingParams]:
+    """Each request's SamplingParams (the flags, then its own JSONL keys), checked against `spec` before anything
+    loads; errors name the request."""
+    out = [p.params(args) for p in prompts]
+    if spec is not None:
+        for p, sp in zip(prompts, out):
+            spec.check_request(sp, p.source)
+    return out
 
 
 def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
@@ -127,10 +164,6 @@ def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -
     if not (path / "config.json").is_file():
         hint = " (the bundled model is not built yet: see bench/train_tiny.py)" if path == BUNDLED_MODEL else ""
         raise FileNotFoundError(f"{path}: no checkpoint here (no config.json){hint}")
-    if args.tp < 1:
-        raise ValueError(f"--tp {args.tp}: must be a positive integer")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: must be a positive integer")
     on_gpu = args.device.startswith("cuda") if args.device else _cuda()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     return LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
@@ -151,11 +184,13 @@ PER_REQUEST = frozenset(f.name for f in fields(SamplingParams))  # JSONL keys th
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request: text or token ids, its own sampling overrides, and where it came from (for error messages)."""
+    """One request: text or token ids, its own sampling overrides, where it came from (for error messages) and its
+    line in the input file (None for other sources)."""
 
     prompt: str | list[int]
     source: str
     overrides: tuple[tuple[str, Any], ...] = ()
+    line: int | None = None
 
     def params(self, args: argparse.Namespace) -> SamplingParams:
         try:
@@ -164,7 +199,7 @@ class Prompt:
             raise ValueError(f"{self.source}: {e}") from None
 
 
-def _parse_request(obj: object, where: str) -> Prompt:
+def _parse_request(obj: object, where: str, line: int) -> Prompt:
     if not isinstance(obj, dict) or ("prompt" in obj) == ("prompt_token_ids" in obj):
         raise ValueError(f'{where}: expected an object with exactly one of "prompt" or "prompt_token_ids"')
     unknown = set(obj) - {"prompt", "prompt_token_ids"} - PER_REQUEST
@@ -179,11 +214,11 @@ def _parse_request(obj: object, where: str) -> Prompt:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise ValueError(f'{where}: "prompt" must be a non-empty string')
         check_text(obj["prompt"], where)
-        return Prompt(obj["prompt"], where, overrides)
+        return Prompt(obj["prompt"], where, overrides, line)
     ids = obj["prompt_token_ids"]
     if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
         raise ValueError(f'{where}: "prompt_token_ids" must be a non-empty list of non-negative integers')
-    return Prompt(ids, where, overrides)
+    return Prompt(ids, where, overrides, line)
 
 
 def read_requests(path: str | Path) -> list[Prompt]:
@@ -205,7 +240,7 @@ def read_requests(path: str | Path) -> list[Prompt]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        out.append(_parse_request(obj, f"{path} line {n}"))
+        out.append(_parse_request(obj, f"{path} line {n}", n))
     if not out:
         raise ValueError(f"{path}: no requests in the file")
     return out
@@ -215,8 +250,6 @@ def load_prompts(args: argparse.Namespace) -> list[Prompt]:
     """--input-file's requests, else --num-prompts built-in held-out prompts."""
     if args.input_file is not None:
         return read_requests(args.input_file)
-    if args.num_prompts < 1:
-        raise ValueError(f"--num-prompts {args.num_prompts}: must be a positive integer")
     return [Prompt(p, f"held-out prompt {i} ({HELD_OUT[i % len(HELD_OUT)]})")
             for i, p in enumerate(held_out_prompts(args.num_prompts))]
 
@@ -234,9 +267,23 @@ def check_prompts(prompts: list[Prompt], llm: LLM) -> None:
 
 # --- output --------------------------------------------------------------------------------------------------------
 
+@contextmanager
+def interrupts_into(gen: Generator) -> Iterator[None]:
+    """Around a loop over `gen` (an LLM stream): a Ctrl-C that lands in the loop's body, between items, is thrown
+    into gen, so that gen stops as it does for one raised inside it (the requests aborted; a tensor-parallel
+    group stopped at once). Merely closed, a tensor-parallel stream runs its call to the end on every rank to keep
+    them in step (launcher.py): minutes, for a long request."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        gen.throw(KeyboardInterrupt)  # raises at once if gen already ended (the interrupt landed inside it)
+        raise
+
+
 def check_output(path: str | None, flag: str, formats: tuple[str, ...] | None = None) -> None:
-    """Fail before a long run, not after, when its output cannot be written: a directory, a missing or read-only
-    directory, an unknown format, a device that refuses writes (/dev/full)."""
+    """Fail before a long run, not after, when its output cannot be written: a directory, a missing directory, an
+    unknown format, a file that cannot be created or opened for writing (read-only, /proc), a device that refuses
+    writes (/dev/full). The check opens the file as the run will (creating it, then removing it again)."""
     if path is None:
         return
     p = Path(path)
@@ -245,20 +292,21 @@ def check_output(path: str | None, flag: str, formats: tuple[str, ...] | None = 
                          f"{', '.join('.' + f for f in formats)}")
     if p.is_dir():
         raise ValueError(f"{flag} {path}: is a directory")
-    parent = p.resolve().parent
-    if not parent.is_dir():
+    if not p.resolve().parent.is_dir():
         raise FileNotFoundError(f"{flag} {path}: the directory {p.parent} does not exist")
-    if p.exists():
-        if not os.access(p, os.W_OK):
-            raise ValueError(f"{flag} {path}: not writable")
-        if stat.S_ISCHR(p.stat().st_mode):  # a device: find out now whether it takes data
-            try:
-                with open(p, "w") as f:
-                    f.write("\n")
-            except OSError as e:
-                raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
-    elif not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {path}: the directory {p.parent} is not writable")
+    existed = p.exists()
+    mode = p.stat().st_mode if existed else 0
+    if stat.S_ISFIFO(mode):  # opening it would wait for a reader; the run writes to whoever reads it
+        return
+    device = stat.S_ISCHR(mode)
+    try:
+        with open(p, "w" if device else "a") as f:
+            if device:  # find out now whether it takes data
+                f.write("\n")
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
+    if not existed:
+        p.unlink(missing_ok=True)
 
 
 def write_output(path: str, text: str, flag: str) -> None:

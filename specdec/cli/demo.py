@@ -23,8 +23,6 @@ def rule(title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_prompts < 1:
-        raise ValueError(f"--num-prompts {args.num_prompts}: must be a positive integer")
     spec = SpecConfig(args.num_speculative_tokens)
     llm = common.load_llm(args, spec)
     plain = llm.with_speculative(None, args.seed)
@@ -62,9 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="stream a held-out prompt with and without MTP, then the speedup",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate per prompt (default 96)")
+    p.add_argument("--max-tokens", type=common.positive_int, default=96,
+                   help="tokens to generate per prompt (default 96)")
     p.add_argument("--num-speculative-tokens", type=int, default=SpecConfig().num_speculative_tokens, metavar="K",
                    help=f"MTP draft steps per verify step (default {SpecConfig().num_speculative_tokens})")
-    p.add_argument("--num-prompts", type=int, default=4, metavar="N",
+    p.add_argument("--num-prompts", type=common.positive_int, default=4, metavar="N",
                    help="held-out prompts in the latency comparison (default 4)")
     p.set_defaults(func=run, seed=0)

@@ -1,5 +1,7 @@
 """`specdec generate`: stream one prompt's text as the engine accepts tokens, or run a JSONL file of requests as one
-batch; either ends with a line of speculative-decoding statistics.
+batch, writing each request's result as it finishes (finish order, each tagged with its request id and line). Text
+output ends with a line of speculative-decoding statistics; with --json each object carries its request's metrics
+instead.
 
     specdec generate --prompt "def fib(n):" --max-tokens 64
     specdec generate --input-file requests.jsonl --json
@@ -28,13 +30,15 @@ def stream_text(llm: LLM, prompt: str | list[int], params: SamplingParams,
     ids: list[int] = []
     metrics = Metrics()
     t0 = time.perf_counter()
-    for step in llm.stream_steps(prompt, params):
-        metrics = step.metrics
-        ids += step.token_ids
-        text = step.text if llm.tokenizer is not None else "".join(f" {t}" for t in step.token_ids)
-        if text:
-            out.write(text)
-            out.flush()
+    steps = llm.stream_steps(prompt, params)
+    with common.interrupts_into(steps):
+        for step in steps:
+            metrics = step.metrics
+            ids += step.token_ids
+            text = step.text if llm.tokenizer is not None else "".join(f" {t}" for t in step.token_ids)
+            if text:
+                out.write(text)
+                out.flush()
     return ids, metrics, time.perf_counter() - t0
 
 
@@ -69,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = [common.Prompt(args.prompt, "--prompt")]
     else:
         prompts = common.read_requests(args.input_file)
-    params = [p.params(args) for p in prompts]
     spec = common.spec_config(args)
+    params = common.request_params(prompts, args, spec)
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     if args.prompt is not None and not args.json:
@@ -79,16 +83,19 @@ def run(args: argparse.Namespace) -> int:
         print(stats_line(common.describe(spec), [metrics], seconds))
         return 0
     t0 = time.perf_counter()
-    outs = llm.generate([p.prompt for p in prompts], params)
-    seconds = time.perf_counter() - t0
-    if args.json:
-        for o in outs:
-            print(json.dumps(output_json(o)))
-        return 0
-    for o, p in zip(outs, prompts):
-        print(f"=== request {o.request_id} ({p.source}, {o.finish_reason})")
-        print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
-    print(stats_line(common.describe(spec), [o.metrics for o in outs], seconds))
+    metrics = []
+    done = llm.as_completed([p.prompt for p in prompts], params)
+    with common.interrupts_into(done):
+        for o in done:  # each result is written as its request finishes, so that Ctrl-C keeps what finished
+            p = prompts[o.request_id]
+            if args.json:
+                print(json.dumps(output_json(o) | ({"line": p.line} if p.line is not None else {})), flush=True)
+            else:
+                print(f"=== request {o.request_id} ({p.source}, {o.finish_reason})")
+                print(o.text if o.text is not None else " ".join(map(str, o.token_ids)), flush=True)
+            metrics.append(o.metrics)
+    if not args.json:
+        print(stats_line(common.describe(spec), metrics, time.perf_counter() - t0))
     return 0
 
 
@@ -100,10 +107,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input-file", default=None, metavar="F",
                      help='JSONL, one request a line: {"prompt": "..."} or {"prompt_token_ids": [...]}, optionally '
                           "with its own max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos "
-                          f"(see {common.EXAMPLE}); run as one batch")
+                          f"(see {common.EXAMPLE}); run as one batch, each result written as its request finishes")
     common.add_model_args(p)
     common.add_sampling_args(p, max_tokens=64)
     common.add_spec_args(p)
     p.add_argument("--json", action="store_true",
-                   help="one JSON object a line per request: text, token_ids, finish_reason, metrics")
+                   help="one JSON object a line per request, as it finishes: request_id, line (--input-file), text, "
+                        "token_ids, finish_reason, metrics (no statistics line)")
     p.set_defaults(func=run)

@@ -18,6 +18,7 @@ from ..model.checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest, is_sh
 from ..model.config import ModelConfig
 from ..model.loader import Checkpoint
 from ..model.plan import weight_bytes_per_rank
+from . import common
 
 KV_DTYPE_BYTES = 2  # the latent cache is BF16
 RESERVE = 0.10  # share of --gpu-mem-gb kept free for activations, workspace and the CUDA context
@@ -162,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="check a checkpoint from its headers and report its size and memory needs",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="checkpoint directory, or a bare config.json")
-    p.add_argument("--tp", type=int, default=1, help="tensor/expert parallel ranks (default 1)")
+    p.add_argument("--tp", type=common.positive_int, default=1, help="tensor/expert parallel ranks (default 1)")
     p.add_argument("--gpu-mem-gb", type=float, default=None, metavar="G",
                    help=f"GPU memory per rank in GiB: report the KV cache capacity in tokens ({RESERVE * 100:.0f}%% "
                         "reserved)")
