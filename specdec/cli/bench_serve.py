@@ -44,15 +44,15 @@ def request_bodies(prompts: list[common.Prompt], args: argparse.Namespace, model
 
 def measure(load: Callable[..., tuple[list, float]], url: str, bodies: list[dict], args: argparse.Namespace,
             max_concurrency: int | None) -> dict:
-    """--num-warmups requests one at a time, then the timed run (load: client.load_process's run_load),
+    """--num-warmups requests one at a time, then the timed run (load: loadgen.load_process's run_load),
     summarized."""
-    from ..server import client
+    from ..server import loadgen
 
     for _ in range(args.num_warmups):
         load(url, bodies[:1])
-    before = client.spec_counters(url)
+    before = loadgen.spec_counters(url)
     results, duration = load(url, bodies, args.request_rate, max_concurrency, args.seed)
-    out = client.summarize(results, duration, before, client.spec_counters(url))
+    out = loadgen.summarize(results, duration, before, loadgen.spec_counters(url))
     return out | {"max_concurrency": max_concurrency, "request_rate": args.request_rate}
 
 
@@ -147,7 +147,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server import client
+    from ..server import loadgen
 
     _check(args)
     common.check_output(args.json, "--json")
@@ -157,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
     src = args.input_file or "built-in held-out prompts"
     rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s (Poisson)"
     head = f"bench serve: {len(prompts)} requests ({src}), {args.max_tokens} tokens each unless set, {rate}"
-    with client.load_process() as load:
+    with loadgen.load_process() as load:
         if args.base_url is not None:
             url = args.base_url.rstrip("/")
             print(f"{head}, max concurrency {args.max_concurrency or 'none'}, against {url}", flush=True)
-            r = measure(load, url, request_bodies(prompts, args, client.served_model(url)), args,
+            r = measure(load, url, request_bodies(prompts, args, loadgen.served_model(url)), args,
                         args.max_concurrency)
         else:
             llm = serve.load_server_llm(args)
