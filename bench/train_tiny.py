@@ -87,8 +87,9 @@ def read(p: Path) -> str:
 
 
 def train_tokenizer(files: list[Path], vocab: int, out: Path) -> Any:
-    """Byte-level BPE with DeepSeek-V3's bos (id 0) and eos (id 1) specials; writes out/tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with DeepSeek-V3's bos (id 0) and eos (id 1) specials, the BOS put before a text by its
+    post-processor (as LLM encodes text prompts); writes out/tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,6 +98,8 @@ def train_tokenizer(files: list[Path], vocab: int, out: Path) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((read(p) for p in files), trainer)
     assert tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, 0)])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     return tok
@@ -105,7 +108,7 @@ def train_tokenizer(files: list[Path], vocab: int, out: Path) -> Any:
 def encode_files(tok: Any, files: list[Path]) -> torch.Tensor:
     """One stream: bos + file + eos per file."""
     ids: list[int] = []
-    for enc in tok.encode_batch([read(p) for p in files]):
+    for enc in tok.encode_batch([read(p) for p in files], add_special_tokens=False):
         ids += [0, *enc.ids, 1]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -316,12 +319,12 @@ def measure_bundle(path: Path, window: int = 512, new_tokens: int = 48) -> dict[
     hits = n = 0
     nll = 0.0
     for f in held_files:
-        ids = [0, *tok.encode(read(f)).ids][:window]
+        ids = [0, *tok.encode(read(f), add_special_tokens=False).ids][:window]
         logits, mtp = llm.logits(ids), llm.mtp_logits(ids)
         hits += int((mtp.argmax(-1) == logits[1:].argmax(-1)).sum())
         n += mtp.shape[0]
         nll += float(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
-    prompt = [0, *tok.encode(read(held_files[HELD_OUT.index("textwrap.py")])).ids][:160]
+    prompt = [0, *tok.encode(read(held_files[HELD_OUT.index("textwrap.py")]), add_special_tokens=False).ids][:160]
     ids = list(prompt)
     for _ in range(new_tokens):
         ids.append(int(llm.logits(ids)[-1].argmax()))

@@ -90,6 +90,16 @@ def _load_tokenizer(path: Path) -> Any | None:
         raise ValueError(f"{tok}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """text's token ids as the checkpoint's tokenizer.json encodes it, its post-processor adding the special tokens
+    it names (the bundled model's puts a BOS first; none without a post-processor): what transformers'
+    `AutoTokenizer.from_pretrained(path)(text)` gives, as vLLM encodes text prompts. add_special_tokens=False: the
+    text's own tokens only (a rendered chat template writes its own BOS). Releases the GIL while it tokenizes, so a
+    server can call it from a thread."""
+    # encode_batch releases the GIL; encode holds it (a 9 MB prompt stalled every other thread for 15 s)
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+
 class LLM:
     """DeepSeek-V3 (+ MTP drafter) loaded from a checkpoint directory in the released layout.
 
@@ -231,14 +241,25 @@ class LLM:
             raise ValueError(f"{what}: {len(ids)} tokens exceed the context of {limit} (max_position_embeddings)")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """text's token ids by the checkpoint's rule (`encode_text`; token-id prompts are used as given).
+        ValueError for empty or non-UTF-8 text, or a checkpoint without tokenizer.json."""
+        check_text(text, "text")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: no tokenizer.json, so prompts must be token id lists")
+        return encode_text(self.tokenizer, text, add_special_tokens)
+
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens one request can hold, prompt and max_tokens together: the context
+        (max_position_embeddings) or the whole KV pool if smaller, less the draft rows a verify step writes."""
+        e = self.engine
+        return min(self.config.max_position_embeddings, e.pool.num_tokens) - e.step_rows
+
     def _encode(self, prompt: Prompt, i: int) -> list[int]:
         if isinstance(prompt, str):
             check_text(prompt, f"prompt {i}")
-            if self.tokenizer is None:
-                raise ValueError(f"{self.path}: no tokenizer.json, so prompts must be token id lists")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-            bos = self.config.bos_token_id
-            return ([bos] if bos is not None else []) + ids
+            return self.encode(prompt)
         return check_token_ids(prompt, self.config.vocab_size, f"prompt {i}")
 
     def _add(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None) -> list[Request]:

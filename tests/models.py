@@ -36,13 +36,15 @@ def agreeable_checkpoint(path: Path, *, seed: int = 0, noise: float = 0.15, head
 
 def byte_bpe(texts: list[str], vocab: int = VOCAB) -> Any:
     """A byte-level BPE (tokenizers.Tokenizer) with DeepSeek-V3's bos/eos specials, trained on `texts`, for tiny
-    checkpoints that take text prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    checkpoints that take text prompts; its post-processor puts the BOS before a text, as the bundled model's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    bos, eos = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[bos, eos],
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
