@@ -99,6 +99,9 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= cfg.vocab_size:
             raise ValueError(f"{where}: logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
                              f"{cfg.vocab_size}")
+        if params.stop_token_ids and max(params.stop_token_ids) >= cfg.vocab_size:
+            raise ValueError(f"{where}: stop_token_ids names token {max(params.stop_token_ids)}, outside the "
+                             f"vocabulary of {cfg.vocab_size}")
         if self.spec is not None:
             self.spec.check_request(params, where)
         if params.stop and self.tokenizer is None:

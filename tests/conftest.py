@@ -23,6 +23,8 @@ from models import agreeable_checkpoint
 
 from specdec.model.checkpoint import tiny_config, write_random_checkpoint
 
+pytest_plugins = ["serving"]  # the server tests' fixtures: ckpt, alone and url (one each per test module)
+
 # Test shapes are tiny: extra intra-op threads only add OpenMP barrier waits, which cost 10-100x on a busy
 # machine (measured: a 20-token forward 35 ms alone, 1 s with 2 threads under load).
 torch.set_num_threads(1)

@@ -6,6 +6,7 @@ Every bad request becomes an `ApiError` (errors.py) with a one-line message nami
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +50,7 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})  # pydan
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class _Sampling(BaseModel):
@@ -89,6 +91,15 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the request's max_tokens came in (errors name it)."""
+        return "max_tokens"
+
+    @property
     def num_logprobs(self) -> int | None:
         """How many top logprobs each token carries (None: no logprobs); completions and chat say it apart."""
         return None
@@ -116,7 +127,10 @@ class _Sampling(BaseModel):
                                   min_tokens=self.min_tokens)
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
-            raise (bad_request(f"{m[1]} {m[2]}", m[1]) if m else bad_request(str(e))) from None
+            if not m:
+                raise bad_request(str(e)) from None
+            name = self.max_tokens_field if m[1] == "max_tokens" else m[1]
+            raise bad_request(f"{name} {m[2]}", name) from None
 
 
 class CompletionRequest(_Sampling):
@@ -133,32 +147,47 @@ class CompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
-    def prompt_input(self, vocab_size: int) -> str | list[int]:
-        """The one prompt: text, token ids (checked against the vocabulary), or a list holding one of those."""
+    def prompts(self, vocab_size: int, max_len: int) -> list[tuple[str | list[int], str]]:
+        """The prompts and how errors name them: one (text or token ids), or OpenAI's batch (a list of texts or of
+        token-id lists), each `prompt[j]`. Token ids are checked against the vocabulary, and a list longer than
+        max_len tokens is refused before its ids are looked at."""
         p = self.prompt
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-            raise bad_request(f"prompt: one prompt per request (got a batch of {len(p)}); send them as separate "
-                              "requests", "prompt")
         if p is None:
-            raise bad_request("prompt: required (text or a list of token ids)", "prompt")
+            raise bad_request("prompt: required (text, a list of token ids, or a batch of either)", "prompt")
+        if isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(isinstance(x, list) for x in p)):
+            batch = [(x, f"prompt[{j}]") for j, x in enumerate(p)]
+        elif isinstance(p, list) and any(isinstance(x, (str, list)) for x in p):
+            raise bad_request("prompt: a batch is a list of texts or a list of token-id lists, not a mix", "prompt")
+        else:
+            batch = [(p, "prompt")]
         try:
-            if isinstance(p, str):
-                check_text(p, "prompt")
-                return p
-            return check_token_ids(p, vocab_size, "prompt")
+            for x, where in batch:
+                if isinstance(x, str):
+                    check_text(x, where)
+                elif isinstance(x, list) and len(x) > max_len:
+                    raise ValueError(f"{where}: {len(x)} tokens exceed the context of {max_len} (max_model_len)")
+                else:
+                    check_token_ids(x, vocab_size, where)
         except ValueError as e:
             raise bad_request(str(e), "prompt") from None
+        return batch
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
     def for_template(self, i: int) -> dict[str, Any]:
-        """The message as the chat template sees it: content as one string (text parts joined by newlines)."""
+        """The message as the chat template sees it: content as one string (text parts joined by newlines), the
+        developer role (OpenAI's newer name) as system. A string that is not valid UTF-8 (a lone surrogate) is a
+        400 naming the message."""
+        for where, text in _strings(self.model_dump(), f"messages[{i}]"):
+            try:
+                if text:  # (an empty one is for the template to judge)
+                    check_text(text, where)
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
         content = self.content
         if isinstance(content, list):
             parts = []
@@ -169,7 +198,20 @@ class Message(BaseModel):
                 parts.append(part["text"])
             content = "\n".join(parts)
         out = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
-        return {"role": self.role, **out} | ({"content": content} if content is not None else {})
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, **out} | ({"content": content} if content is not None else {})
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON value, with its path (`messages[0].content[1].text`)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for j, v in enumerate(value):
+            yield from _strings(v, f"{where}[{j}]")
 
 
 class ChatRequest(_Sampling):
@@ -199,3 +241,7 @@ class ChatRequest(_Sampling):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"

@@ -1,13 +1,13 @@
 """Response bodies in OpenAI's shapes: text_completion / chat.completion and their stream chunks, each choice also
 carrying the token ids (vLLM's `token_ids`) and each finished response its `spec_decode` object and `usage`
-(over its n choices: the prompt counted once)."""
+(over its choices: each prompt counted once); logprobs objects, their tokens named by TokenTexts."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def sse(obj: dict | str) -> str:
@@ -42,9 +42,10 @@ class Shape:
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None,
               stop_reason: int | str | None = None, spec: dict | None = None, role: bool = False,
-              index: int = 0, logprobs: dict | None = None) -> dict:
+              index: int = 0, logprobs: dict | None = None, usage: dict | None = None) -> dict:
         """One stream event of choice `index`: the text, tokens (and logprobs) one verify step accepted; the
-        choice's last one has finish_reason and its spec_decode. role=True: a chat choice's opening delta."""
+        choice's last one has finish_reason and its spec_decode. role=True: a chat choice's opening delta. usage:
+        the choice's usage so far (continuous_usage_stats)."""
         if self.chat:
             delta: dict = {"role": "assistant", "content": text} if role else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs}
@@ -52,6 +53,8 @@ class Shape:
             choice = {"index": index, "text": text, "logprobs": logprobs}
         choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason, "token_ids": token_ids}
         out = self._head(True) | {"choices": [choice]}
+        if usage is not None:
+            out["usage"] = usage
         return out | {"spec_decode": spec} if spec is not None else out
 
     def usage_chunk(self, usage: dict, spec: dict) -> dict:
@@ -66,21 +69,48 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def logprobs_object(chat: bool, tokens: list[int], lps: list[dict[int, float] | None], n: int,
-                    token_text: Callable[[int], str], offset: int = 0) -> dict:
-    """OpenAI's logprobs of some tokens: lps[j] maps tokens[j] (first) and the n most likely tokens to their
-    log-probabilities (None for an echoed first prompt token, which has none). Chat: {"content": [{token, logprob,
-    bytes, top_logprobs}]}; completions (the legacy form): {tokens, token_logprobs, top_logprobs, text_offset},
-    offsets counted from `offset` in the text."""
-    tops = [None if d is None else sorted(d.items(), key=lambda kv: -kv[1])[:n] for d in lps]
-    texts = [token_text(t) for t in tokens]
-    if chat:
-        def item(s: str, v: float) -> dict:
-            return {"token": s, "logprob": v, "bytes": list(s.encode())}
+class TokenTexts:
+    """How responses name tokens. text: a token's text with special tokens kept (logprobs show a BOS or a sampled
+    EOS, as vLLM's do), or vLLM's "token_id:N" without a tokenizer; width: the characters it adds to a response's
+    text (none for special tokens, which the text leaves out); decode: token ids' text, special tokens left out."""
 
-        return {"content": [item(s, d[t]) | {"top_logprobs": [item(token_text(u), v) for u, v in top]}
-                            for t, s, d, top in zip(tokens, texts, lps, tops)]}
-    offsets = [offset + sum(len(t) for t in texts[:j]) for j in range(len(texts))]
-    return {"tokens": texts, "token_logprobs": [None if d is None else d[t] for t, d in zip(tokens, lps)],
-            "top_logprobs": [None if top is None else {token_text(u): v for u, v in top} for top in tops],
-            "text_offset": offsets}
+    def __init__(self, tokenizer: Any | None):
+        self.tokenizer = tokenizer
+        self.special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special) \
+            if tokenizer is not None else frozenset()
+
+    def text(self, t: int) -> str:
+        return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None \
+            else f"token_id:{t}"
+
+    def width(self, t: int) -> int:
+        return 0 if t in self.special else len(self.text(t))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def logprobs(self, chat: bool, tokens: list[int], lps: list[dict[int, float] | None] | None, n: int | None,
+                 offset: int = 0) -> dict | None:
+        """OpenAI's logprobs of some tokens (None when not asked: n or lps None). lps[j] maps tokens[j] and the n
+        most likely tokens to their log-probabilities (None for an echoed first prompt token, which has none).
+        Chat: {"content": [{token, logprob, bytes, top_logprobs: the n most likely}], "refusal"}; completions (the
+        legacy form): {tokens, token_logprobs, top_logprobs: the n most likely and the token itself (up to n + 1,
+        as OpenAI and vLLM), text_offset: counted from `offset` in the text}."""
+        if lps is None or n is None:
+            return None
+        ranked = [None if d is None else sorted(d.items(), key=lambda kv: -kv[1]) for d in lps]
+        names = [self.text(t) for t in tokens]
+        if chat:
+            def item(s: str, v: float) -> dict:
+                return {"token": s, "logprob": v, "bytes": list(s.encode())}
+
+            return {"content": [item(s, d[t]) | {"top_logprobs": [item(self.text(u), v) for u, v in top[:n]]}
+                                for t, s, d, top in zip(tokens, names, lps, ranked)], "refusal": None}
+        offsets, tops = [offset], []
+        for t in tokens[:-1]:
+            offsets.append(offsets[-1] + self.width(t))
+        for t, s, d, top in zip(tokens, names, lps, ranked):
+            # keyed by text: where two tokens share one (bytes of a split character), the token's own value stands
+            tops.append(None if d is None else {self.text(u): v for u, v in top} | {s: d[t]})
+        return {"tokens": names, "token_logprobs": [None if d is None else d[t] for t, d in zip(tokens, lps)],
+                "top_logprobs": tops, "text_offset": offsets[:len(tokens)]}
