@@ -25,6 +25,8 @@ from .model.transformer import DeepseekV3
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams, SpecConfig, check_seed, check_spec_config
 from .request import Request
+from .request_state import RequestState
+from .scheduler import EngineStats
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
@@ -72,7 +74,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _request_output(i: int, r: Request) -> RequestOutput:
+class RequestRejected(ValueError):
+    """engine_step refused an add (it can never run, or its key is live or repeated); `key` names it. Nothing
+    of that call was queued or aborted."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _request_output(i: int, r: RequestState) -> RequestOutput:
     """The RequestOutput of finished request r, the i-th of its call."""
     return RequestOutput(i, r.prompt, r.generated, r.finish_reason, r.metrics, r.text.text if r.text is not None
                          else None, r.stop_reason, r.logprobs, r.prompt_logprobs)
@@ -149,7 +160,7 @@ class LLM:
                           f"{usable_cores()}", stacklevel=2)
             threads = usable_cores()
         self.seed = seed
-        self._served: dict[str, Request] = {}  # engine_step's live requests by key
+        self._served: dict[str, RequestState] = {}  # engine_step's requests the engine still runs, by key
         self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
         factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
@@ -262,7 +273,7 @@ class LLM:
             return self.encode(prompt)
         return check_token_ids(prompt, self.config.vocab_size, f"prompt {i}")
 
-    def _add(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None) -> list[Request]:
+    def _add(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None) -> list[RequestState]:
         ids = [self._encode(p, i) for i, p in enumerate(as_prompt_list(prompts))]
         params = params or SamplingParams()
         if isinstance(params, SamplingParams):
@@ -276,37 +287,43 @@ class LLM:
             reqs = []
             try:
                 for i, (p, sp) in enumerate(zip(ids, params)):
-                    reqs.append(e.add(p, sp, f"prompt {i}"))
+                    reqs.append(self._track(e.add(p, sp, f"prompt {i}")))
             except ValueError:
                 for r in reqs:
-                    e.abort(r)
+                    e.abort(r.request)
                 raise
         return reqs
 
-    def _drive(self, reqs: list[Request]) -> Iterator[list[StepOutput]]:
+    def _track(self, r: Request) -> RequestState:
+        """The caller's side of an engine request: its text and stop strings, processed outside the engine lock."""
+        return RequestState(r, self.tokenizer, self.engine.lock)
+
+    def _drive(self, reqs: list[RequestState]) -> Iterator[list[StepOutput]]:
         """Step the shared engine until every request in reqs has finished, yielding what each step emitted for
-        them. Requests of other threads' calls ride along in the same batches. A request whose logits were not
-        finite raises its NonFiniteLogitsError; a generator closed early aborts what it still has running."""
+        them (detokenized here, outside the engine lock). Requests of other threads' calls ride along in the same
+        batches. A stop string ends its request in the engine before anything is yielded or stepped. A request
+        whose logits were not finite raises its NonFiniteLogitsError; a generator closed early aborts what it
+        still has running."""
         e = self.engine
         try:
             while True:
-                with e.lock:
-                    outs = [o for r in reqs for o in r.take()]
-                    done = all(r.finished for r in reqs)
-                    if not outs and not done:
-                        e.step()
-                        continue
+                outs = [o for r in reqs for o in r.take()]
+                for r in reqs:
+                    if r.needs_abort:
+                        e.abort(r.request)
                 failed = [r for r in reqs if r.error is not None]
                 if failed:
-                    raise min(failed, key=lambda r: r.error_at).error
+                    raise min(failed, key=lambda r: r.request.error_at).error
                 if outs:
                     yield outs
-                if done:
+                if all(r.finished for r in reqs):
                     return
+                if not outs:
+                    e.step()
         finally:
             for r in reqs:
-                if not r.finished:
-                    e.abort(r)
+                if not r.request.finished:
+                    e.abort(r.request)
 
     def _steps(self, prompt: str | list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
         for outs in self._drive(self._add([prompt], params)):
@@ -349,35 +366,44 @@ class LLM:
 
     @collective
     def engine_step(self, adds: list[tuple[str, list[int], SamplingParams]] = (),
-                    aborts: list[str] = ()) -> dict[str, Request]:
+                    aborts: list[str] = ()) -> dict[str, RequestState]:
         """One step of the shared engine for a serving loop: queue `adds` (key, prompt token ids, params) and
-        abort `aborts` (keys of earlier adds), then step once if anything is queued or running. Returns the new
-        Requests by key; their outboxes (Request.take) fill as steps run. Under tensor parallelism every worker
-        replays the same calls, so one loop on rank 0 drives every rank. A bad add raises ValueError before
-        anything is queued."""
+        abort `aborts` (keys of earlier adds; unknown or finished keys are ignored), then step once if anything is
+        queued or running. Returns the new requests by key; RequestState.take hands out what steps emit for one
+        (detokenized in the caller's thread), and one that a stop string ended there (needs_abort) is aborted by
+        passing its key in the next call's `aborts`. Under tensor parallelism every worker replays the same calls,
+        so one loop on rank 0 drives every rank. An add that can never run, or whose key is already live or
+        repeated, raises RequestRejected naming it before anything is queued or aborted."""
         e = self.engine
         with e.lock:
+            seen: set[str] = set()
             for key, _, _ in adds:
-                if key in self._served:
-                    raise ValueError(f"request key {key!r} is already in use")
-            new: dict[str, Request] = {}
+                if key in self._served or key in seen:
+                    raise RequestRejected(key, f"request {key}: the key is already in use"
+                                          if key in self._served else f"request {key}: the key is added twice")
+                seen.add(key)
+            new: dict[str, RequestState] = {}
             try:
                 for key, ids, params in adds:
-                    new[key] = e.add(ids, params, f"request {key}")
-            except ValueError:
+                    new[key] = self._track(e.add(ids, params, f"request {key}"))
+            except ValueError as err:
                 for r in new.values():
-                    e.abort(r)
-                raise
+                    e.abort(r.request)
+                raise RequestRejected(key, str(err)) from None
             self._served.update(new)
             for key in aborts:
                 r = self._served.pop(key, None)
                 if r is not None:
-                    e.abort(r)
+                    e.abort(r.request)
             if e.has_unfinished:
                 e.step()
-            for key in [k for k, r in self._served.items() if r.finished]:
+            for key in [k for k, r in self._served.items() if r.request.finished]:
                 del self._served[key]
         return new
+
+    def engine_stats(self) -> EngineStats:
+        """The engine's load now: requests running and waiting, the KV pool's usage (this rank's)."""
+        return self.engine.stats()
 
     @collective
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:

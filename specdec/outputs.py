@@ -38,10 +38,6 @@ class Metrics:
         """Verify steps (the prefill that emits the first token not counted)."""
         return max(self.num_steps - 1, 0)
 
-    @property
-    def total_time(self) -> float:
-        return self.prefill_time + self.draft_time + self.verify_time + self.other_time
-
     def as_dict(self) -> dict:
         return {
             "num_steps": self.num_steps, "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
@@ -72,7 +68,7 @@ class StepOutput:
     """What one engine step emitted for one request: its accepted tokens (several when drafts were accepted) and
     the text they add ("" without a tokenizer; held back across incomplete UTF-8 and possible stop strings)."""
 
-    request: Any  # specdec.engine.Request: finish_reason, metrics, generated so far
+    request: Any  # specdec.request_state.RequestState: finish_reason, metrics, generated so far
     token_ids: list[int]
     text: str
     logprobs: list[dict[int, float]] | None = None  # per token, when its params ask for logprobs

@@ -1,5 +1,6 @@
-"""A request's state inside the engine: its tokens, where it stands (waiting, prefilling, running, finished), its
-KV blocks, the drafter's carry, its metrics and text."""
+"""A request inside the engine, as its scheduler sees it: its token ids, where it stands (waiting, prefilling,
+running, finished), its KV blocks, the drafter's carry, its metrics, and what it emitted that its caller has not
+taken yet. Its text (detokenization, stop strings) is the caller's: request_state.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .detokenizer import TextTracker
 from .kv_pool import BlockTable
-from .outputs import Metrics, StepOutput
+from .outputs import Metrics
 from .params import SamplingParams
 
 
@@ -20,6 +20,14 @@ class Status(enum.Enum):
     PREFILL = "prefill"  # blocks held, prompt (or recomputed tokens) partly in the cache
     RUNNING = "running"  # decoding: one draft + verify + commit per engine step
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What one engine step emitted for a request: its new tokens and, when its params ask, their logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(eq=False)
@@ -39,17 +47,15 @@ class Request:
     n_prefill: int = 0  # rows the (re)prefill must write: the prompt, or every committed token but the last
     table: BlockTable = field(default_factory=BlockTable)
     carry: list[torch.Tensor | None] = field(default_factory=list)  # per MTP layer: its last output (drafter)
-    g: torch.Tensor | None = None  # [D] MTP layer 0's output at the last committed row: seeds the next draft
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    stop_reason: int | str | None = None  # the stop token or stop string that ended it
+    mtp_hidden: torch.Tensor | None = None  # [D] MTP layer 0's output at the last committed row: seeds the draft
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    stop_reason: int | None = None  # the stop token that ended it
     error: Exception | None = None  # why it ended with finish_reason "error" (raised to its caller)
     error_at: float = 0.0
     where: str = "request"  # how its caller named it ("prompt 3"), for errors
     metrics: Metrics = field(default_factory=Metrics)
-    text: TextTracker | None = None  # with a tokenizer: the generated text, cut at a stop string
     arrival: float = field(default_factory=time.perf_counter)
-    outbox: list[StepOutput] = field(default_factory=list)  # emitted, not yet taken by the caller
-    logprobs: list[dict[int, float]] | None = None  # per generated token, when params.logprobs is set
+    outbox: list[Emitted] = field(default_factory=list)  # emitted, not yet taken by the caller
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token (None first), when asked
 
     @property
@@ -57,34 +63,24 @@ class Request:
         return self.status is Status.FINISHED
 
     def emit(self, new: list[int], logprobs: list[dict[int, float]] | None = None) -> None:
-        """Append accepted tokens (and their logprobs, when asked for), stopping at a stop token, a stop string or
-        max_tokens; what was emitted (tokens, the text they add, their logprobs) goes to the outbox."""
-        out, piece = [], ""
+        """Append accepted tokens (and their logprobs, when asked for), stopping at a stop token or max_tokens
+        (stop strings are the caller's: request_state.py); what was emitted goes to the outbox."""
+        out = []
         for t in new:
             out.append(t)
-            self.generated.append(t)
-            if self.text is not None:
-                piece += self.text.push(t)
             if t in self.stop_ids:
                 self.finish_reason, self.stop_reason = "stop", t
-            elif self.text is not None and self.text.stopped is not None:
-                self.finish_reason, self.stop_reason = "stop", self.text.stopped
-            elif len(self.generated) >= self.params.max_tokens:
-                self.finish_reason = "length"
-            if self.finish_reason is not None:
                 break
-        if self.finish_reason is not None and self.text is not None:
-            piece += self.text.finish()
-        self.tokens.extend(out)
-        lps = None
-        if logprobs is not None:
-            lps = logprobs[:len(out)]
-            self.logprobs = (self.logprobs or []) + lps
-        self.metrics.num_generated += len(out)
-        if self.metrics.num_generated == len(out) and out:
+            if len(self.generated) + len(out) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        if out and not self.generated:
             self.metrics.first_token_time = time.perf_counter() - self.arrival
-        self.outbox.append(StepOutput(self, out, piece, lps))
+        self.generated += out
+        self.tokens += out
+        self.metrics.num_generated += len(out)
+        self.outbox.append(Emitted(out, None if logprobs is None else logprobs[:len(out)]))
 
-    def take(self) -> list[StepOutput]:
+    def take(self) -> list[Emitted]:
         out, self.outbox = self.outbox, []
         return out

@@ -96,6 +96,23 @@ def test_eos_stops_unless_ignored(ckpt, plain):
     assert out.token_ids == free
 
 
+@pytest.mark.parametrize("topk", [1, 2])
+def test_a_chains_verify_step_is_causal(ckpt, topk):
+    """A chain's verify forward carries a causal AttnMeta (kernels without custom masks, flashinfer's, take it);
+    a tree's does not."""
+    spec = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=3, topk=topk))
+    seen, real = [], spec.model.forward
+
+    def forward(tokens, positions, meta, cache):
+        seen.append((any(meta.host_ctx_lens), meta.max_new, meta.is_causal))
+        return real(tokens, positions, meta, cache)
+
+    spec.model.forward = forward
+    spec.generate([[5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    verify = [causal for cached, n, causal in seen if cached and n > 1]
+    assert verify and all(c == (topk == 1) for c in verify), seen
+
+
 def test_stream_matches_generate(ckpt):
     spec = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=3, topk=2))
     p = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)

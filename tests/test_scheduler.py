@@ -44,7 +44,7 @@ def test_staggered_arrivals_equal_each_request_alone(shared_ckpt: Path, alone: L
         assert r.finish_reason == "length"
         # the same drafts and steps too (a request preempted before its first token samples it at prefill again)
         assert r.metrics.num_accepted == want.metrics.num_accepted, f"seed={seed} request {i}"
-    assert llm.engine.pool.usage() == 0 and not llm.engine.running and not llm.engine.waiting
+    assert llm.engine.pool.usage() == 0 and not llm.engine.has_unfinished
     if kv_tokens == 512:
         assert sum(r.metrics.num_preemptions for r in done) > 0, f"seed={seed}: the tight pool never preempted"
 

@@ -4,11 +4,12 @@ tensor parallelism the workers replay each call).
 HTTP handlers `submit` jobs and `abort` keys into a queue guarded by a condition; the thread takes everything queued,
 makes one engine_step (queue the adds, abort the keys, step once), then hands each job what its request emitted
 (`Update`: the StepOutputs of that step, whether it is finished, why it failed) through the job's `deliver`
-callback, which app.py points at an asyncio queue (loop.call_soon_threadsafe). With nothing queued or running the
-thread sleeps on the condition.
+callback, which app.py points at an asyncio queue (loop.call_soon_threadsafe). The text is made here, outside the
+engine lock (RequestState.take); a request a stop string ended is aborted in the next engine_step, before that
+step runs. With nothing queued or running the thread sleeps on the condition.
 
-An add the engine refuses (context overflow, larger than the pool: engine_step raises ValueError naming
-`request {key}` before queuing anything) fails that job alone; the rest of its batch is retried. Any other exception
+An add the engine refuses (context overflow, larger than the pool, a key in use: engine_step raises RequestRejected
+naming its key before queuing anything) fails that job alone; the rest of its batch is retried. Any other exception
 from the engine ends the loop: every job fails and the server reports itself down (503).
 """
 
@@ -21,10 +22,11 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..api import LLM
+from ..api import LLM, RequestRejected
 from ..outputs import StepOutput
 from ..params import SamplingParams
-from ..request import Request
+from ..request_state import RequestState
+from ..scheduler import EngineStats
 from .errors import ApiError
 
 log = logging.getLogger("specdec.server")
@@ -49,18 +51,9 @@ class Job:
     params: SamplingParams
     deliver: Callable[[Update], None]  # called on the loop thread
     submitted: float = field(default_factory=time.perf_counter)
-    request: Request | None = None  # set by the loop thread before the first delivery
+    request: RequestState | None = None  # set by the loop thread before the first delivery
     first_token: float | None = None  # perf_counter when its first token was handed over
     finished_at: float | None = None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What /metrics shows of the engine, published by the loop thread after each step."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
 
 
 class EngineLoop:
@@ -144,10 +137,8 @@ class EngineLoop:
             try:
                 new = self.llm.engine_step(adds=[(j.key, j.prompt, j.params) for j in pending], aborts=aborts)
                 break
-            except ValueError as e:  # a refused add: nothing was queued or aborted; fail it, retry the others
-                bad = [j for j in pending if f"request {j.key}:" in str(e)]
-                if not bad:  # not about an add: the step itself failed
-                    raise
+            except RequestRejected as e:  # nothing was queued or aborted: fail that add, retry the others
+                bad = [j for j in pending if j.key == e.key]  # a key added twice fails both adds
                 for j in bad:
                     log.info("%s: refused (%s)", j.key, e)
                     j.deliver(Update([], True, e))
@@ -160,6 +151,8 @@ class EngineLoop:
         for key, j in list(self._live.items()):
             r = j.request
             outs = r.take()
+            if r.needs_abort:  # a stop string: free its blocks in the next step (queued like a client's abort)
+                self.abort(key)
             if j.first_token is None and any(o.token_ids for o in outs):
                 j.first_token = now
             if not r.finished and not outs:
@@ -175,11 +168,9 @@ class EngineLoop:
         return busy
 
     def _publish(self) -> bool:
-        """Publish the engine's counts; True while it has work."""
-        e = self.llm.engine
-        with e.lock:
-            self.stats = EngineStats(len(e.running), len(e.waiting), e.pool.usage())
-            return e.has_unfinished
+        """Publish the engine's counts (what /metrics shows); True while it has work."""
+        self.stats = self.llm.engine_stats()
+        return bool(self.stats.running or self.stats.waiting)
 
     def _fail_all(self, reason: str, batch: list[Job]) -> None:
         with self._cond:
