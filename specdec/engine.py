@@ -1,9 +1,9 @@
 """The engine: one loop for plain and speculative decoding, continuously batched over a persistent KV pool.
 
 Requests are added at any time (`add`) and leave when they finish or are aborted. Each `step` runs three phases:
-  1. schedule (scheduler.py): admit waiting requests first come first served while `max_num_seqs` and the pool allow; give every
-     running request the rows this step may write, preempting the newest running request (it is recomputed later)
-     when blocks run out;
+  1. schedule (scheduler.py): admit waiting requests first come first served while `max_num_seqs` and the pool
+     allow; give every running request the rows this step may write, preempting the newest running request (it is
+     recomputed later) when blocks run out;
   2. prefill: up to `prefill_chunk` tokens of admitted prompts, so a long prompt never stalls running requests;
      a prompt's last chunk samples its first token, and every chunk builds its MTP rows;
   3. decode, every running request at its own accepted length: propose (the MTP drafts a chain or a tree from its
