@@ -4,6 +4,7 @@ torch.compile, and the build's fallback."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -336,3 +337,15 @@ def test_a_second_process_loads_the_cached_build() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert lib.stat().st_mtime_ns == before, "a second process rebuilt the extension"
 
+
+def test_bench_quick_prints_its_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).parents[1] / "bench" / "cpu_ops_bench.py"
+    spec = importlib.util.spec_from_file_location("cpu_ops_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick"])
+    out = capsys.readouterr().out
+    for table, row in (("fp8_linear", "bundled q_a_proj 128x256  1  fp8 auto"),
+                       ("routed experts", "bundled 16 experts top-2 D=256 I=128  4  fp32 moe_runs"),
+                       ("BF16 head", "bundled head 4096x256  1  fp32 torch.mm")):
+        assert table in out and re.search(re.sub(r"\s+", r"\\s+", row), out), f"{table}: no row {row!r}"
