@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def isa(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def two_threads() -> None:
+def two_threads() -> Iterator[None]:
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(1)
