@@ -1,7 +1,10 @@
 """Backend choice: which implementation runs each kernel. Chosen once and passed down explicitly.
 
-torch: plain torch (FP8 weights are dequantized at load, so fp8_linear is rarely reached); MLA and MoE take the
-    batched paths of kernels/torch_backend.py (any device), which are tested against the references.
+torch: plain torch; MLA and MoE take the batched paths of kernels/torch_backend.py (any device), which are tested
+    against the references. On a CPU where our C++ kernels build (kernels/cpu_ops.py), FP8 checkpoint weights stay
+    as released (`cpu_fp8`): FP8 linears and routed experts run cpu_ops' FP8 kernels, BF16 tensors (embedding, head,
+    eh_proj) stay BF16 and the head runs its BF16 kernel; `dequantize=True` (or no compiler) dequantizes them at
+    load instead, the reference path.
 triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
     Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it. GPUs without FP8 (before sm_89, e.g.
     A100) get `fp8=False`: FP8 checkpoints load dequantized to BF16 (`keep_fp8`), linears run in torch, the MoE and
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import fp8, mla, moe, torch_backend
+from . import cpu_ops, fp8, mla, moe, torch_backend
 from .attn_meta import AttnMeta
 from .triton_util import interpreting
 
@@ -36,16 +39,26 @@ def fp8_capable(device: torch.device) -> bool:
 class Backend:
     name: str = "torch"
     fp8: bool = True  # the device runs FP8 kernels (False before sm_89: FP8 weights load dequantized)
+    cpu_fp8: bool = False  # torch backend on a CPU: weights stay as released, read by kernels/cpu_ops.py
     flashinfer_mla: Any = field(default=None, compare=False, repr=False)  # FlashinferMLA (plans per AttnMeta)
 
     @property
     def keep_fp8(self) -> bool:
-        """Whether FP8 checkpoint weights stay FP8 at run time (the W8A8 kernels) or are dequantized at load."""
-        return self.name != "torch" and self.fp8
+        """Whether FP8 checkpoint weights stay FP8 at run time (the W8A8 kernels, or cpu_ops on a CPU) or are
+        dequantized at load."""
+        return (self.name != "torch" and self.fp8) or self.cpu_fp8
+
+    @property
+    def fp8_partial_blocks(self) -> bool:
+        """Whether kept FP8 weights may be sliced inside a scale block (a tensor-parallel shard keeps its part of
+        the block and a copy of its scale): cpu_ops' kernels take the offset, the GPU W8A8 kernels do not."""
+        return self.name == "torch"
 
     @classmethod
-    def resolve(cls, name: str, device: torch.device) -> Backend:
-        """auto: triton on CUDA, torch elsewhere. Raises ValueError for a backend the device cannot run."""
+    def resolve(cls, name: str, device: torch.device, dequantize: bool = False) -> Backend:
+        """auto: triton on CUDA, torch elsewhere. dequantize: FP8 weights are dequantized at load even where kernels
+        could read them as released (the reference path; on GPUs the Triton W8A8 kernels always keep them). Raises
+        ValueError for a backend the device cannot run."""
         device = torch.device(device)
         if name == "auto":
             name = "triton" if device.type == "cuda" else "torch"
@@ -64,15 +77,30 @@ class Backend:
         if name == "flashinfer":
             from .flashinfer_mla import FlashinferMLA
 
-            return cls(name, fp8, FlashinferMLA(device))
+            return cls(name, fp8, flashinfer_mla=FlashinferMLA(device))
+        if name == "torch" and device.type == "cpu" and not dequantize:
+            return cls(name, fp8, cpu_fp8=cpu_ops.available())
         return cls(name, fp8)
 
-    def fp8_linear(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-        """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype (W8A8 on the Triton backends)."""
-        if not self.keep_fp8:
-            return F.linear(x, fp8.weight_dequant_ref(w, s, *block, dtype=x.dtype))
+    def fp8_linear(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int],
+                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype (W8A8 on the Triton backends, cpu_ops' FP8
+        kernel on a CPU). offset: where w starts inside its first scale block (cpu_ops.fp8_linear)."""
+        if self.cpu_fp8 and x.device.type == "cpu":
+            y = cpu_ops.fp8_linear(x.reshape(-1, x.shape[-1]), w, s, block, offset)
+            return y.view(*x.shape[:-1], w.shape[0])
+        if not self.keep_fp8 or self.name == "torch":
+            return F.linear(x, cpu_ops.dequant_ref(w, s, block, offset).to(x.dtype))
         a, a_s = fp8.act_quant(x.reshape(-1, x.shape[-1]), block[1])
         return fp8.fp8_gemm(a, a_s, w, s, *block, out_dtype=x.dtype).view(*x.shape[:-1], w.shape[0])
+
+    def bf16_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [..., K] float32 @ w [N, K] bfloat16 .T -> [..., N] float32, the weight read as stored (exact bf16 ->
+        float32, float32 sums): cpu_ops' kernel where it runs, else a float32 matmul of the converted weight."""
+        if self.cpu_fp8 and x.device.type == "cpu":
+            return cpu_ops.bf16_linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w.to(x.dtype))
+
 
     def mla_attention(self, q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
                       scale: float) -> torch.Tensor:
@@ -88,7 +116,9 @@ class Backend:
             block: tuple[int, int]) -> torch.Tensor:
         """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
         if self.name == "torch":
-            if s13 is not None:  # FP8 weights kept on the torch backend: the reference dequantizes per expert
+            if s13 is not None and self.cpu_fp8 and x.device.type == "cpu":
+                return cpu_ops.fp8_moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)
+            if s13 is not None:  # FP8 weights kept elsewhere on the torch backend: the reference, per expert
                 return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)
             return torch_backend.moe_sparse(x, topk_ids, topk_w, w13, w2)
         if s13 is not None and not self.fp8:

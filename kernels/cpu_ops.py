@@ -93,7 +93,7 @@ def dequant_ref(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int] = (128,
     n0, k0 = offset
     if not (n0 or k0):
         return weight_dequant_ref(w, s, *block)
-    full = torch.zeros(n0 + w.shape[0], k0 + w.shape[1], dtype=w.dtype)  # the cut blocks, whole again
+    full = torch.zeros(n0 + w.shape[0], k0 + w.shape[1], dtype=w.dtype, device=w.device)  # cut blocks, whole
     full[n0:, k0:] = w
     return weight_dequant_ref(full, s, *block)[n0:, k0:]
 

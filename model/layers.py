@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.kernels.backend import Backend
-from specdec.kernels.fp8 import weight_dequant_ref
+from specdec.kernels.cpu_ops import dequant_ref
 from specdec.kernels.triton_util import cdiv
 
 from .config import ModelConfig
@@ -36,43 +36,51 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ W.T. W is [out, in] in the compute dtype, or FP8 e4m3 with `weight_scale_inv` per block.
+    """y = x @ W.T. W is [out, in] in the compute dtype, FP8 e4m3 with `weight_scale_inv` per block, or BF16 as
+    released (a BF16 checkpoint tensor kept BF16 on a CPU: `Build.released_cpu`).
 
     `shard_dim` tells the loader how tensor parallelism splits the checkpoint tensor (0: column-parallel, output
     features; 1: row-parallel, input features; None: replicated). `in_features`/`out_features` are this rank's.
+    `fp8_offset`: where this rank's FP8 share starts inside its first scale block (rows, cols); its scale grid then
+    covers the cut blocks whole, each cut block's scale copied from the checkpoint.
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, backend: Backend,
-                 fp8_block: tuple[int, int] | None = None, shard_dim: int | None = None):
+                 fp8_block: tuple[int, int] | None = None, shard_dim: int | None = None,
+                 fp8_offset: tuple[int, int] = (0, 0)):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend, self.shard_dim = backend, shard_dim
-        self.fp8_block = fp8_block  # set when the weight stays FP8 at run time
+        self.fp8_block, self.fp8_offset = fp8_block, fp8_offset  # the block set when the weight stays FP8
         wdtype = torch.float8_e4m3fn if fp8_block else dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
         if fp8_block:
-            bn, bk = fp8_block
+            (bn, bk), (n0, k0) = fp8_block, fp8_offset
             self.weight_scale_inv = nn.Parameter(
-                torch.empty(cdiv(out_features, bn), cdiv(in_features, bk), dtype=torch.float32), requires_grad=False)
+                torch.empty(cdiv(n0 + out_features, bn), cdiv(k0 + in_features, bk), dtype=torch.float32),
+                requires_grad=False)
         else:
             self.weight_scale_inv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale_inv is None:
-            return x @ self.weight.t() if self.weight.t().is_contiguous() else F.linear(x, self.weight)
-        return self.backend.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block)
+        if self.weight_scale_inv is not None:
+            return self.backend.fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block, self.fp8_offset)
+        if self.weight.dtype != x.dtype:  # a BF16 weight kept as released, float32 activations
+            return self.backend.bf16_linear(x, self.weight)
+        return x @ self.weight.t() if self.weight.t().is_contiguous() else F.linear(x, self.weight)
 
     def lay_out_for_cpu(self) -> None:
         """Store W as [in, out] in memory (self.weight stays its [out, in] view): a small-M GEMM x @ W.T then
-        reads W row by row and costs about what its bytes cost, where the [out, in] layout costs ~linearly in M."""
-        if self.weight_scale_inv is None:
+        reads W row by row and costs about what its bytes cost, where the [out, in] layout costs ~linearly in M.
+        Weights kept as released stay as they are (cpu_ops reads them [out, in])."""
+        if self.weight_scale_inv is None and self.weight.dtype not in (torch.bfloat16, torch.float8_e4m3fn):
             transposed_storage(self.weight)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype` (dequantized when it stays FP8)."""
         if self.weight_scale_inv is None:
             return self.weight.to(dtype)
-        return weight_dequant_ref(self.weight, self.weight_scale_inv, *self.fp8_block, dtype=dtype)
+        return dequant_ref(self.weight, self.weight_scale_inv, self.fp8_block, self.fp8_offset).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -87,25 +95,37 @@ class Build:
     dist: DistInfo = field(default_factory=DistInfo)
     mla_mode: str = "auto"
 
+    @property
+    def released_cpu(self) -> bool:
+        """Weights kept as released on a CPU: FP8 linears FP8, BF16 tensors (embedding, head, eh_proj) BF16."""
+        return self.keep_fp8 and self.backend.cpu_fp8 and self.cfg.fp8 is not None
+
     def linear(self, in_f: int, out_f: int, *, shard_dim: int | None = None, quantized: bool = True,
                what: str = "linear") -> Linear:
         """A Linear sized for this rank: splits out_f (shard_dim=0) or in_f (shard_dim=1) evenly over ranks.
-        quantized: the checkpoint stores it FP8 when the config is FP8 (eh_proj, for one, never is).
-        Raises ValueError naming `what` when the split is uneven or would cut an FP8 scale block."""
+        quantized: the checkpoint stores it FP8 when the config is FP8 (eh_proj, for one, never is; it stays BF16
+        when released_cpu). A share may start inside an FP8 scale block where the weight is dequantized at load (the
+        loader slices after dequantizing) or read by cpu_ops (the share keeps a copy of the cut block's scale).
+        Raises ValueError naming `what` when the split is uneven, or would cut a block the GPU kernels read."""
         cfg, dist = self.cfg, self.dist
+        kept = bool(cfg.fp8 and quantized and self.keep_fp8)
+        offset = (0, 0)
         if shard_dim is not None and dist.world_size > 1:
             block = (cfg.fp8.block_n if shard_dim == 0 else cfg.fp8.block_k) if (cfg.fp8 and quantized) else 1
             n = out_f if shard_dim == 0 else in_f
             start, end = dist.shard(n, what)
-            if (end - start) % block:  # the same test on every rank: each share starts on a block boundary
+            if kept and not self.backend.fp8_partial_blocks and (end - start) % block:  # the same test on every rank
                 raise ValueError(f"{what}: a {dist.world_size}-way split of {n} into parts of {end - start} cuts "
-                                 f"FP8 {block}-blocks")
+                                 f"FP8 {block}-blocks, which the {self.backend.name} backend's FP8 kernels cannot "
+                                 "read (the torch backend can)")
             if shard_dim == 0:
-                out_f = end - start
+                out_f, offset = end - start, (start % block, 0)
             else:
-                in_f = end - start
-        fp8_block = (cfg.fp8.block_n, cfg.fp8.block_k) if (cfg.fp8 and quantized and self.keep_fp8) else None
-        return Linear(in_f, out_f, dtype=self.dtype, backend=self.backend, fp8_block=fp8_block, shard_dim=shard_dim)
+                in_f, offset = end - start, (0, start % block)
+        fp8_block = (cfg.fp8.block_n, cfg.fp8.block_k) if kept else None
+        dtype = torch.bfloat16 if (self.released_cpu and not quantized) else self.dtype
+        return Linear(in_f, out_f, dtype=dtype, backend=self.backend, fp8_block=fp8_block, shard_dim=shard_dim,
+                      fp8_offset=offset if kept else (0, 0))
 
     def norm(self, dim: int) -> RMSNorm:
         return RMSNorm(dim, self.cfg.rms_norm_eps, self.dtype)
@@ -128,38 +148,49 @@ def fuse_columns(*linears: Linear) -> torch.Tensor:
 
 
 class VocabEmbedding(nn.Module):
-    """Embedding whose rows are split across ranks; each rank looks up its rows and the results are summed."""
+    """Embedding whose rows are split across ranks; each rank looks up its rows and the results are summed. The
+    table is stored in the compute dtype, or BF16 as released (Build.released_cpu); rows come out in the compute
+    dtype."""
 
-    def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
+    def __init__(self, build: Build):
         super().__init__()
-        self.start, self.end = dist.shard(vocab, "embed_tokens (vocab_size)")
-        self.dist = dist
-        self.weight = nn.Parameter(torch.empty(self.end - self.start, dim, dtype=dtype), requires_grad=False)
+        cfg, dist = build.cfg, build.dist
+        self.start, self.end = dist.shard(cfg.vocab_size, "embed_tokens (vocab_size)")
+        self.dist, self.dtype = dist, build.dtype
+        stored = torch.bfloat16 if build.released_cpu else build.dtype
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, cfg.hidden_size, dtype=stored),
+                                   requires_grad=False)
         self.weight.shard_dim = 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.dist.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight).to(self.dtype)
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight).to(self.dtype)
         y = y.masked_fill(outside[..., None], 0)
         return self.dist.all_reduce(y)
 
 
 class VocabHead(nn.Module):
-    """Output projection split by vocabulary rows; logits are gathered in float32."""
+    """Output projection split by vocabulary rows; logits are gathered in float32. The weight is stored in the
+    compute dtype, or BF16 as released (Build.released_cpu: the backend's BF16 kernel reads it)."""
 
-    def __init__(self, vocab: int, dim: int, dtype: torch.dtype, dist: DistInfo):
+    def __init__(self, build: Build):
         super().__init__()
-        start, end = dist.shard(vocab, "lm_head (vocab_size)")
-        self.dist = dist
-        self.weight = nn.Parameter(torch.empty(end - start, dim, dtype=dtype), requires_grad=False)
+        cfg, dist = build.cfg, build.dist
+        start, end = dist.shard(cfg.vocab_size, "lm_head (vocab_size)")
+        self.dist, self.backend = dist, build.backend
+        stored = torch.bfloat16 if build.released_cpu else build.dtype
+        self.weight = nn.Parameter(torch.empty(end - start, cfg.hidden_size, dtype=stored), requires_grad=False)
         self.weight.shard_dim = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        logits = h @ w.t() if w.t().is_contiguous() else F.linear(h, w)
+        if w.dtype != h.dtype:
+            logits = self.backend.bf16_linear(h, w)
+        else:
+            logits = h @ w.t() if w.t().is_contiguous() else F.linear(h, w)
         return self.dist.all_gather_last(logits.float())
 
 

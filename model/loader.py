@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from specdec.kernels.backend import Backend
-from specdec.kernels.fp8 import weight_dequant_ref
+from specdec.kernels.cpu_ops import dequant_ref
 from specdec.kernels.triton_util import cdiv
 
 from .checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest
@@ -177,15 +177,17 @@ def _load_linear(ck: Checkpoint, name: str, m: Linear, dist: DistInfo) -> None:
         cols = _shard_range(m.in_features, dist.rank)
     w = ck.read(f"{name}.weight", rows, cols)
     if spec.dtype == "F8_E4M3":
+        # the scale blocks covering this share; a share that starts inside a block keeps a copy of its scale
         bn, bk = ck.config.fp8.block_n, ck.config.fp8.block_k
         srows = (rows[0] // bn, cdiv(rows[1], bn)) if rows else None
         scols = (cols[0] // bk, cdiv(cols[1], bk)) if cols else None
         s = ck.read(f"{name}.weight_scale_inv", srows, scols)
+        offset = (rows[0] % bn if rows else 0, cols[0] % bk if cols else 0)
         if m.weight_scale_inv is not None:
             m.weight.data.copy_(w)
             m.weight_scale_inv.data.copy_(s)
             return
-        w = weight_dequant_ref(w, s, bn, bk, dtype=torch.float32)
+        w = dequant_ref(w, s, (bn, bk), offset)  # dequantized at load: sliced inside blocks as freely as BF16
     m.weight.data.copy_(w.to(m.weight.dtype))
 
 
@@ -194,7 +196,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
                mla_mode: str = "auto", progress: bool = True, cpu_layout: bool | None = None) -> DeepseekV3:
     """Build DeepSeek-V3 (+ MTP) for `path` and load this rank's share of its weights.
 
-    FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths), else they are dequantized at load to dtype.
+    FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths, or the backend's cpu_fp8 kernels, which also
+    keep BF16 tensors BF16), else they are dequantized at load to dtype.
     cpu_layout: lay the weights out for CPU decoding (DeepseekV3.lay_out_for_cpu); default: on a CPU with the
     torch backend and dense weights.
     Raises CheckpointError (a ValueError) naming the tensor and file for any defect.
@@ -222,8 +225,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
         rows = _shard_range(p.shape[0], dist.rank) if shard == 0 and p.shape[0] != full[0] else None
         p.data.copy_(ck.read(name, rows).to(p.dtype))
     model.finalize()
-    if cpu_layout is None:
-        cpu_layout = device.type == "cpu" and (backend is None or backend.name == "torch") and not keep_fp8
+    if cpu_layout is None:  # weights kept as released stay as stored; the rest is laid out for small-M GEMMs
+        cpu_layout = device.type == "cpu" and (backend is None or backend.name == "torch")
     if cpu_layout:
         model.lay_out_for_cpu()
     return model.eval()

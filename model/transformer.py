@@ -68,7 +68,7 @@ class Body(nn.Module):
         super().__init__()
         cfg = build.cfg
         self.rope = Rope(cfg)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.dist)
+        self.embed_tokens = VocabEmbedding(build)
         layers = [(Block if i < cfg.num_hidden_layers else MTPLayer)(build, i) for i in range(cfg.num_layers_with_mtp)]
         self.layers = nn.ModuleList(layers)  # main layers, then the MTP layers (checkpoint indices)
         self.norm = build.norm(cfg.hidden_size)
@@ -85,7 +85,7 @@ class DeepseekV3(nn.Module):
         build = Build(cfg, dtype, backend or Backend(), keep_fp8, dist or DistInfo(), mla_mode)
         self.cfg, self.dtype, self.dist = cfg, dtype, build.dist
         self.model = Body(build)
-        self.lm_head = VocabHead(cfg.vocab_size, cfg.hidden_size, dtype, build.dist)
+        self.lm_head = VocabHead(build)
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:
@@ -106,7 +106,8 @@ class DeepseekV3(nn.Module):
             layer.mlp.lay_out_for_cpu()
             if isinstance(layer, MTPLayer):
                 layer.eh_proj.lay_out_for_cpu()
-        transposed_storage(self.lm_head.weight)
+        if self.lm_head.weight.dtype == self.dtype:  # a BF16 head kept as released is read as stored
+            transposed_storage(self.lm_head.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 cache: LatentCache) -> torch.Tensor:

@@ -131,6 +131,11 @@ class LLM:
     with more MTP layers prompts are recomputed). warmup (default: on CUDA with Triton) compiles and
     tunes the kernels for the decode, verify and prefill shapes at load, not in the first request.
 
+    Weights: an FP8 checkpoint's weights stay as released where kernels read them: the Triton W8A8 kernels on a GPU
+    with FP8, and on a CPU our C++ kernels (kernels/cpu_ops.py: FP8 linears and experts, BF16 embedding, head and
+    eh_proj, about a quarter of the float32 bytes). dequantize_fp8=True dequantizes them to `dtype` at load instead:
+    the reference path (and what runs where the C++ kernels cannot build).
+
     Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
     and requests share only the KV pool (and, with prefix caching, blocks no one writes again), so concurrent calls
     give the results they give alone. Calls into
@@ -142,7 +147,7 @@ class LLM:
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
                  prefill_chunk: int = 512, enable_prefix_caching: bool = True, warmup: bool | None = None,
-                 progress: bool = False):
+                 dequantize_fp8: bool = False, progress: bool = False):
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise ValueError(f"model must be a checkpoint directory (a str or Path) or None, got "
                              f"{type(model).__name__}")
@@ -153,6 +158,8 @@ class LLM:
         check_spec_config(speculative, "speculative")
         if not (type(tensor_parallel_size) is int and tensor_parallel_size >= 1):
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        if type(dequantize_fp8) is not bool:
+            raise ValueError(f"dequantize_fp8 must be True or False, got {dequantize_fp8!r}")
         if threads is not None and not (type(threads) is int and threads >= 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         if threads is not None and threads > usable_cores():  # more only wait at barriers (170x slower at 1000)
@@ -166,7 +173,8 @@ class LLM:
                                     backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
                                     seed=seed, threads=threads, kv_cache_tokens=kv_cache_tokens,
                                     max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
-                                    enable_prefix_caching=enable_prefix_caching, warmup=warmup)
+                                    enable_prefix_caching=enable_prefix_caching, warmup=warmup,
+                                    dequantize_fp8=dequantize_fp8)
         self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
                                  prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
         self.tp = join(tensor_parallel_size, self.device, self.path, factory)
@@ -175,7 +183,7 @@ class LLM:
             weakref.finalize(self, self._driver.close)
         self.device = self.tp.device
         try:
-            self.backend = Backend.resolve(backend, self.device)
+            self.backend = Backend.resolve(backend, self.device, dequantize=dequantize_fp8)
             self.speculative = speculative
             keep_fp8 = self.backend.keep_fp8
             self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device,

@@ -20,6 +20,7 @@ from models import agreeable_checkpoint
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
 from specdec import LLM, SamplingParams, SpecConfig
+from specdec.kernels.backend import Backend
 from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.loader import Checkpoint, load_model
@@ -106,10 +107,17 @@ def test_each_rank_reads_only_its_slices(make_checkpoint, monkeypatch: pytest.Mo
     (dict(SHAPE, quantization_config=FP8(32)), 3, "cuts FP8 32-blocks"),
 ], ids=["heads", "experts", "vocab", "fp8-block", "fp8-block-3"])
 def test_bad_splits_raise_clearly(overrides: dict, world: int, match: str) -> None:
+    """Uneven splits never build; a share that cuts an FP8 scale block builds only where its kernels read partial
+    blocks: the torch backend (weights dequantized at load, or kept for cpu_ops), not the GPU W8A8 kernels."""
     cfg = ModelConfig.from_dict(tiny_config(**overrides))
+    cuts = "cuts FP8" in match
     for rank in range(world):  # every rank refuses alike (rank 0's share always starts on a block boundary)
         with torch.device("meta"), pytest.raises(ValueError, match=match):
-            DeepseekV3(cfg, dist=DistInfo(rank, world))
+            DeepseekV3(cfg, backend=Backend("triton"), keep_fp8=cuts, dist=DistInfo(rank, world))
+        if cuts:
+            with torch.device("meta"):
+                for backend, keep in ((Backend("torch"), False), (Backend("torch", cpu_fp8=True), True)):
+                    DeepseekV3(cfg, backend=backend, keep_fp8=keep, dist=DistInfo(rank, world))
 
 
 def test_llm_refuses_a_bad_split_before_starting_workers(make_checkpoint) -> None:

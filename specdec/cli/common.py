@@ -50,6 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=positive_int, default=1, metavar="N",
                    help="tensor-parallel ranks (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="kernel backend (default auto)")
+    p.add_argument("--dequantize-fp8", action="store_true",
+                   help="dequantize an FP8 checkpoint's weights to --dtype at load (the reference path); by default "
+                        "they stay as released where kernels read them (GPUs with FP8; CPUs, with our C++ kernels)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 for models under 1B parameters on CPU, where more only "
                         "wait at barriers; else torch's default); more than the cores this process may use are "
@@ -167,7 +170,8 @@ def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -
     on_gpu = args.device.startswith("cuda") if args.device else _cuda()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     return LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
-               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads, **engine)
+               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads,
+               dequantize_fp8=args.dequantize_fp8, **engine)
 
 
 def _cuda() -> bool:
