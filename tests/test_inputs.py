@@ -189,6 +189,25 @@ def test_nan_weights_are_refused_at_load(tmp_path: Path, seed: int) -> None:
         LLM(path, dtype="float32", speculative=None)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_scales_are_refused_at_load(tmp_path: Path, seed: int, bad: float) -> None:
+    """An FP8 block scale that is NaN or infinite names the tensor and file at load, on the path that keeps the
+    weights as released (the kernels never check scales per call) and on the dequantizing one."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    path = agreeable_checkpoint(tmp_path / "scale", seed=seed % 100, quantization_config=fp8)
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+    f = path / index["weight_map"][name]
+    tensors = load_file(f)
+    tensors[name].view(-1)[random.Random(seed).randrange(tensors[name].numel())] = bad
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    for dequantize in (False, True):
+        with pytest.raises(CheckpointError, match=f"{f.name}: tensor {name} holds NaN or infinite"):
+            LLM(path, dtype="float32", speculative=None, dequantize_fp8=dequantize)
+
+
 def test_mtp_logits_at_depth_one_chain_the_layers(tmp_path: Path, seed: int) -> None:
     """A 2-MTP-layer checkpoint: depth=1 runs layer 0 then layer 1 teacher-forced (it used to index a one-layer
     cache). Row i of depth 1 depends on tokens up to i+2 only, and differs from depth 0's next row."""
