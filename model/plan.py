@@ -31,9 +31,16 @@ def rank_shapes(cfg: ModelConfig, tp: int, rank: int = 0) -> dict[str, tuple[int
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def weight_bytes_per_rank(cfg: ModelConfig, tp: int = 1) -> int:
-    """Bytes of checkpoint tensors one rank holds, in their stored dtypes (FP8 1, BF16 2, F32 4; FP8 scales
-    included), MTP layers included. Every rank holds as much (the split must be even)."""
-    manifest = checkpoint_manifest(cfg)
-    return sum(math.prod(shape) * ST_DTYPES[manifest[name].dtype].itemsize
-               for name, shape in rank_shapes(cfg, tp).items())
+WEIGHT_PATHS = {"released": None, "bfloat16": 2, "float32": 4}  # path -> bytes an element (None: as stored)
+
+
+def weight_bytes_per_rank(cfg: ModelConfig, tp: int = 1, path: str = "released") -> int:
+    """Bytes of the checkpoint tensors rank 0 holds, MTP layers included, on a weight path: "released" keeps their
+    stored dtypes (FP8 1, BF16 2, F32 4; FP8 block scales included); "bfloat16" and "float32" dequantize every weight
+    to 2 or 4 bytes an element (no scales). tp=1 is the whole model. Other ranks hold as much (the split is even),
+    or a cut FP8 block's copied scale more."""
+    if path not in WEIGHT_PATHS:
+        raise ValueError(f"weight path {path!r}: choose one of {', '.join(WEIGHT_PATHS)}")
+    manifest, size = checkpoint_manifest(cfg), WEIGHT_PATHS[path]
+    return sum(math.prod(shape) * (size or ST_DTYPES[manifest[name].dtype].itemsize)
+               for name, shape in rank_shapes(cfg, tp).items() if size is None or not name.endswith("_scale_inv"))

@@ -1,11 +1,13 @@
-"""`specdec inspect`: the released layout's numbers, per-rank bytes equal to the runtime's own parameters, header-only
-checking of a checkpoint, and one-line errors for broken ones."""
+"""`specdec inspect`: the released layout's numbers (resident bytes per weight path and per rank derived here from the
+tensor list alone), per-rank bytes equal to the runtime's own parameters, header-only checking of a checkpoint, and
+one-line errors for broken ones."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -19,15 +21,17 @@ from reference import V3_CONFIG
 from specdec.cli import main
 from specdec.cli.inspect import RESERVE
 from specdec.model import loader
-from specdec.model.checkpoint import checkpoint_manifest, tiny_config
+from specdec.model.checkpoint import ST_DTYPES, checkpoint_manifest, is_shared_copy, tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.parallel import DistInfo
-from specdec.model.plan import weight_bytes_per_rank
+from specdec.model.plan import WEIGHT_PATHS, weight_bytes_per_rank
 from specdec.model.transformer import DeepseekV3
 
 V3 = str(V3_CONFIG)
 V3_ROUTED_PER_EXPERT = 3 * 2048 * 7168  # gate, up, down of one routed expert
 V3_EMBED = 129280 * 7168
+# the release's tensors every rank holds whole; at tp=8 every other tensor (scales included) splits exactly 8 ways
+V3_REPLICATED = re.compile(r"norm\.|layernorm\.|\.q_a_proj\.|\.kv_a_proj_with_mqa\.|\.mlp\.gate\.|\.eh_proj\.")
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
@@ -66,15 +70,43 @@ def test_released_config_json(v3: dict) -> None:
     assert weight_bytes_per_rank(cfg, 1) == 688_574_839_360 - 2 * V3_EMBED * 2
 
 
+def test_released_resident_bytes_per_path_and_rank(v3: dict) -> None:
+    """As released, BF16 and float32, whole and per rank at tp=8, against a reference built from the tensor list:
+    the MTP's embed/head copies are not held, the dequantized paths drop the FP8 scales, and at tp=8 a rank holds
+    the replicated tensors whole and an eighth of every other (routed experts: 32 of 256)."""
+    cfg = ModelConfig.from_file(V3)
+    ref: dict[str, dict[str, int]] = {}
+    for path, size in (("released", None), ("bfloat16", 2), ("float32", 4)):
+        whole = rank = 0
+        for name, t in checkpoint_manifest(cfg).items():
+            if is_shared_copy(cfg, name) or size and name.endswith("_scale_inv"):
+                continue
+            b = math.prod(t.shape) * (size or ST_DTYPES[t.dtype].itemsize)
+            whole, rank = whole + b, rank + (b if V3_REPLICATED.search(name) else b // 8)
+        ref[path] = {"model": whole, "per_rank": rank}
+    assert v3["resident_bytes"] == ref
+    held = v3["params"]["main"] + v3["params"]["mtp"] - v3["params"]["mtp_shared_copies"]
+    assert ref["bfloat16"]["model"] == 2 * held == 1_365_272_974_848  # the issue's "1.3 TB" in BF16
+    assert ref["float32"]["model"] == 4 * held  # its "2.7 TB"
+    assert ref["released"]["model"] == 684_868_123_200 and ref["released"]["per_rank"] == 86_801_178_816
+    assert v3["weight_bytes_per_rank"] == ref["released"]["per_rank"]  # what the KV capacity is left beside
+
+
 def test_released_config_table(v3: dict, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", V3, "--gpu-mem-gb", "80"]) == 0
     out = capsys.readouterr().out
-    for want in ("91,991 tensors", "671,026,419,200", "37,552,297,472", "tp=1", "71,424 B", "10% of 80 GiB",
-                 "0 tok", "weights do not fit"):
-        assert want in out, want
+    for want in ("91,991 tensors", "671,026,419,200", "37,552,297,472", "71,424 B", "10% of 80 GiB",
+                 "0 tok", "weights do not fit", "weights as released  684,868,123,200 B",
+                 "weights in BF16  1,365,272,974,848 B", "weights in float32  2,730,545,949,696 B"):
+        assert want in re.sub(r"\s{2,}", "  ", out), want
     rows = out.splitlines()[1:]
     number_ends = {r.index(num) + len(num) for r in rows for num in [re.split(r"\s{2,}", r.strip())[1]]}
-    assert len(rows) == 6 and len(number_ends) == 1, out  # one right-aligned column of numbers
+    assert len(rows) == 8 and len(number_ends) == 1 and "per rank" not in out, out  # one right-aligned column
+    assert main(["inspect", V3, "--tp", "8"]) == 0
+    out = re.sub(r"\s{2,}", "  ", capsys.readouterr().out)
+    for want in ("as released, per rank tp=8  86,801,178,816 B", "BF16, per rank tp=8  172,672,833,024 B",
+                 "float32, per rank tp=8  345,345,666,048 B"):
+        assert want in out, want
 
 
 FP8_8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
@@ -100,8 +132,18 @@ def test_inspect_refuses_exactly_the_splits_the_runtime_refuses(config: dict, tp
         return
     s = run_json(capsys, str(tmp_path / "config.json"), "--tp", str(tp))
     assert s["weight_bytes_per_rank"] == weight_bytes_per_rank(cfg, tp)
+    assert s["resident_bytes"] == {p: {"model": weight_bytes_per_rank(cfg, 1, p),
+                                       "per_rank": weight_bytes_per_rank(cfg, tp, p)} for p in WEIGHT_PATHS}
+    r = s["resident_bytes"]
+    assert r["float32"] == {k: 2 * v for k, v in r["bfloat16"].items()}
     if tp > 1:
-        assert weight_bytes_per_rank(cfg, 1) / tp <= s["weight_bytes_per_rank"] < weight_bytes_per_rank(cfg, 1)
+        for p in WEIGHT_PATHS:
+            assert r[p]["model"] / tp <= r[p]["per_rank"] < r[p]["model"], p
+
+
+def test_unknown_weight_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="weight path 'int4': choose one of released, bfloat16, float32"):
+        weight_bytes_per_rank(ModelConfig.from_dict(tiny_config()), 1, "int4")
 
 
 def test_checkpoint_dir_is_checked_from_headers_only(make_checkpoint, capsys: pytest.CaptureFixture[str],

@@ -1,9 +1,10 @@
 """`specdec inspect PATH`: what a checkpoint holds and what it costs to serve, from its config and safetensors
 headers alone (no tensor data is read).
 
-Reports parameters (main model, MTP layers, activated per token), weight bytes per rank at --tp N, latent-cache
-bytes per token and, with --gpu-mem-gb, how many tokens of latent cache (over all sequences) fit beside one rank's
-weights.
+Reports parameters (main model, MTP layers, activated per token); the weights' resident bytes on each path (as
+released: FP8 blocks with their float32 scales and BF16 tensors as stored; every weight in BF16; in float32), for
+the whole model and, at --tp N, per rank; latent-cache bytes per token and, with --gpu-mem-gb, how many tokens of
+latent cache (over all sequences) fit beside one rank's weights as released.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from ..model.checkpoint import ST_DTYPES, TensorSpec, checkpoint_manifest, is_shared_copy
 from ..model.config import ModelConfig
 from ..model.loader import Checkpoint
-from ..model.plan import weight_bytes_per_rank
+from ..model.plan import WEIGHT_PATHS, weight_bytes_per_rank
 from . import common
 
 KV_DTYPE_BYTES = 2  # the latent cache is BF16
@@ -69,7 +70,10 @@ def kv_capacity_tokens(gpu_mem_gib: float, weight_bytes: int, kv_per_token: int)
 
 
 def summarize(path: Path, tp: int = 1, gpu_mem_gib: float | None = None) -> dict[str, Any]:
-    """Everything `inspect` reports, as one JSON-able dict; `tensors` lists every tensor of the checkpoint layout.
+    """Everything `inspect` reports, as one JSON-able dict; `tensors` lists every tensor of the checkpoint layout;
+    `resident_bytes[path]` is {"model": bytes, "per_rank": rank 0's bytes at tp} for each of model/plan.py's
+    WEIGHT_PATHS (what the loader holds of the checkpoint's tensors; copies a runtime path derives at load, such as
+    the CPU's absorbed MLA weights, are what `bench latency` counts on a loaded model).
 
     path: a checkpoint directory (config and safetensors headers are validated: names, shapes, dtypes, file
     lengths; no tensor data is read) or a bare config.json. Raises ValueError (CheckpointError, ConfigError) with
@@ -88,9 +92,11 @@ def summarize(path: Path, tp: int = 1, gpu_mem_gib: float | None = None) -> dict
         raise ValueError(f"{path}: no such checkpoint directory or config.json")
     manifest = checkpoint_manifest(cfg)
     try:
-        weights = weight_bytes_per_rank(cfg, tp)
+        resident = {path: {"model": weight_bytes_per_rank(cfg, 1, path),
+                           "per_rank": weight_bytes_per_rank(cfg, tp, path)} for path in WEIGHT_PATHS}
     except ValueError as e:
         raise ValueError(f"--tp {tp}: {e}") from None
+    weights = resident["released"]["per_rank"]
     kv = kv_bytes_per_token(cfg)
     return {
         "path": str(path),
@@ -102,6 +108,8 @@ def summarize(path: Path, tp: int = 1, gpu_mem_gib: float | None = None) -> dict
         "params": param_counts(cfg, manifest),
         "tp": tp,
         "weight_bytes_per_rank": weights,
+        "resident_bytes": resident,
+        "fp8": cfg.fp8 is not None,
         "kv_cache_bytes_per_token": kv,
         "gpu_mem_gib": gpu_mem_gib,
         "reserve_fraction": RESERVE,
@@ -120,9 +128,26 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _weight_rows(s: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Resident weight bytes per path: the whole model's, then (at --tp > 1) one rank's."""
+    rows = []
+    for path, r in s["resident_bytes"].items():
+        name = {"released": "as released", "bfloat16": "in BF16"}.get(path, f"in {path}")
+        note = ("every weight dequantized" if path != "released" else
+                "FP8 blocks + float32 scales, BF16 embedding/head/norms" if s["fp8"] else "stored dtypes")
+        if not rows:
+            note += "; MTP layers included, their embed/head copies not held"
+        rows.append((f"weights {name}", f"{r['model']:,} B", f"{r['model'] / GIB:,.2f} GiB", note))
+        if s["tp"] > 1:
+            rows.append((f"weights {name}, per rank tp={s['tp']}", f"{r['per_rank']:,} B",
+                         f"{r['per_rank'] / GIB:,.2f} GiB", "" if len(rows) > 2 else
+                         "heads, MLP widths and vocabulary split, routed experts spread, the rest on every rank"))
+    return rows
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as an aligned table for humans."""
-    p, kv, tp, w = s["params"], s["kv_cache_bytes_per_token"], s["tp"], s["weight_bytes_per_rank"]
+    p, kv = s["params"], s["kv_cache_bytes_per_token"]
     what = ("checkpoint, names/shapes/dtypes/file lengths checked from headers" if s["headers_validated"]
             else "config only, no checkpoint checked")
     rows = [
@@ -131,8 +156,7 @@ def format_summary(s: dict[str, Any]) -> str:
          f"incl. {_si(p['mtp_shared_copies'])} embed/head copies shared with the main model"),
         ("activated per token", f"{p['activated_per_token']:,}", _si(p["activated_per_token"]),
          f"main model, {s['num_experts_per_tok']} of {s['n_routed_experts']} routed experts per MoE layer"),
-        (f"weights per rank, tp={tp}", f"{w:,} B", f"{w / GIB:.2f} GiB",
-         "stored dtypes, MTP included, experts spread over ranks"),
+        *_weight_rows(s),
         ("KV cache per token", f"{kv['total']:,} B", f"{kv['total'] / 2**10:.1f} KiB",
          f"main {kv['main']:,} + MTP {kv['mtp']:,}; BF16 latent, same on every rank"),
     ]
