@@ -16,6 +16,7 @@ from torch import nn
 
 MIN_BUFFER = 256 * 2**20  # the bandwidth buffer: at least this, and LLC_FACTOR x the last-level cache
 LLC_FACTOR = 8
+REPEATS = 5  # timed sums; the fastest counts
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
@@ -32,7 +33,7 @@ def last_level_cache_bytes() -> int | None:
     return sizes[max(sizes)] if sizes else None
 
 
-def read_bandwidth(repeats: int = 5) -> tuple[float, int]:
+def read_bandwidth(repeats: int = REPEATS) -> tuple[float, int]:
     """(bytes/s, buffer bytes): one thread summing a float32 buffer of max(MIN_BUFFER, LLC_FACTOR x the last-level
     cache), the fastest of `repeats` sums after one untimed. torch's thread count is 1 meanwhile and restored after."""
     nbytes = max(MIN_BUFFER, LLC_FACTOR * (last_level_cache_bytes() or 0))
