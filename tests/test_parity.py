@@ -54,6 +54,40 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+NEAR_TIE = 1e-5  # a router margin below this may pick other experts than the oracle, by rounding alone
+
+
+def decided_rows(ckpt: Path, ids: list[int]) -> int:
+    """How many leading positions every MoE router decides by a margin of at least NEAR_TIE (the k-th
+    against the (k+1)-th biased score, and the kept groups against the next): a random checkpoint sometimes holds a
+    near tie, which 1e-7 of rounding flips to another expert, and that position's row (and every later one, through
+    the cache) then differs by ~1e-2 from the oracle's for a reason that is not a defect. Measured on the reference
+    path (plain torch, where the router is a module whose hooks run)."""
+    llm = LLM(ckpt, dtype="float32", speculative=None, dequantize_fp8=True)
+    margins: list[torch.Tensor] = []
+
+    def hook(gate: torch.nn.Module, inp: tuple[torch.Tensor], _: object) -> None:
+        c, x = gate.cfg, inp[0]
+        scores = (x.float() @ gate.weight.t()).sigmoid() + gate.e_score_correction_bias
+        top = scores.topk(c.num_experts_per_tok + 1, -1).values
+        gap = top[:, -2] - top[:, -1]
+        if 1 < c.n_group:
+            groups = scores.view(x.shape[0], c.n_group, -1).topk(2, -1).values.sum(-1).sort(-1, descending=True)[0]
+            gap = torch.minimum(gap, groups[:, c.topk_group - 1] - groups[:, min(c.topk_group, c.n_group - 1)] +
+                                (9.0 if c.topk_group == c.n_group else 0.0))
+        margins.append(gap)
+
+    gates = [layer.mlp.gate for layer in llm.model.model.layers if hasattr(layer.mlp, "gate")]
+    handles = [g.register_forward_hook(hook) for g in gates]
+    try:
+        llm.logits(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    tied = (torch.stack(margins).min(0).values < NEAR_TIE).nonzero()
+    return int(tied[0]) if len(tied) else len(ids)
+
+
 def full_hidden(model, ids: list[int]) -> torch.Tensor:
     """[T, D]: one prefill over ids in a fresh cache at contiguous slots (the reference)."""
     t = len(ids)
@@ -69,13 +103,19 @@ def test_logits_and_mtp_match_transformers(name: str, make_checkpoint, tmp_path:
     ckpt = make_checkpoint(config)
     hf_main, hf_mtp = hf_models(ckpt, tmp_path / "hf")  # weights dequantized by the oracle, not by us
     llm = LLM(ckpt, dtype="float32", device="cpu", backend="torch")
-    ids = torch.randint(0, config["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-    ref = hf_logits(hf_main, ids)
-    err = rel_err(llm.logits(ids), ref)
-    ref_mtp = hf_mtp_logits(hf_main, hf_mtp, ids)
-    err_mtp = rel_err(llm.mtp_logits(ids, depth=0), ref_mtp)
-    print(f"\n[{name}] T={n} seed={seed}: logits rel err {err:.2e}, MTP logits rel err {err_mtp:.2e}")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(8):  # a prompt whose every routing decision is clear of a near tie (see decided_rows)
+        ids = torch.randint(0, config["vocab_size"], (n,), generator=g).tolist()
+        k = decided_rows(ckpt, ids)
+        if k == n:
+            break
+    assert k >= n // 2, f"{name} seed={seed}: every prompt tried holds a router near tie early"
+    ref = hf_logits(hf_main, ids)[:k]
+    err = rel_err(llm.logits(ids)[:k], ref)
+    ref_mtp = hf_mtp_logits(hf_main, hf_mtp, ids)[:k - 1]
+    err_mtp = rel_err(llm.mtp_logits(ids, depth=0)[:k - 1], ref_mtp)
+    print(f"\n[{name}] T={n} seed={seed}: logits rel err {err:.2e}, MTP logits rel err {err_mtp:.2e}"
+          f"{f' (first {k} rows: a router near tie after)' if k < n else ''}")
     assert err < TOL, f"{name} seed={seed}: logits rel err {err:.2e}"
     assert err_mtp < TOL, f"{name} seed={seed}: MTP logits rel err {err_mtp:.2e}"
 
