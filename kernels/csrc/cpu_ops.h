@@ -27,11 +27,22 @@ inline int64_t default_gemm_rows(int64_t k) { return std::min<int64_t>(64, std::
 // g.y = g.x @ W^T: the register kernels below gemm_rows rows of x (-1: default_gemm_rows), from there on W
 // dequantized to float32 tiles and torch's GEMM. Threads (at::parallel_for) split W's rows.
 void matmul(const Gemm& g, Isa isa, int64_t gemm_rows);
+// W's rows [n_begin, n_end) of g.y = g.x @ W^T by the register kernels, in the calling thread (callers that thread
+// over something else: heads).
+void matmul_rows(const Gemm& g, Isa isa, int64_t n_begin, int64_t n_end);
 
 // Argument checks, each a one-line ValueError naming the op and the argument.
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+}
 // x [M, k], float32 or bfloat16, rows contiguous -> float32 (bfloat16 converted, float32 as is).
 at::Tensor float_rows(const at::Tensor& x, int64_t k, const char* op, const char* name);
+// t on the CPU, `dim`-D, of `dtype`, contiguous.
 void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* op, const char* name);
+// w [N, K] float8_e4m3fn and its scales s [ceil((N + n_off) / block_n), ceil((K + k_off) / block_k)] float32, both
+// contiguous (fp8_linear's contract) -> their description.
+Weight fp8_weight(const at::Tensor& w, const at::Tensor& s, int64_t block_n, int64_t block_k, int64_t n_off,
+                  int64_t k_off, const char* op);
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The ops (contracts: kernels/cpu_ops.py).

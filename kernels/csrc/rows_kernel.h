@@ -1,7 +1,6 @@
-// The register kernels of one ISA. linear.cpp includes this once per ISA, inside that ISA's namespace and target
-// region, after its `Vec` (lanes W, register tile MR x NR, and the load / decode / fma primitives); so one body
-// serves every ISA and each copy is compiled for its own. No #include here: the target region covers these
-// definitions only.
+// The register kernels of one ISA. linear.cpp compiles this once per ISA (per_isa.h) against that ISA's `Vec`
+// (vec.h: lanes W, register tile MR x NR, and the load / decode / fma primitives); so one body serves every ISA and
+// each copy is compiled for its own. No #include here: the target region covers these definitions only.
 //
 // A tile is MR rows of x by NR rows of W. Each K block accumulates x * decoded W in float32 vectors, then adds the
 // block's sum times its scale into the totals: the scale costs one FMA per block, not one multiply per weight.
