@@ -5,7 +5,8 @@ The ops are C++ (kernels/csrc), registered with torch.library as torch.ops.specd
 code call the same op (fake implementations let torch.compile trace them). The extension is built with torch's JIT
 builder on first use (`available()`, or the first op called), cached under the torch extensions directory; later
 processes load the cached build. Where it cannot build (no compiler, no ninja), `available()` is False,
-`unavailable_reason()` says why, one warning line says so, and callers run the torch path.
+`unavailable_reason()` says why, one warning line says so, and callers run the torch path. The same extension holds
+the rest of a layer's ops (norms, RoPE, SiLU * up, the router, absorbed MLA): kernels/cpu_fused.py.
 
 Every op takes `isa`: "auto" runs the best path this CPU has (`isas()`, best first); "avx512", "avx2" or "portable"
 force one (a path the CPU lacks is a ValueError). Below `gemm_rows` rows of x, register kernels decode the weights
@@ -29,7 +30,7 @@ from .moe import moe_ref
 
 NAME = "specdec_cpu_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "linear.cpp", "moe.cpp")
+SOURCES = ("ops.cpp", "linear.cpp", "moe.cpp", "fused.cpp", "mla.cpp")  # fused, mla: kernels/cpu_fused.py
 
 _build: dict[str, str | None] = {}  # "reason": None once loaded in this process, else why the build failed
 
@@ -42,7 +43,10 @@ def _load() -> str | None:
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([path, sysconfig.get_path("scripts")])
     try:
-        cpp_extension.load(NAME, [str(CSRC / s) for s in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+        # -ffp-contract=off: float32 operations run as written (a * b - c * d rounds three times, as torch's ops do);
+        # g++ otherwise fuses them into multiply-adds wherever a target has FMA. Fused ones are intrinsics.
+        cpp_extension.load(NAME, [str(CSRC / s) for s in SOURCES], extra_cflags=["-O3", "-ffp-contract=off"],
+                           is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compile error: every one means "use the torch path"
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"specdec CPU kernels unavailable ({reason}); running the torch path", stacklevel=4)
@@ -134,7 +138,11 @@ def bf16_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _register_fakes() -> None:
-    """Output shapes for torch.compile's tracing (the ops allocate their outputs; nothing aliases an input)."""
+    """Output shapes for torch.compile's tracing, these ops' and kernels/cpu_fused.py's (the ops allocate their
+    outputs, but for cpu_fused's `*_into` ops, which write into `out` and return nothing)."""
+    from . import cpu_fused  # here, not at the top: cpu_fused imports this module's loader
+
+    cpu_fused._register_fakes()
 
     @torch.library.register_fake("specdec::fp8_linear")
     def _(x, w, s, block_n=128, block_k=128, n_off=0, k_off=0, isa="auto", gemm_rows=None):

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "decode.h"
@@ -37,6 +38,8 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
 }
 // x [M, k], float32 or bfloat16, rows contiguous -> float32 (bfloat16 converted, float32 as is).
 at::Tensor float_rows(const at::Tensor& x, int64_t k, const char* op, const char* name);
+// t `dim`-D, float32 or bfloat16, its last dimension contiguous -> float32 (bfloat16 converted, float32 as is).
+at::Tensor float_arg(const at::Tensor& t, int64_t dim, const char* op, const char* name);
 // t on the CPU, `dim`-D, of `dtype`, contiguous.
 void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* op, const char* name);
 // w [N, K] float8_e4m3fn and its scales s [ceil((N + n_off) / block_n), ceil((K + k_off) / block_k)] float32, both
@@ -54,5 +57,26 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, c10::string_vie
 at::Tensor fp8_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_w, const at::Tensor& w13,
                    const at::Tensor& w2, const at::Tensor& s13, const at::Tensor& s2, int64_t block_n,
                    int64_t block_k, c10::string_view isa, std::optional<int64_t> gemm_rows);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, c10::string_view isa);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w,
+                                                double eps, c10::string_view isa);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c10::string_view isa);
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
+               c10::string_view isa);
+at::Tensor silu_mul(const at::Tensor& h, c10::string_view isa);
+std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& x, const std::optional<at::Tensor>& gate_w,
+                                             const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                                             int64_t top_k, bool norm_topk_prob, double routed_scaling_factor,
+                                             c10::string_view isa);
+at::Tensor mla_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                         const at::Tensor& ctx_lens, const at::Tensor& cu_q, const at::Tensor& tree_mask,
+                         double scale, int64_t c, c10::string_view isa);
+at::Tensor fp8_absorb_q(const at::Tensor& q_nope, const at::Tensor& w, const at::Tensor& s, int64_t dn, int64_t dv,
+                        int64_t block_n, int64_t block_k, int64_t n_off, int64_t k_off, c10::string_view isa);
+void fp8_absorb_q_into(const at::Tensor& q_nope, const at::Tensor& w, const at::Tensor& s, int64_t dn, int64_t dv,
+                       int64_t block_n, int64_t block_k, int64_t n_off, int64_t k_off, const at::Tensor& out,
+                       c10::string_view isa);
+at::Tensor fp8_absorb_o(const at::Tensor& o_lat, const at::Tensor& w, const at::Tensor& s, int64_t dn, int64_t dv,
+                        int64_t block_n, int64_t block_k, int64_t n_off, int64_t k_off, c10::string_view isa);
 
 }  // namespace specdec
