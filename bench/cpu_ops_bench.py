@@ -1,7 +1,10 @@
 """CPU ops bench (kernels/cpu_ops.py) on one thread: fp8_linear per code path against torch's float32 GEMM on the
 dequantized weight (in the layout the model keeps on a CPU, W.T contiguous), at the bundled model's shapes and a few
 DeepSeek-V3 ones; the M where dequantize-then-GEMM overtakes the register kernels; the fused MoE against
-kernels/torch_backend.py's moe_sparse / moe_runs on dequantized experts; the BF16 head against a float32 GEMM.
+kernels/torch_backend.py's moe_sparse / moe_runs on dequantized experts; the BF16 head against a float32 GEMM;
+kernels/cpu_fused.py's ops against the torch code each replaces (RMSNorm.forward, apply_rope, F.silu(a) * b,
+Gate.forward, mqa_attention at contexts 64, 512 and 2048, the absorbed path's einsums) at T = 1 and 4, with an
+empty-ish op (rms_norm at D = 8) for the floor: what one call costs, Python to kernel and back.
 
     python bench/cpu_ops_bench.py            # about a minute on one Zen 4 core
     python bench/cpu_ops_bench.py --quick    # the bundled shapes at M = 1 and 4, short rounds: a smoke run
@@ -25,11 +28,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from specdec.cli.common import format_table
-from specdec.kernels import cpu_ops
+from specdec.kernels import cpu_fused, cpu_ops
+from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.fp8 import weight_quant_ref
-from specdec.kernels.torch_backend import moe_runs, moe_sparse
+from specdec.kernels.torch_backend import moe_runs, moe_sparse, mqa_attention
+from specdec.model.config import ModelConfig
+from specdec.model.layers import RMSNorm, apply_rope, transposed_storage
+from specdec.model.moe import Gate
 
 CONFIG = Path(cpu_ops.__file__).resolve().parents[1] / "specdec" / "bundled" / "config.json"
 V3 = {"q_a_proj": (1536, 7168), "kv_a_proj": (576, 7168), "expert gate+up": (4096, 7168), "expert down": (7168, 2048)}
@@ -180,6 +188,71 @@ def head_table(shapes: dict[str, tuple[int, int]], ms: tuple[int, ...], bw: floa
 
 
 HEAD = ["us best", "us median", "GB/s", "x bw", "vs fp32"]
+CONTEXTS = (64, 512, 2048)
+
+
+def fused_table(cfg: ModelConfig, ts: tuple[int, ...], budget: float) -> list[list[str]]:
+    """kernels/cpu_fused.py's ops per code path against the torch code each replaces, at the bundled model's shapes;
+    rms_norm at D = 8 shows the floor: a call's own overhead. Rows: op and shape, T, path, best and median us, the
+    speed over torch's best."""
+    d, h, c, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    dn, dv, inter, e = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.moe_intermediate_size, cfg.n_routed_experts
+    gate = Gate(cfg)
+    gate.weight.normal_(0, 0.05)
+    transposed_storage(gate.weight)  # the CPU layout (MoE.lay_out_for_cpu)
+    route = (gate.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+             cfg.routed_scaling_factor)
+    w, s = fp8_weight(h * (dn + dv), c)
+    wkvb = cpu_ops.dequant_ref(w, s).view(h, dn + dv, c)  # the absorbed path's float32 kv_b
+    norm, norm8 = RMSNorm(d, cfg.rms_norm_eps, torch.float32), RMSNorm(8, cfg.rms_norm_eps, torch.float32)
+    rows = []
+    for t in ts:
+        x, res = torch.randn(t, d), torch.randn(t, d)
+        cos, sin = torch.randn(t, r // 2), torch.randn(t, r // 2)
+        q = torch.randn(t, h, dn + r)
+        hid = torch.randn(t, 2 * inter)
+        q_nope, o_lat = torch.randn(t, h, dn), torch.randn(t, h, c)
+        cases = {
+            f"rms_norm D={d}": (partial(cpu_fused.rms_norm, x, norm.weight, norm.eps), partial(norm.forward, x)),
+            "rms_norm D=8 (the floor)": (partial(cpu_fused.rms_norm, x[:, :8].contiguous(), norm8.weight, norm.eps),
+                                         partial(norm8.forward, x[:, :8].contiguous())),
+            f"add_rms_norm D={d}": (partial(cpu_fused.add_rms_norm, x, res, norm.weight, norm.eps),
+                                    partial(_add_then_norm, norm, x, res)),
+            f"rope q_pe [T, {h}, {r}] of [T, {h}, {dn + r}]": (partial(cpu_fused.rope, q[..., dn:], cos, sin),
+                                                              partial(apply_rope, q[..., dn:], (cos, sin))),
+            f"silu_mul I={inter}": (partial(cpu_fused.silu_mul, hid), partial(_silu_times_up, hid)),
+            f"moe_route {e} experts, {cfg.n_group} groups": (partial(cpu_fused.moe_route, x, gate.weight, *route),
+                                                              partial(gate.forward, x)),
+            f"fp8_absorb_q [T, {h}, {dn}] -> C={c}": (
+                partial(cpu_fused.fp8_absorb_q, q_nope, w, s, (128, 128), (0, 0), dn, dv),
+                partial(torch.einsum, "thd,hdc->thc", q_nope, wkvb[:, :dn])),
+            f"fp8_absorb_o C={c} -> [T, {h}, {dv}]": (
+                partial(cpu_fused.fp8_absorb_o, o_lat, w, s, (128, 128), (0, 0), dn, dv),
+                partial(torch.einsum, "thc,hvc->thv", o_lat, wkvb[:, dn:])),
+        }
+        for ctx in CONTEXTS:
+            kv = torch.randn(ctx + t, c + r)
+            meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long), [ctx], [t])  # a chain of t new tokens
+            qa = torch.randn(t, h, c + r)
+            tensors = (meta.block_table, meta.ctx_lens, meta.cu_q, meta.tree_mask)
+            cases[f"mla_attention context {ctx}"] = (
+                partial(cpu_fused.mla_attention, qa, kv, *tensors, cfg.softmax_scale, c),
+                partial(mqa_attention, qa, kv, meta, cfg.softmax_scale, c))
+        for name, (op, torch_op) in cases.items():
+            paths = {isa: partial(op, isa=isa) for isa in cpu_ops.isas()} | {"torch": torch_op}
+            tt = interleaved(paths, budget)
+            rows += [[name, str(t), path, f"{b * 1e6:.1f}", f"{m * 1e6:.1f}", f"{tt['torch'][0] / b:.2f}"]
+                     for path, (b, m) in tt.items()]
+    return rows
+
+
+def _add_then_norm(norm: RMSNorm, x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    return norm.forward(x + res)  # a decoder block's residual step (model/transformer.py)
+
+
+def _silu_times_up(h: torch.Tensor) -> torch.Tensor:
+    i = h.shape[1] // 2
+    return F.silu(h[:, :i]) * h[:, i:]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\nBF16 head (vs fp32: speed over torch.mm on the float32 weight)")
     h_rows = head_table(heads, (1, 2, 4) if not args.quick else (1,), bw, budget)
     print(format_table(["head [V x D]", "M", "path", *HEAD], h_rows, "lrl" + "r" * len(HEAD)))
+    print("\nkernels/cpu_fused.py's ops against the torch code each replaces (vs torch: speed over it), the bundled "
+          "model's shapes, T tokens")
+    f_rows = fused_table(ModelConfig.from_dict(c), (1, 4), budget)
+    print(format_table(["op", "T", "path", "us best", "us median", "vs torch"], f_rows, "lrlrrr"))
 
 
 if __name__ == "__main__":
