@@ -2,9 +2,10 @@
 
 torch: plain torch; MLA and MoE take the batched paths of kernels/torch_backend.py (any device), which are tested
     against the references. On a CPU where our C++ kernels build (kernels/cpu_ops.py), FP8 checkpoint weights stay
-    as released (`cpu_fp8`): FP8 linears and routed experts run cpu_ops' FP8 kernels, BF16 tensors (embedding, head,
-    eh_proj) stay BF16 and the head runs its BF16 kernel; `dequantize=True` (or no compiler) dequantizes them at
-    load instead, the reference path.
+    as released: FP8 linears and routed experts run cpu_ops' FP8 kernels, BF16 tensors (embedding, head,
+    eh_proj) stay BF16 and the head runs its BF16 kernel, and a decoder layer's norms, RoPE, router, SiLU * up and
+    latent attention run as single ops (kernels/cpu_fused.py) (`cpu_kernels`); `dequantize=True` (or no compiler)
+    dequantizes FP8 weights at load and runs plain torch: the reference path.
 triton: our Triton kernels; FP8 linears run W8A8 (act_quant + fp8_gemm), MoE and MLA fused. On CPU only under
     Triton's interpreter (TRITON_INTERPRET=1), which is how the tests run it. GPUs without FP8 (before sm_89, e.g.
     A100) get `fp8=False`: FP8 checkpoints load dequantized to BF16 (`keep_fp8`), linears run in torch, the MoE and
@@ -39,14 +40,14 @@ def fp8_capable(device: torch.device) -> bool:
 class Backend:
     name: str = "torch"
     fp8: bool = True  # the device runs FP8 kernels (False before sm_89: FP8 weights load dequantized)
-    cpu_fp8: bool = False  # torch backend on a CPU: weights stay as released, read by kernels/cpu_ops.py
+    cpu_kernels: bool = False  # torch backend on a CPU with our C++ kernels (cpu_ops, cpu_fused)
     flashinfer_mla: Any = field(default=None, compare=False, repr=False)  # FlashinferMLA (plans per AttnMeta)
 
     @property
     def keep_fp8(self) -> bool:
         """Whether FP8 checkpoint weights stay FP8 at run time (the W8A8 kernels, or cpu_ops on a CPU) or are
         dequantized at load."""
-        return (self.name != "torch" and self.fp8) or self.cpu_fp8
+        return (self.name != "torch" and self.fp8) or self.cpu_kernels
 
     @property
     def fp8_partial_blocks(self) -> bool:
@@ -79,14 +80,16 @@ class Backend:
 
             return cls(name, fp8, flashinfer_mla=FlashinferMLA(device))
         if name == "torch" and device.type == "cpu" and not dequantize:
-            return cls(name, fp8, cpu_fp8=cpu_ops.available())
+            return cls(name, fp8, cpu_kernels=cpu_ops.available())
         return cls(name, fp8)
 
     def fp8_linear(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int],
                    offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """x [..., K] @ dequant(w [N, K], s).T -> [..., N] in x's dtype (W8A8 on the Triton backends, cpu_ops' FP8
         kernel on a CPU). offset: where w starts inside its first scale block (cpu_ops.fp8_linear)."""
-        if self.cpu_fp8 and x.device.type == "cpu":
+        if self.cpu_kernels and x.device.type == "cpu":
+            if x.dim() == 2:  # a step's [T, K] activations: no reshape ops around the kernel
+                return cpu_ops.fp8_linear(x, w, s, block, offset)
             y = cpu_ops.fp8_linear(x.reshape(-1, x.shape[-1]), w, s, block, offset)
             return y.view(*x.shape[:-1], w.shape[0])
         if not self.keep_fp8 or self.name == "torch":
@@ -97,7 +100,9 @@ class Backend:
     def bf16_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 @ w [N, K] bfloat16 .T -> [..., N] float32, the weight read as stored (exact bf16 ->
         float32, float32 sums): cpu_ops' kernel where it runs, else a float32 matmul of the converted weight."""
-        if self.cpu_fp8 and x.device.type == "cpu":
+        if self.cpu_kernels and x.device.type == "cpu":
+            if x.dim() == 2:
+                return cpu_ops.bf16_linear(x, w)
             return cpu_ops.bf16_linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w.to(x.dtype))
 
@@ -116,7 +121,7 @@ class Backend:
             block: tuple[int, int]) -> torch.Tensor:
         """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
         if self.name == "torch":
-            if s13 is not None and self.cpu_fp8 and x.device.type == "cpu":
+            if s13 is not None and self.cpu_kernels and x.device.type == "cpu":
                 return cpu_ops.fp8_moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)
             if s13 is not None:  # FP8 weights kept elsewhere on the torch backend: the reference, per expert
                 return moe.moe_ref(x, topk_ids, topk_w, w13, w2, s13, s2, block)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.kernels import cpu_fused
 from specdec.kernels.backend import Backend
 from specdec.kernels.cpu_ops import dequant_ref
 from specdec.kernels.triton_util import cdiv
@@ -19,15 +20,19 @@ from .parallel import DistInfo
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    """fused: one cpu_fused.rms_norm op (the backend's C++ CPU kernels) instead of the torch ops below."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         # 0-dim float32 constants: an op with a Python float pays a scalar conversion on every call
         self.register_buffer("_inv_dim", torch.tensor(1.0 / dim), persistent=False)
         self.register_buffer("_eps", torch.tensor(float(eps)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).mul_(self._inv_dim).add_(self._eps))
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -98,7 +103,7 @@ class Build:
     @property
     def released_cpu(self) -> bool:
         """Weights kept as released on a CPU: FP8 linears FP8, BF16 tensors (embedding, head, eh_proj) BF16."""
-        return self.keep_fp8 and self.backend.cpu_fp8 and self.cfg.fp8 is not None
+        return self.keep_fp8 and self.backend.cpu_kernels and self.cfg.fp8 is not None
 
     def linear(self, in_f: int, out_f: int, *, shard_dim: int | None = None, quantized: bool = True,
                what: str = "linear") -> Linear:
@@ -128,7 +133,7 @@ class Build:
                       fp8_offset=offset if kept else (0, 0))
 
     def norm(self, dim: int) -> RMSNorm:
-        return RMSNorm(dim, self.cfg.rms_norm_eps, self.dtype)
+        return RMSNorm(dim, self.cfg.rms_norm_eps, self.dtype, fused=self.backend.cpu_kernels)
 
 
 def transposed_storage(p: torch.Tensor) -> None:
@@ -145,6 +150,24 @@ def fuse_columns(*linears: Linear) -> torch.Tensor:
         lin.weight.data = fused[:, start:start + lin.out_features].t()
         start += lin.out_features
     return fused
+
+
+def fuse_fp8_rows(*linears: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FP8 linears of the same input as one: their weights stacked by rows [sum(out), in] and their scale grids
+    likewise (each linear's weight and scale become views of their block), so one fp8_linear computes them all. None
+    when a linear but the last ends inside a scale block, or one starts inside one (a cut tensor-parallel share):
+    then the stacked rows would not meet their scales."""
+    bn = linears[0].fp8_block[0]
+    if any(lin.fp8_offset != (0, 0) for lin in linears) or any(lin.out_features % bn for lin in linears[:-1]):
+        return None
+    w = torch.cat([lin.weight.data for lin in linears])
+    s = torch.cat([lin.weight_scale_inv.data for lin in linears])
+    row = block = 0
+    for lin in linears:
+        n, nb = lin.out_features, lin.weight_scale_inv.shape[0]
+        lin.weight.data, lin.weight_scale_inv.data = w[row:row + n], s[block:block + nb]
+        row, block = row + n, block + nb
+    return w, s
 
 
 class VocabEmbedding(nn.Module):

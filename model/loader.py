@@ -196,8 +196,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
                mla_mode: str = "auto", progress: bool = True, cpu_layout: bool | None = None) -> DeepseekV3:
     """Build DeepSeek-V3 (+ MTP) for `path` and load this rank's share of its weights.
 
-    FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths, or the backend's cpu_fp8 kernels, which also
-    keep BF16 tensors BF16), else they are dequantized at load to dtype.
+    FP8 linears stay FP8 when keep_fp8 (the Triton/flashinfer paths, or our C++ kernels on a CPU, which also keep
+    BF16 tensors BF16), else they are dequantized at load to dtype.
     cpu_layout: lay the weights out for CPU decoding (DeepseekV3.lay_out_for_cpu); default: on a CPU with the
     torch backend and dense weights.
     Raises CheckpointError (a ValueError) naming the tensor and file for any defect.

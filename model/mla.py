@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.kernels import cpu_fused
 from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.torch_backend import mqa_attention
 
-from .layers import Build, apply_rope, fuse_columns
+from .layers import Build, apply_rope, fuse_columns, fuse_fp8_rows
 
 MLA_MODES = ("auto", "naive", "absorbed")
 
@@ -22,7 +23,8 @@ class MLA(nn.Module):
     (lay_out_for_cpu); the step only says, through host fields of its AttnMeta, whether it prefills prompts from
     scratch (`fresh_path`) or attends over cached rows (`cached_path`). The paths: "causal" (fused causal attention
     over the step's own rows), "naive" (K/V expanded from the cache), "absorbed" (attention in the latent space),
-    "cpu" (absorbed, on lay_out_for_cpu's weights)."""
+    "cpu" (absorbed, on lay_out_for_cpu's weights), "cpu_fused" (the same on the backend's C++ CPU kernels, one op
+    per step of the layer, FP8 weights read as released)."""
 
     def __init__(self, build: Build):
         super().__init__()
@@ -48,6 +50,7 @@ class MLA(nn.Module):
         # the CPU decode path's weights, set by lay_out_for_cpu(): x -> [q_a | latent | k_pe] in one GEMM; the
         # query input -> [absorbed q_lat | q_pe] per head; the latent attention output -> o_proj's output
         self.w_a = self.w_q_abs = self.w_o_abs = None
+        self.w_a8: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8 kept: q_a | kv_a stacked (weight, scales)
         self.fresh_path = "absorbed" if self.mode == "absorbed" else "causal"
         self.cached_path = "naive" if self.mode == "naive" else "absorbed"
 
@@ -61,7 +64,15 @@ class MLA(nn.Module):
         q_b (w_q_abs [q_in, H*(C+R)] yields the absorbed query and q_pe at once) and W_UV into o_proj
         (w_o_abs [H*C, D]), the products taken in float64. Prefill keeps the checkpoint's projections, laid out
         for small-M GEMMs too."""
-        if self.kv_b_proj.weight_scale_inv is not None:
+        fused = "cpu_fused" if self.backend.cpu_kernels else "cpu"
+        if self.kv_b_proj.weight_scale_inv is not None:  # FP8 kept: read as released by the C++ kernels (or as is)
+            if self.backend.cpu_kernels:
+                if self.cfg.q_lora_rank is not None:
+                    self.w_a8 = fuse_fp8_rows(self.q_a_proj, self.kv_a_proj_with_mqa)
+                if self.mode != "naive":
+                    self.cached_path = fused
+                if self.fresh_path != "absorbed":  # no path left reads kv_b's dense copy: keep the FP8 one only
+                    self.w_kvb = None
             return
         cfg, h = self.cfg, self.n_heads
         dn, dv, c, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -82,13 +93,15 @@ class MLA(nn.Module):
         for lin in (q_lin, self.kv_b_proj, self.o_proj):
             lin.lay_out_for_cpu()
         if self.mode != "naive":
-            self.cached_path = "cpu"
+            self.cached_path = fused
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
         """x [T, D], rope = cos/sin [T, R/2] of the tokens' positions -> [T, D]. Writes this step's latent rows to
         kv_cache[meta.slots] first, then attends."""
         path = self.fresh_path if meta.from_scratch else self.cached_path
+        if path == "cpu_fused":
+            return self._fused_cpu(x, rope, kv_cache, meta)
         if path == "cpu":
             return self._absorbed_cpu(x, rope, kv_cache, meta)
         cfg, t = self.cfg, x.shape[0]
@@ -129,6 +142,44 @@ class MLA(nn.Module):
         meta.write(kv_cache, torch.cat([self.kv_a_layernorm.forward(a[:, :c]), pe[:, h]], -1).to(kv_cache.dtype))
         o = mqa_attention(torch.cat([q[..., :c], pe[:, :h]], -1), kv_cache, meta, cfg.softmax_scale, c)
         return self.dist.all_reduce(o.view(t, h * c).to(x.dtype) @ self.w_o_abs)
+
+    def _fused_cpu(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                   meta: AttnMeta) -> torch.Tensor:
+        """The absorbed path on the backend's C++ CPU kernels (kernels/cpu_ops.py, cpu_fused.py): dense weights as
+        lay_out_for_cpu folds them, or FP8 as released (kv_b's two per-head products around the attention, q_a and
+        kv_a in one GEMM where their blocks allow). Same math as _absorbed_cpu; about twenty ops."""
+        cfg, t, h = self.cfg, x.shape[0], self.n_heads
+        c, r, ql = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank or 0
+        dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        cos, sin = rope
+        kvb = self.kv_b_proj
+        released = kvb.weight_scale_inv is not None
+        if not released:
+            a = x @ self.w_a  # [T, (q_lora) + C + R]
+        elif self.w_a8 is not None:
+            a = self.backend.fp8_linear(x, *self.w_a8, kvb.fp8_block)
+        else:
+            kv = self.kv_a_proj_with_mqa.forward(x)
+            a = torch.cat([self.q_a_proj.forward(x), kv], -1) if ql else kv
+        q_in = self.q_a_layernorm.forward(a[:, :ql]) if ql else x
+        if not released:  # W_UK folded into q_b: the absorbed query and q_pe in one GEMM
+            q = (q_in @ self.w_q_abs).view(t, h, c + r)
+            cpu_fused.rope(q[..., c:], cos, sin, out=q[..., c:])
+        else:
+            qb = (self.q_b_proj if ql else self.q_proj).forward(q_in).view(t, h, dn + r)
+            q = qb.new_empty(t, h, c + r)
+            cpu_fused.fp8_absorb_q(qb[..., :dn], kvb.weight, kvb.weight_scale_inv, kvb.fp8_block, kvb.fp8_offset,
+                                   dn, dv, out=q[..., :c])
+            cpu_fused.rope(qb[..., dn:], cos, sin, out=q[..., c:])
+        row = torch.cat([self.kv_a_layernorm.forward(a[:, ql:ql + c]), cpu_fused.rope(a[:, ql + c:], cos, sin)], -1)
+        meta.write(kv_cache, row if row.dtype == kv_cache.dtype else row.to(kv_cache.dtype))
+        o = cpu_fused.mla_attention(q if q.dtype == kv_cache.dtype else q.to(kv_cache.dtype), kv_cache,
+                                    meta.block_table, meta.ctx_lens, meta.cu_q, meta.tree_mask, cfg.softmax_scale, c)
+        o = o if o.dtype == x.dtype else o.to(x.dtype)  # [T, H, C]
+        if not released:
+            return self.dist.all_reduce(o.view(t, h * c) @ self.w_o_abs)
+        o = cpu_fused.fp8_absorb_o(o, kvb.weight, kvb.weight_scale_inv, kvb.fp8_block, kvb.fp8_offset, dn, dv)
+        return self.dist.all_reduce(self.o_proj.forward(o.view(t, h * dv)))
 
     def _causal(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         """Sequences with no cached prefix and causal masks: K/V from this step's own latent rows [T, C+R], one

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.kernels import cpu_fused
 from specdec.kernels.torch_backend import moe_runs
 
 from .config import ModelConfig
-from .layers import Build, fuse_columns, transposed_storage
+from .layers import Build, fuse_columns, fuse_fp8_rows, transposed_storage
 
 RUNS_MAX_TOKENS = 8  # up to this many tokens, runs of chosen experts over every token (moe_runs) beat grouping
 # each expert's tokens (moe_sparse); beyond it the multiply-adds for unchosen pairs cost more than they save:
@@ -21,17 +22,23 @@ class MLP(nn.Module):
 
     def __init__(self, build: Build, inter: int, what: str):
         super().__init__()
-        self.dist = build.dist
+        self.dist, self.backend, self.fused = build.dist, build.backend, build.backend.cpu_kernels
         d = build.cfg.hidden_size
         self.gate_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.gate_proj")
         self.up_proj = build.linear(d, inter, shard_dim=0, what=f"{what}.up_proj")
         self.down_proj = build.linear(inter, d, shard_dim=1, what=f"{what}.down_proj")
         self.w_gate_up: torch.Tensor | None = None  # [D, 2I]: gate and up in one GEMM (lay_out_for_cpu)
+        self.w_gate_up8: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8 kept: their rows stacked, + scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w_gate_up is None:
+        if self.w_gate_up8 is not None:
+            h = self.backend.fp8_linear(x, *self.w_gate_up8, self.gate_proj.fp8_block)
+        elif self.w_gate_up is not None:
+            h = x @ self.w_gate_up
+        else:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        h = x @ self.w_gate_up
+        if self.fused:
+            return self.down_proj.forward(cpu_fused.silu_mul(h))
         i = self.gate_proj.out_features
         return self.down_proj(F.silu(h[:, :i]) * h[:, i:])
 
@@ -39,6 +46,8 @@ class MLP(nn.Module):
         if self.gate_proj.weight_scale_inv is None:
             self.w_gate_up = fuse_columns(self.gate_proj, self.up_proj)
             self.down_proj.lay_out_for_cpu()
+        elif self.fused:
+            self.w_gate_up8 = fuse_fp8_rows(self.gate_proj, self.up_proj)
 
 
 class DenseMLP(MLP):
@@ -97,6 +106,7 @@ class MoE(nn.Module):
         super().__init__()
         cfg, dist = build.cfg, build.dist
         self.cfg, self.backend, self.dist = cfg, build.backend, dist
+        self.fused = build.backend.cpu_kernels  # the router as one C++ op (kernels/cpu_fused.py)
         self.e0, e1 = dist.shard(cfg.n_routed_experts, "n_routed_experts (expert parallel)")
         self.n_local = e1 - self.e0
         self.gate = Gate(cfg)
@@ -134,7 +144,12 @@ class MoE(nn.Module):
             self.shared_experts.lay_out_for_cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, ids = self.gate(x)
+        if self.fused:
+            cfg, gate = self.cfg, self.gate
+            w, ids = cpu_fused.moe_route(x, gate.weight, gate.e_score_correction_bias, cfg.n_group, cfg.topk_group,
+                                         cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        else:
+            w, ids = self.gate(x)
         if self.n_local == self.cfg.n_routed_experts:  # every expert on this rank
             local = ids
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from specdec.kernels import cpu_fused
 from specdec.kernels.attn_meta import AttnMeta
 from specdec.kernels.backend import Backend
 
@@ -34,8 +35,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
-        x = x + self.self_attn.forward(self.input_layernorm.forward(x), rope, kv, meta)
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        h = self.self_attn.forward(self.input_layernorm.forward(x), rope, kv, meta)
+        norm = self.post_attention_layernorm
+        if norm.fused:  # the residual add and the norm in one C++ op
+            n, x = cpu_fused.add_rms_norm(h, x, norm.weight, norm.eps)
+            return x + self.mlp.forward(n)
+        x = x + h
+        return x + self.mlp.forward(norm.forward(x))
 
 
 class SharedHead(nn.Module):

@@ -23,7 +23,7 @@ FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynami
 def test_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert Backend.resolve("auto", cpu).name == "torch"
-    assert Backend.resolve("torch", cpu) == Backend("torch", cpu_fp8=True), "weights as released on a CPU"
+    assert Backend.resolve("torch", cpu) == Backend("torch", cpu_kernels=True), "weights as released on a CPU"
     assert Backend.resolve("torch", cpu, dequantize=True) == Backend("torch"), "the reference path"
     assert Backend.resolve("torch", cpu).keep_fp8 and not Backend("torch").keep_fp8
     with pytest.raises(ValueError, match="choose one of"):

@@ -116,7 +116,7 @@ def test_bad_splits_raise_clearly(overrides: dict, world: int, match: str) -> No
             DeepseekV3(cfg, backend=Backend("triton"), keep_fp8=cuts, dist=DistInfo(rank, world))
         if cuts:
             with torch.device("meta"):
-                for backend, keep in ((Backend("torch"), False), (Backend("torch", cpu_fp8=True), True)):
+                for backend, keep in ((Backend("torch"), False), (Backend("torch", cpu_kernels=True), True)):
                     DeepseekV3(cfg, backend=backend, keep_fp8=keep, dist=DistInfo(rank, world))
 
 
