@@ -46,18 +46,27 @@ void norm_rows(const NormRows& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Plain loops: the compiler vectorizes the stride-2 reads under each ISA's target (bench/cpu_ops_bench.py times
-// them). The row is read into `tmp` first, so `y` may be `x` itself.
-void rope_rows(const RopeRows& a, int64_t t0, int64_t t1, float* __restrict tmp) {
+// Pairs W at a time (Vec::pairs splits them into even and odd lanes), the last r/2 % W one by one. x is read into
+// `tmp` first when y is x itself (in place), so every pair is read before its row is written.
+void rope_rows(const RopeRows& a, int64_t t0, int64_t t1, float* tmp) {
+  using V = Vec::V;
   const int64_t half = a.r / 2;
   for (int64_t t = t0; t < t1; ++t) {
-    const float* __restrict c = a.cos + t * a.ct;
-    const float* __restrict s = a.sin + t * a.st;
+    const float *c = a.cos + t * a.ct, *s = a.sin + t * a.st;
     for (int64_t h = 0; h < a.h; ++h) {
-      std::memcpy(tmp, a.x + t * a.xt + h * a.xh, a.r * sizeof(float));
-      float* __restrict y = a.y + t * a.yt + h * a.yh;
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = tmp[2 * i], x2 = tmp[2 * i + 1];
+      const float* x = a.x + t * a.xt + h * a.xh;
+      float* y = a.y + t * a.yt + h * a.yh;
+      if (x == y) x = static_cast<const float*>(std::memcpy(tmp, x, a.r * sizeof(float)));
+      int64_t i = 0;
+      for (; i + Vec::W <= half; i += Vec::W) {
+        V x1, x2;
+        Vec::pairs(x + 2 * i, x1, x2);
+        const V cv = Vec::loadx(c + i), sv = Vec::loadx(s + i);
+        Vec::store(y + i, Vec::sub(Vec::mul(x1, cv), Vec::mul(x2, sv)));
+        Vec::store(y + half + i, Vec::add(Vec::mul(x2, cv), Vec::mul(x1, sv)));
+      }
+      for (; i < half; ++i) {
+        const float x1 = x[2 * i], x2 = x[2 * i + 1];
         y[i] = x1 * c[i] - x2 * s[i];
         y[half + i] = x2 * c[i] + x1 * s[i];
       }

@@ -61,6 +61,10 @@ struct Vec {
   static V fp8_n(const uint8_t* p, int) { return fp8(p); }
   static V bf16(const uint16_t* p) { return bf16_to_float(*p); }
   static V bf16_n(const uint16_t* p, int) { return bf16(p); }
+  static void pairs(const float* p, V& even, V& odd) {  // W pairs (x0, x1), (x2, x3)...: evens, odds
+    even = p[0];
+    odd = p[1];
+  }
   static void store(float* p, V v) { *p = v; }
   static void store_n(float* p, V v, int) { *p = v; }
   static float hsum(V v) { return v; }
@@ -115,6 +119,11 @@ struct Vec {  // 8 lanes, a 4 x 3 tile: the fastest of 1..8 x 1..4 tried (16 ymm
     std::memcpy(b, p, 2 * n);
     return bf16(b);
   }
+  static void pairs(const float* p, V& even, V& odd) {
+    const V a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);  // a0..a7, b0..b7 -> a0 a2 b0 b2 | a4 a6 b4 b6
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_n(float* p, V v, int n) { _mm256_maskstore_ps(p, first(n), v); }
   static float hsum(V v) {
@@ -164,6 +173,12 @@ struct Vec {  // 16 lanes, a 4 x 4 tile, masked loads for partial blocks
   static V bf16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
   static V bf16(const uint16_t* p) { return bf16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static V bf16_n(const uint16_t* p, int n) { return bf16_bits(_mm256_maskz_loadu_epi16(first(n), p)); }
+  static void pairs(const float* p, V& even, V& odd) {
+    const V a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    const __m512i i = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    even = _mm512_permutex2var_ps(a, i, b);
+    odd = _mm512_permutex2var_ps(a, _mm512_add_epi32(i, _mm512_set1_epi32(1)), b);
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store_n(float* p, V v, int n) { _mm512_mask_storeu_ps(p, first(n), v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
