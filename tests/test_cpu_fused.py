@@ -180,10 +180,26 @@ def test_mla_attention_matches_both_references(seed: int, isa: str, case: str, k
     tensors = (meta.block_table, meta.ctx_lens, meta.cu_q, meta.tree_mask)
     out = fused.mla_attention(q, kv, *tensors, scale, c, isa=isa)
     assert out.shape == (len(q), h, c) and out.dtype == torch.float32
-    err = rel(out, fused.mla_attention_ref(q, kv, *tensors, scale, c))
-    assert err < 2 * TOL, f"seed {seed}: H={h} C={c} R={r}: rel err {err:.2e}"  # online softmax: a few roundings
-    # torch_backend rounds scores and probabilities to a bfloat16 cache's dtype; this op keeps float32
-    assert rel(out, mqa_attention(q, kv, meta, scale, c)) < (2 * TOL if kv_dtype == torch.float32 else 3e-2)
+    # as accurate as the float32 reference: within 2e-6 of a float64 evaluation, or no more than twice as far as
+    # the reference (the measure divides by max |out|, which shrinks as a context grows: at 300 keys the reference
+    # itself is up to 2e-6 off; the scalar path sums each dot product in one chain)
+    ref = fused.mla_attention_ref(q, kv, *tensors, scale, c)
+    f64 = attention_f64(q, kv, meta, scale, c)
+    err, ref_err = rel(out, f64), rel(ref, f64)
+    assert err < max(2 * TOL, 2 * ref_err), f"seed {seed}: H={h} C={c} R={r}: {err:.2e} (reference: {ref_err:.2e})"
+    # the same contract as both references (torch_backend rounds scores and probabilities to a bfloat16 cache's dtype)
+    assert rel(out, ref) < 10 * TOL and rel(out, mqa_attention(q, kv, meta, scale, c)) < (
+        10 * TOL if kv_dtype == torch.float32 else 3e-2), f"seed {seed}"
+
+
+def attention_f64(q: torch.Tensor, kv: torch.Tensor, meta: AttnMeta, scale: float, c: int) -> torch.Tensor:
+    """mla_attention_ref's math in float64: what float32 kernels approach."""
+    out = torch.zeros(q.shape[0], q.shape[1], c, dtype=torch.float64)
+    for b, s, e in meta.sequences():
+        rows = kv[meta.seq_slots(b)].double()
+        scores = torch.einsum("thd,sd->ths", q[s:e].double(), rows) * scale
+        out[s:e] = scores.masked_fill(~meta.seq_mask(b)[:, None], float("-inf")).softmax(-1) @ rows[:, :c]
+    return out
 
 
 def test_mla_attention_padding_and_queries_that_see_nothing(isa: str) -> None:
