@@ -190,8 +190,8 @@ def mla_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
                       cu_q: torch.Tensor, tree_mask: torch.Tensor, scale: float, c: int) -> torch.Tensor:
     """kernels/mla.py's mla_attention_ref on the same tensors, padding rows 0."""
     cu = tuple(cu_q.tolist())
-    meta = AttnMeta(block_table, ctx_lens, cu_q, tree_mask, torch.empty(0, dtype=torch.long),
-                    tuple(ctx_lens.tolist()), cu)
+    meta = AttnMeta(block_table=block_table, ctx_lens=ctx_lens, cu_q=cu_q, tree_mask=tree_mask,
+                    slots=torch.empty(0, dtype=torch.long), host_ctx_lens=tuple(ctx_lens.tolist()), host_cu_q=cu)
     out = _mla_ref(q[..., :c], q[..., c:], kv_cache, meta, scale)
     out[cu[-1]:] = 0
     return out
