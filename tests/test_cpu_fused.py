@@ -360,32 +360,29 @@ def test_compiled_and_traced_steps_call_each_op_once(seed: int) -> None:
 
     def step(x: torch.Tensor, res: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
              q: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        normed, s = fused.add_rms_norm(x, res, norm_w, 1e-6)
+        normed, total = fused.add_rms_norm(x, res, norm_w, 1e-6)
         fused.fp8_absorb_q(q_nope, *kvb, out=q[..., :c])
         fused.rope(q_pe, cos, sin, out=q[..., c:])
         o = fused.fp8_absorb_o(fused.mla_attention(q, kv, *attn_meta, 0.2, c), *kvb)
         weights, ids = fused.moe_route(normed[:, :16], None, bias, 4, 2, 2, True, 2.5)
-        return fused.rms_norm(s, norm_w, 1e-6), fused.silu_mul(normed), o, weights, ids
+        return fused.rms_norm(total, norm_w, 1e-6), fused.silu_mul(normed), o, weights, ids
 
     inputs = [torch.randn(t, 64, generator=g), torch.randn(t, 64, generator=g), torch.randn(t, h, dn, generator=g),
               torch.randn(t, h, r, generator=g)]
     eager = step(*inputs, torch.zeros(t, h, c + r))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs, torch.zeros(t, h, c + r))
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
-    graph = torch.fx.symbolic_trace(step).graph
-    ops = [str(n.target) for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("specdec.")]
-    assert sorted(ops) == sorted(f"specdec.{op}" for op in (
-        "add_rms_norm", "fp8_absorb_q_into", "rope_into", "mla_attention", "fp8_absorb_o", "moe_route", "rms_norm",
-        "silu_mul"))
     x, res, q_nope, q_pe = inputs
     q = torch.zeros(t, h, c + r)
-    for op, args in (
-            ("rms_norm", (x, norm_w, 1e-6)), ("add_rms_norm", (x, res, norm_w, 1e-6)), ("rope", (q_pe, cos, sin)),
-            ("rope_into", (q_pe, cos, sin, q[..., c:])), ("silu_mul", (x,)),
-            ("moe_route", (x[:, :16], None, bias, 4, 2, 2, True, 2.5)), ("mla_attention", (q, kv, *attn_meta, 0.2, c)),
-            ("fp8_absorb_q", (q_nope, w, s, dn, dv)), ("fp8_absorb_q_into", (q_nope, w, s, dn, dv, 128, 128, 0, 0,
-                                                                              q[..., :c])),
-            ("fp8_absorb_o", (q[..., :c], w, s, dn, dv))):
+    checks = {"rms_norm": (x, norm_w, 1e-6), "add_rms_norm": (x, res, norm_w, 1e-6), "silu_mul": (x,),
+              "rope_into": (q_pe, cos, sin, q[..., c:]), "moe_route": (x[:, :16], None, bias, 4, 2, 2, True, 2.5),
+              "mla_attention": (q, kv, *attn_meta, 0.2, c), "fp8_absorb_o": (q[..., :c], w, s, dn, dv),
+              "fp8_absorb_q_into": (q_nope, w, s, dn, dv, 128, 128, 0, 0, q[..., :c])}
+    graph = torch.fx.symbolic_trace(step).graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("specdec.")]
+    assert sorted(ops) == sorted(f"specdec.{op}" for op in checks)
+    checks |= {"rope": (q_pe, cos, sin), "fp8_absorb_q": (q_nope, w, s, dn, dv)}  # the forms without out
+    for op, args in checks.items():
         torch.library.opcheck(getattr(torch.ops.specdec, op), args,
                               test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
