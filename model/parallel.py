@@ -4,16 +4,25 @@ A process joins a group once, through `init_distributed` (which sets torch.distr
 together), and reads its place through `get_dist()`. Layers are built with a DistInfo and call its collectives
 (`dist.all_reduce(x)`, ...), which are no-ops on one rank, so a single-rank model never touches torch.distributed
 even in a process that also hosts a tensor-parallel one.
+
+Two planes: the layers' collectives run on the default group (gloo on CPU, NCCL on CUDA); rank 0's decisions (the
+engine's step plans and what each phase committed, start-up checks) travel on the control group, a gloo group of
+host tensors whose collectives wait as long as it takes, so that a follower idles there between steps for hours
+without a timeout.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+CONTROL_BYTES = 4096  # the control plane's broadcast buffer: a step plan of a few dozen requests fits in one
+CONTROL_TIMEOUT = timedelta(days=365)  # a follower waits for rank 0's next plan while the server idles
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0  # its device index on this node (CUDA)
     group: Any = field(default=None, compare=False, repr=False)  # torch.distributed ProcessGroup; None = WORLD
+    control: Any = field(default=None, compare=False, repr=False)  # gloo group of rank 0's decisions (host tensors)
 
     def shard(self, n: int, what: str) -> tuple[int, int]:
         """[start, end) of this rank's equal share of n items; raises ValueError naming `what` if n does not
@@ -48,13 +58,51 @@ class DistInfo:
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Overwrite x with rank src's x, in place; returns x. Decisions made on one rank travel this way."""
+        """Overwrite x with rank src's x, in place; returns x."""
         if self.world_size > 1:
             dist.broadcast(x, src=src, group=self.group)
         return x
 
+    # --- the control plane: host tensors on the control group, rank 0 the source ---------------------------------
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x (a CPU tensor, the same shape on every rank) on every rank, in place; returns x."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0, group=self.control)
+        return x
+
+    def share_object(self, obj: Any) -> Any:
+        """Rank 0's obj (pickled; the others pass None) on every rank: one broadcast of a CONTROL_BYTES buffer
+        when the pickle fits in it, a second one for the rest."""
+        if self.world_size == 1:
+            return obj
+        room = CONTROL_BYTES - 8
+        data = pickle.dumps(obj) if self.rank == 0 else b""
+        buf = torch.zeros(CONTROL_BYTES, dtype=torch.uint8)
+        if self.rank == 0:
+            buf[:8] = torch.tensor([len(data)]).view(torch.uint8)
+            buf[8:8 + min(len(data), room)] = _as_bytes(data[:room])
+        n = int(self.share(buf)[:8].view(torch.int64))
+        rest = b""
+        if n > room:
+            tail = _as_bytes(data[room:]) if self.rank == 0 else torch.empty(n - room, dtype=torch.uint8)
+            rest = self.share(tail).numpy().tobytes()
+        return obj if self.rank == 0 else pickle.loads(buf[8:8 + min(n, room)].numpy().tobytes() + rest)
+
+    def min_max(self, values: list[int]) -> tuple[list[int], list[int]]:
+        """Each value's minimum and maximum over the ranks (two all-reduces on the control group)."""
+        lo, hi = torch.tensor(values, dtype=torch.int64), torch.tensor(values, dtype=torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.control)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.control)
+        return lo.tolist(), hi.tolist()
+
 
 _DIST = DistInfo()
+
+
+def _as_bytes(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def get_dist() -> DistInfo:
@@ -100,14 +148,14 @@ def init_distributed(world_size: int, rank: int, backend: str | None = None, ini
     if backend == "nccl":  # binds the group to this rank's GPU (NCCL would otherwise guess from the global rank)
         where["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **where)
-    info = DistInfo(rank, world_size, local_rank, dist.group.WORLD)
-    set_dist(info)
-    return info
+    return adopt_distributed(local_rank)
 
 
 def adopt_distributed(local_rank: int) -> DistInfo:
-    """Record a default process group the caller initialized itself as this process's DistInfo."""
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+    """Record the default process group (the caller's own, or init_distributed's) as this process's DistInfo, with
+    a control group of its own (every rank of the group must call this at the same point)."""
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD, control)
     set_dist(info)
     return info
 
