@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
-import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -15,48 +15,23 @@ from typing import Any
 import torch
 
 from .engine import Engine
+from .engine_config import BUNDLED_MODEL, DTYPES, EngineConfig, resolve_device, resolve_dtype
 from .inputs import Prompt, as_prompt_list, check_text, check_token_ids
-from .kernels.attn_meta import AttnMeta
 from .kernels.backend import Backend
-from .launcher import collective, join
-from .model.cache import LatentCache
+from .kv_pool import BLOCK_SIZE, default_kv_tokens, latent_caches
+from .launcher import TensorParallelError, brief, join, leader_call
 from .model.loader import load_model
 from .model.transformer import DeepseekV3
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams, SpecConfig, check_seed, check_spec_config
 from .request import Request
 from .request_state import RequestState
+from .runner import Runner
 from .scheduler import EngineStats
+from .step_plan import DraftShape, Score
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BUNDLED_MODEL = Path(__file__).parent / "bundled"
+__all__ = ["BUNDLED_MODEL", "DTYPES", "LLM", "RequestRejected", "encode_text", "resolve_device", "resolve_dtype"]
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, CPU decoding runs on one thread by default (see `default_threads`)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device asked for (default: cuda when available, else cpu); ValueError for one this machine lacks."""
-    try:
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                           else "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(dev)!r}: this machine has no CUDA device (torch {torch.__version__}"
-                             f"{' is a CPU build' if torch.version.cuda is None else ''})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise ValueError(f"device={str(dev)!r}: specdec runs on cpu or cuda")
-    return dev
 
 
 def default_threads(device: torch.device, num_params: int) -> int | None:
@@ -115,9 +90,13 @@ class LLM:
     """DeepSeek-V3 (+ MTP drafter) loaded from a checkpoint directory in the released layout.
 
     tensor_parallel_size=N splits the model over N ranks (attention heads, MLP widths and the vocabulary split,
-    routed experts spread whole; see specdec/launcher.py). Under torchrun every rank builds the LLM and makes
-    the same calls. Otherwise this process becomes rank 0 and starts N-1 workers on this node that follow its
-    calls; `close()` (or `with LLM(...) as llm:`, or exit) stops them. Output does not depend on N.
+    routed experts spread whole). Rank 0 alone schedules and takes calls; every other rank runs rank 0's step plans
+    (docs/tensor_parallel.md, launcher.py). Under torchrun (one node or several) every rank builds the LLM, then
+    rank 0 makes the calls and the others call `follow()`. Otherwise this process becomes rank 0 and starts N-1
+    workers on this node that follow it; `close()` (or `with LLM(...) as llm:`, or exit) stops them. The
+    configuration is rank 0's (the workers are built from it; under torchrun a rank whose own differs raises a
+    ValueError naming the field), and the KV pool the smallest any rank's memory allows. Output does not depend on
+    N.
 
     threads: CPU intra-op threads (torch.set_num_threads, process-wide); default one for models under 1B
     parameters on CPU (see `default_threads`), else torch's choice. More than the cores this process may use
@@ -138,8 +117,7 @@ class LLM:
 
     Thread safety: one LLM may be called from several threads at once. The model keeps no state between forwards
     and requests share only the KV pool (and, with prefix caching, blocks no one writes again), so concurrent calls
-    give the results they give alone. Calls into
-    spawned tensor-parallel workers run one at a time (a lock serializes them; a stream holds it until it ends).
+    give the results they give alone; under tensor parallelism too (the workers follow rank 0's one engine).
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
@@ -148,71 +126,78 @@ class LLM:
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
                  prefill_chunk: int = 512, enable_prefix_caching: bool = True, warmup: bool | None = None,
                  dequantize_fp8: bool = False, progress: bool = False):
-        if model is not None and not isinstance(model, (str, os.PathLike)):
-            raise ValueError(f"model must be a checkpoint directory (a str or Path) or None, got "
-                             f"{type(model).__name__}")
-        self.path = Path(model) if model is not None else BUNDLED_MODEL
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        check_seed(seed, "seed")
-        check_spec_config(speculative, "speculative")
-        if not (type(tensor_parallel_size) is int and tensor_parallel_size >= 1):
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        if type(dequantize_fp8) is not bool:
-            raise ValueError(f"dequantize_fp8 must be True or False, got {dequantize_fp8!r}")
-        if threads is not None and not (type(threads) is int and threads >= 1):
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        config = EngineConfig(model, dtype, device, speculative, backend, tensor_parallel_size, mla_mode, seed,
+                              threads, kv_cache_tokens, max_num_seqs, prefill_chunk, enable_prefix_caching, warmup,
+                              dequantize_fp8)
         if threads is not None and threads > usable_cores():  # more only wait at barriers (170x slower at 1000)
             warnings.warn(f"threads={threads} exceeds the {usable_cores()} CPU cores this process may use; using "
                           f"{usable_cores()}", stacklevel=2)
-            threads = usable_cores()
-        self.seed = seed
+            config = dataclasses.replace(config, threads=usable_cores())
+        self._start(config, progress)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = False) -> LLM:
+        """The LLM of a whole EngineConfig (what a spawned tensor-parallel worker is built with)."""
+        llm = cls.__new__(cls)
+        llm._start(config, progress)
+        return llm
+
+    def _start(self, config: EngineConfig, progress: bool) -> None:
+        self.path, self.dtype, self.speculative, self.seed = config.model, resolve_dtype(config.dtype), \
+            config.speculative, config.seed
         self._served: dict[str, RequestState] = {}  # engine_step's requests the engine still runs, by key
-        self._lock = threading.RLock()  # serializes calls into spawned tensor-parallel workers (launcher)
-        factory = functools.partial(LLM, self.path, dtype=dtype, device=self.device.type, speculative=speculative,
-                                    backend=backend, tensor_parallel_size=tensor_parallel_size, mla_mode=mla_mode,
-                                    seed=seed, threads=threads, kv_cache_tokens=kv_cache_tokens,
-                                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
-                                    enable_prefix_caching=enable_prefix_caching, warmup=warmup,
-                                    dequantize_fp8=dequantize_fp8)
-        self._engine_args = dict(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
-                                 prefill_chunk=prefill_chunk, enable_prefix_caching=enable_prefix_caching)
-        self.tp = join(tensor_parallel_size, self.device, self.path, factory)
-        self._driver = self.tp.driver  # rank 0 of a group this LLM started: forwards each call to the workers
-        if self._driver is not None:
-            weakref.finalize(self, self._driver.close)
-        self.device = self.tp.device
+        self.tp = join(config.tensor_parallel_size, torch.device(config.device), self.path,
+                       functools.partial(LLM.from_config, config))
+        self.device, driver = self.tp.device, self.tp.driver
         try:
-            self.backend = Backend.resolve(backend, self.device, dequantize=dequantize_fp8)
-            self.speculative = speculative
-            keep_fp8 = self.backend.keep_fp8
-            self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device,
-                                                backend=self.backend, keep_fp8=keep_fp8, dist=self.tp.dist,
-                                                mla_mode=mla_mode, progress=progress)
+            self.engine_config = config = self.tp.agree(config)
+            self.backend = Backend.resolve(config.backend, self.device, dequantize=config.dequantize_fp8)
+            self.model: DeepseekV3 = load_model(self.path, dtype=self.dtype, device=self.device, backend=self.backend,
+                                                keep_fp8=self.backend.keep_fp8, dist=self.tp.dist,
+                                                mla_mode=config.mla_mode, progress=progress)
             self.config = self.model.cfg
-            self.threads = threads or default_threads(self.device, sum(p.numel() for p in self.model.parameters()))
+            self.threads = config.threads or default_threads(self.device,
+                                                             sum(p.numel() for p in self.model.parameters()))
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
-            if speculative is not None and self.config.num_nextn_predict_layers == 0:
+            if self.speculative is not None and self.config.num_nextn_predict_layers == 0:
                 raise ValueError(f"{self.path}: the checkpoint has no MTP layer (num_nextn_predict_layers=0), so it "
                                  "cannot draft: decode without speculation")
             self.tokenizer = _load_tokenizer(self.path)
-            self.engine = self._engine(speculative, seed)
-            if warmup or (warmup is None and self.device.type == "cuda" and self.backend.name != "torch"):
+            # the pool: kv_cache_tokens, else the smallest default any rank's free memory gives (ranks differ: rank 0
+            # serves, drivers and other processes take memory)
+            tokens = self.tp.smallest(config.kv_cache_tokens or default_kv_tokens(
+                self.config, self.dtype, self.device, self.speculative is not None, config.max_num_seqs,
+                self.tp.dist.rank))
+            self.engine: Engine | None = None  # rank 0's: the other ranks of a group run plans only
+            if self.tp.leads:
+                self.engine = self._engine(self.speculative, self.seed, tokens)
+                self.runner = self.engine.runner
+            else:
+                mtp = self.speculative is not None
+                self.runner = Runner(self.model, *latent_caches(self.config, tokens, self.dtype, self.device, mtp),
+                                     BLOCK_SIZE, DraftShape.of(self.speculative) if mtp else None, self.device)
+            r = self.runner
+            self.tp.check_same({"KV pool slots": r.main.num_slots, "rows a decode step writes": r.step_rows,
+                                "block size": r.block_size})
+            if config.warmup or (config.warmup is None and self.device.type == "cuda" and self.backend.name != "torch"):
                 self.warmup_s = self._warmup()
-            if self._driver is not None:
-                self._driver.ready()
-        except BaseException:
-            if self._driver is not None:
-                self._driver.abandon("rank 0 failed to build its shard")
+            if driver is not None:
+                driver.ready()
+        except BaseException as e:
+            if driver is not None:
+                if not isinstance(e, ValueError):  # a worker's failure is the likelier cause: name it
+                    driver.find_failed(e, "while loading the model")
+                driver.abandon("rank 0 failed to build its shard")
             raise
+        if self.tp.dist.world_size > 1 and self.tp.leads:
+            self._finalizer = weakref.finalize(self, self.tp.close, self.engine.close)
 
     def with_speculative(self, speculative: SpecConfig | None, seed: int | None = None) -> LLM:
-        """A view sharing this LLM's weights, tokenizer and workers that decodes with `speculative` (None: plain)
-        in an engine of its own, seeded with `seed` (default: this LLM's seed), for A/B comparisons on one loaded
-        model. Raises ValueError for MTP without an MTP layer, and on rank 0 of a tensor-parallel group this
-        process spawned (its workers replay this LLM's calls with their own engine; under torchrun every rank makes
-        the same view, which works)."""
+        """A view sharing this LLM's weights and tokenizer that decodes with `speculative` (None: plain) in an
+        engine of its own, seeded with `seed` (default: this LLM's seed), for A/B comparisons on one loaded model.
+        Raises ValueError for MTP without an MTP layer, and under tensor parallelism (the other ranks run one
+        engine's plans)."""
         check_spec_config(speculative, "speculative")
         seed = self.seed if seed is None else seed
         check_seed(seed, "seed")
@@ -220,30 +205,46 @@ class LLM:
             return self
         if speculative is not None and self.config.num_nextn_predict_layers == 0:
             raise ValueError(f"{self.path}: the checkpoint has no MTP layer, so it cannot draft")
-        if self._driver is not None:
-            raise ValueError("comparing decoding configurations on one model needs every rank to switch engines, "
-                             "which spawned tensor-parallel workers cannot: run under torchrun or with --tp 1")
+        if self.tp.dist.world_size > 1:
+            raise ValueError("comparing decoding configurations on one model needs an engine of each on every rank, "
+                             "which a tensor-parallel group does not keep: run with --tp 1")
         other = copy.copy(self)
         other.speculative, other.seed, other._served = speculative, seed, {}
-        other.engine = self._engine(speculative, seed)
+        other.engine = self._engine(speculative, seed, self.engine_config.kv_cache_tokens)
+        other.runner = other.engine.runner
         return other
 
-    def _engine(self, speculative: SpecConfig | None, seed: int) -> Engine:
-        return Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer, **self._engine_args)
+    def _engine(self, speculative: SpecConfig | None, seed: int, kv_tokens: int | None) -> Engine:
+        c = self.engine_config
+        return Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer, kv_cache_tokens=kv_tokens,
+                      max_num_seqs=c.max_num_seqs, prefill_chunk=c.prefill_chunk,
+                      enable_prefix_caching=c.enable_prefix_caching)
 
     def _warmup(self) -> float:
         """Compile and tune the Triton kernels for decode, verify and prefill shapes (kernels/warmup.py); seconds."""
         from .kernels.warmup import ModelShape, model_cases, warmup
 
-        e = self.engine
-        steps = [(b, n, 1024) for b in (1, 8) for n in sorted({1, e.step_rows})] + [(1, 512, 0)]
+        rows = self.runner.step_rows
+        steps = [(b, n, 1024) for b in (1, 8) for n in sorted({1, rows})] + [(1, 512, 0)]
         cases = model_cases(ModelShape.of(self.config), self.tp.dist.world_size, steps, fp8=self.backend.keep_fp8)
         return warmup(self.backend, cases, self.device, self.dtype)
 
+    def follow(self) -> None:
+        """A rank other than 0 of a tensor-parallel group: run rank 0's step plans until rank 0 closes its LLM
+        (then return). Under torchrun every rank builds the LLM; rank 0 makes the calls and the others call this.
+        Raises TensorParallelError when the group fails (rank 0 died, or this rank could not run a plan)."""
+        if self.tp.leads:
+            raise ValueError("follow(): rank 0 makes the calls; the other ranks of a tensor-parallel group follow it")
+        try:
+            self.runner.follow()
+        except Exception as e:
+            raise TensorParallelError(f"tensor-parallel rank {self.tp.dist.rank}: the group failed ({brief(e)})") from e
+
     def close(self) -> None:
-        """Stop the tensor-parallel workers this LLM started (idempotent; nothing to do otherwise)."""
-        if self._driver is not None:
-            self._driver.close()
+        """Rank 0: let the other ranks go (the workers it spawned exit; under torchrun they return from follow()).
+        Idempotent; nothing to do on one rank or on a follower."""
+        if self.tp.dist.world_size > 1 and self.tp.leads:
+            self._finalizer()
 
     def __enter__(self) -> LLM:
         return self
@@ -253,12 +254,12 @@ class LLM:
 
     # --- inputs -----------------------------------------------------------------------------------------------
 
-    def _check_ids(self, token_ids: Any, what: str = "token_ids") -> torch.Tensor:
+    def _check_ids(self, token_ids: Any, what: str = "token_ids") -> list[int]:
         ids = check_token_ids(token_ids, self.config.vocab_size, what)
         limit = self.config.max_position_embeddings
         if len(ids) > limit:
             raise ValueError(f"{what}: {len(ids)} tokens exceed the context of {limit} (max_position_embeddings)")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """text's token ids by the checkpoint's rule (`encode_text`; token-id prompts are used as given).
@@ -272,8 +273,8 @@ class LLM:
     def max_model_len(self) -> int:
         """The most tokens one request can hold, prompt and max_tokens together: the context
         (max_position_embeddings) or the whole KV pool if smaller, less the draft rows a verify step writes."""
-        e = self.engine
-        return min(self.config.max_position_embeddings, e.pool.num_tokens) - e.step_rows
+        r = self.runner
+        return min(self.config.max_position_embeddings, r.main.num_slots) - r.step_rows
 
     def _encode(self, prompt: Prompt, i: int) -> list[int]:
         if isinstance(prompt, str):
@@ -339,7 +340,7 @@ class LLM:
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    @collective
+    @leader_call
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt (speculatively unless speculative=None), continuously batched with whatever else the
@@ -351,7 +352,7 @@ class LLM:
             pass
         return [_request_output(i, r) for i, r in enumerate(reqs)]
 
-    @collective
+    @leader_call
     def as_completed(self, prompts: list[str] | list[list[int]],
                      params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[RequestOutput]:
         """generate's RequestOutputs one at a time, each as soon as its request finishes (finish order; request_id
@@ -366,22 +367,24 @@ class LLM:
         for i, r in left.items():
             yield _request_output(i, r)
 
-    @collective
+    @leader_call
     def stream_steps(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """One item per engine step for one request: the tokens that step accepted, the text they add (with a
         tokenizer, held back across incomplete UTF-8 and possible stop strings) and the running metrics."""
         yield from self._steps(prompt, params)
 
-    @collective
+    @leader_call
     def engine_step(self, adds: list[tuple[str, list[int], SamplingParams]] = (),
                     aborts: list[str] = ()) -> dict[str, RequestState]:
         """One step of the shared engine for a serving loop: queue `adds` (key, prompt token ids, params) and
         abort `aborts` (keys of earlier adds; unknown or finished keys are ignored), then step once if anything is
         queued or running. Returns the new requests by key; RequestState.take hands out what steps emit for one
         (detokenized in the caller's thread), and one that a stop string ended there (needs_abort) is aborted by
-        passing its key in the next call's `aborts`. Under tensor parallelism every worker replays the same calls,
-        so one loop on rank 0 drives every rank. An add that can never run, or whose key is already live or
-        repeated, raises RequestRejected naming it before anything is queued or aborted."""
+        passing its key in the next call's `aborts`. Under tensor parallelism this runs on rank 0, whose engine
+        ships every step's plan to the other ranks: one loop on rank 0 drives them all (aborted requests' rows are
+        dropped on every rank with the next plan, which a call with nothing else to run still ships). An add that
+        can never run, or whose key is already live or repeated, raises RequestRejected naming it before anything
+        is queued or aborted."""
         e = self.engine
         with e.lock:
             seen: set[str] = set()
@@ -403,23 +406,24 @@ class LLM:
                 r = self._served.pop(key, None)
                 if r is not None:
                     e.abort(r.request)
-            if e.has_unfinished:
+            if e.busy:
                 e.step()
             for key in [k for k, r in self._served.items() if r.request.finished]:
                 del self._served[key]
         return new
 
     def engine_stats(self) -> EngineStats:
-        """The engine's load now: requests running and waiting, the KV pool's usage (this rank's)."""
+        """The engine's load now: requests running and waiting, the KV pool's usage (rank 0's, the group's)."""
+        self.tp.check("engine_stats")
         return self.engine.stats()
 
-    @collective
+    @leader_call
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Yield one request's tokens as they are accepted (several per step when drafts are accepted)."""
         for out in self._steps(prompt, params):
             yield from out.token_ids
 
-    @collective
+    @leader_call
     def stream_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield one request's text as it is accepted (needs a tokenizer); the pieces join to RequestOutput.text."""
         if self.tokenizer is None:
@@ -430,22 +434,12 @@ class LLM:
 
     # --- logits -----------------------------------------------------------------------------------------------
 
-    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [T, D] of one sequence, through a throwaway cache."""
-        t = ids.numel()
-        cache = LatentCache(self.config.num_hidden_layers, t, self.config.kv_cache_dim, self.dtype, self.device)
-        meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [t])
-        return self.model(ids, torch.arange(t, device=self.device), meta, cache)
-
-    @collective
-    @torch.inference_mode()
+    @leader_call
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 [T, vocab]: the main model's logits at every position."""
-        hidden = self._prefill(self._check_ids(token_ids))
-        return self.model.logits(hidden).cpu()
+        return self.engine.score(Score(self._check_ids(token_ids)))
 
-    @collective
-    @torch.inference_mode()
+    @leader_call
     def mtp_logits(self, token_ids: list[int], depth: int = 0) -> torch.Tensor:
         """float32 [T-1-depth, vocab]. Row i is MTP layer `depth`'s logits for token i+2+depth, chaining layers
         0..depth teacher-forced: layer j sees token i+1+j and layer j-1's hidden state (layer 0: the main model's
@@ -454,14 +448,6 @@ class LLM:
         if type(depth) is not int or not 0 <= depth < n_mtp:
             raise ValueError(f"depth={depth!r}: the checkpoint has {n_mtp} MTP layer(s)")
         ids = self._check_ids(token_ids)
-        if ids.numel() < depth + 2:
+        if len(ids) < depth + 2:
             raise ValueError(f"mtp_logits(depth={depth}) needs at least {depth + 2} tokens")
-        hidden = self._prefill(ids)
-        cache = LatentCache(n_mtp, ids.numel(), self.config.kv_cache_dim, self.dtype, self.device)
-        for j in range(depth + 1):
-            n = ids.numel() - 1 - j
-            meta = AttnMeta.contiguous(torch.zeros(1, dtype=torch.long, device=self.device), [0], [n])
-            pos = torch.arange(1 + j, 1 + j + n, device=self.device)
-            hidden = self.model.mtp_forward(j, ids[1 + j:], hidden[:n], pos, meta, cache)
-        return self.model.logits(hidden).cpu()
-
+        return self.engine.score(Score(ids, depth))

@@ -16,8 +16,8 @@ from .kernels.attn_meta import AttnMeta
 from .kv_pool import Rows
 from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
-from .params import SpecConfig
 from .sampling import SamplingBatch, gumbel_topk
+from .step_plan import DraftShape
 from .tree import Candidates, TokenTree, chain_tree, monotone_scores, select_tree
 
 
@@ -35,18 +35,19 @@ class Draft:
 
 
 class Drafter:
-    def __init__(self, model: DeepseekV3, spec: SpecConfig):
-        self.model, self.spec = model, spec
+    def __init__(self, model: DeepseekV3):
+        self.model = model
 
-    def extend(self, tokens: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
+    def extend(self, nexts: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
                carry: list[list[torch.Tensor | None]], rows: Rows, cache: LatentCache) -> torch.Tensor:
         """Commit the MTP rows of newly committed tokens, in every MTP layer.
 
-        Request b committed tokens[b][n_before[b] + 1:] with the main model's hidden[b] ([k_b, D], positions
-        n_before[b]..). Layer 0 row i pairs token i+1 with the main hidden state at i; layer L row i pairs token
-        i+1+L with layer L-1's output at row i, so layer L holds rows up to (committed tokens - 1 - L).
-        carry[b][L] keeps layer L's last output for the next call. Returns layer 0's last-row outputs [B, D]:
-        they predict each root's first child. MTP row i of request b lives at slot rows.maps[b, i]."""
+        Request b has the main model's hidden[b] ([k_b, D]) at rows n_before[b].., and nexts[b] (k_b tokens) are
+        the tokens after those rows (tokens n_before[b] + 1..). Layer 0 row i pairs token i+1 with the main hidden
+        state at i; layer L row i pairs token i+1+L with layer L-1's output at row i, so layer L holds rows up to
+        (committed tokens - 1 - L). carry[b][L] keeps layer L's last output for the next call. Returns layer 0's
+        last-row outputs [B, D]: they predict each root's first child. MTP row i of request b lives at slot
+        rows.maps[b, i]."""
         dev = rows.maps.device
         ks = [h.shape[0] for h in hidden]
         outs = hidden  # layer L-1's outputs for each request, rows starting at max(n - L + 1, 0)
@@ -62,7 +63,7 @@ class Drafter:
                 keep.append(b)
                 spans.append((r0, r1 - r0))
                 hs.append(o[: r1 - r0])
-                x += tokens[b][r0 + 1 + layer:r1 + 1 + layer]
+                x += nexts[b][r0 + layer - n:r1 + layer - n]  # tokens r0 + 1 + L .. r1 + L
                 pos.append(torch.arange(r0 + 1 + layer, r1 + 1 + layer, device=dev))
             if layer:
                 for b, o in enumerate(outs):
@@ -86,13 +87,14 @@ class Drafter:
         return min(j, self.model.cfg.num_nextn_predict_layers - 1)
 
     def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-              sb: SamplingBatch) -> Draft:
+              sb: SamplingBatch, shape: DraftShape) -> Draft:
         """root [B] last committed tokens (not yet verified); g [B, D] MTP output of each request's last committed
         row (it predicts the root's child); n_rows[b] committed layer-0 MTP rows (row i at slot rows.maps[b, i]);
-        expanded draft node e of request b writes its row at row n_rows[b] + e (the next extend overwrites it)."""
-        k, w = self.spec.num_speculative_tokens, self.spec.topk
+        expanded draft node e of request b writes its row at row n_rows[b] + e (the next extend overwrites it).
+        shape: the chain or tree to build (rank 0's choice, from the step plan)."""
+        k, w = shape.k, shape.topk
         if w == 1:
-            return self._draft_chain(root, g, n_rows, rows, cache, sb)
+            return self._draft_chain(root, g, n_rows, rows, cache, sb, min(k, shape.budget))
         b = root.shape[0]
         dev = root.device
         q_rows: list[torch.Tensor] = []
@@ -137,15 +139,14 @@ class Drafter:
             hid = out.view(b, f, -1).repeat_interleave(w, dim=1)
             anc = path_slots.repeat_interleave(w, dim=1)
         cands = Candidates(torch.cat(cand_t, 1), torch.cat(cand_p, 1), torch.cat(cand_s, 1), exp_row)
-        tree = select_tree(root, cands, self.spec.budget, max_depth=k, width=w)
+        tree = select_tree(root, cands, shape.budget, max_depth=k, width=w)
         return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
 
     def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-                     sb: SamplingBatch) -> Draft:
-        """topk=1: each step drafts one token from the previous step's output. A step's draft row goes right
+                     sb: SamplingBatch, k: int) -> Draft:
+        """topk=1: each of k steps drafts one token from the previous step's output. A step's draft row goes right
         after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
         is causal."""
-        k = min(self.spec.num_speculative_tokens, self.spec.budget)
         q_rows: list[torch.Tensor] = []
         tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
         drafts = [tok]

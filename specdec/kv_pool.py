@@ -10,6 +10,9 @@ Free blocks wait in a queue (an insertion-ordered dict: O(1) to take the first, 
 A request takes the block right after its last one when that one is free, else the first in the queue; a fresh
 pool queues blocks in order, and a released request's blocks go back to the front in table order. So a request's
 slots are usually one consecutive run: CPU attention then reads its rows as a view of the cache (AttnMeta.host_base).
+Only rank 0 of a tensor-parallel group hands out blocks (its scheduler's decisions, step_plan.py): every rank
+allocates the same caches (`latent_caches`, sized alike on every rank: api.py) and builds each request's table from
+the blocks the step plans ship (runner.py).
 
 Prefix caching (as vLLM's): a full block whose rows are final is indexed by a chained hash of every token up to its
 end, plus the `lookahead` tokens after it (MTP row i pairs token i+1 with the main model's state at i, so with one
@@ -37,6 +40,9 @@ from .model.config import ModelConfig
 BLOCK_SIZE = 64  # tokens per block, as FlashMLA pages its cache
 CPU_KV_SHARE = 0.10  # of the available memory, for the default pool on a CPU
 GPU_KV_SHARE = 0.90  # of the free memory after the weights, on a GPU
+# A test hook: "N0,N1,...", the bytes of free memory rank r reports when the default pool is sized (tests give a
+# tensor-parallel group's ranks different memory, as a real node does); read nowhere else
+FREE_MEMORY_ENV = "SPECDEC_TEST_FREE_MEMORY"
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool) -> int:
@@ -45,15 +51,29 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool) -> int:
 
 
 def default_kv_tokens(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mtp: bool,
-                      max_num_seqs: int) -> int:
-    """The pool when the caller names none: GPU_KV_SHARE of the GPU's free memory, or CPU_KV_SHARE of the memory
-    the OS reports available, never more than max_num_seqs full contexts."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE
+                      max_num_seqs: int, rank: int = 0) -> int:
+    """This rank's pool when the caller names none: GPU_KV_SHARE of the GPU's free memory, or CPU_KV_SHARE of the
+    memory the OS reports available, never more than max_num_seqs full contexts. Ranks differ (a tensor-parallel
+    group takes the smallest: api.py)."""
+    cuda = device.type == "cuda"
+    hook = os.environ.get(FREE_MEMORY_ENV)
+    if hook is not None:
+        free = int(float(hook.split(",")[rank]))
     else:
-        free = _available_memory() * CPU_KV_SHARE
+        free = torch.cuda.mem_get_info(device)[0] if cuda else _available_memory()
     cap = max_num_seqs * cfg.max_position_embeddings
-    return int(max(64, min(cap, free // kv_bytes_per_token(cfg, dtype, mtp))))
+    share = GPU_KV_SHARE if cuda else CPU_KV_SHARE
+    return int(max(64, min(cap, free * share // kv_bytes_per_token(cfg, dtype, mtp))))
+
+
+def latent_caches(cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device: torch.device, mtp: bool,
+                  block_size: int = BLOCK_SIZE) -> tuple[LatentCache, LatentCache | None]:
+    """The main model's and (mtp) the MTP layers' latent caches of a pool of num_tokens rows, whole blocks only."""
+    if num_tokens < block_size:
+        raise KVPoolError(f"kv_cache_tokens={num_tokens}: the pool needs at least one block of {block_size}")
+    slots = num_tokens // block_size * block_size
+    return (LatentCache(cfg.num_hidden_layers, slots, cfg.kv_cache_dim, dtype, device),
+            LatentCache(cfg.num_nextn_predict_layers, slots, cfg.kv_cache_dim, dtype, device) if mtp else None)
 
 
 def _available_memory() -> int:
@@ -87,6 +107,12 @@ class BlockTable:
         """Whether every row's slot follows the previous one (the blocks are one run)."""
         return all(b == a + 1 for a, b in zip(self.blocks, self.blocks[1:]))
 
+    def add(self, new: list[int], block_size: int, device: torch.device) -> None:
+        """Append blocks `new` and their slots."""
+        self.blocks += new
+        added = (torch.tensor(new, device=device)[:, None] * block_size + torch.arange(block_size, device=device))
+        self.slots = added.reshape(-1) if self.slots is None else torch.cat([self.slots, added.reshape(-1)])
+
 
 class KVPool:
     """num_blocks blocks of BLOCK_SIZE slots in the main cache (num_hidden_layers layers) and in the MTP cache
@@ -95,16 +121,11 @@ class KVPool:
 
     def __init__(self, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device: torch.device, mtp: bool,
                  block_size: int = BLOCK_SIZE, lookahead: int | None = None):
-        if num_tokens < block_size:
-            raise KVPoolError(f"kv_cache_tokens={num_tokens}: the pool needs at least one block of {block_size}")
+        self.main, self.mtp = latent_caches(cfg, num_tokens, dtype, device, mtp, block_size)
         self.block_size = block_size
         self.num_blocks = num_tokens // block_size
-        slots = self.num_blocks * block_size
         self.device = device
-        self.main = LatentCache(cfg.num_hidden_layers, slots, cfg.kv_cache_dim, dtype, device)
-        self.mtp = LatentCache(cfg.num_nextn_predict_layers, slots, cfg.kv_cache_dim, dtype, device) if mtp else None
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))  # never indexed: a queue
-        self._offsets = torch.arange(block_size, device=device)
         self.lookahead = lookahead  # None: no prefix caching
         self._refs = [0] * self.num_blocks
         self._index: dict[tuple[bytes, tuple[int, ...]], int] = {}  # (chained hash, lookahead tokens) -> block
@@ -147,13 +168,8 @@ class KVPool:
                 del self._index[self._key.pop(b)]
             self._refs[b] = 1
             new.append(b)
-        self._append(table, new)
+        table.add(new, self.block_size, self.device)
         return True
-
-    def _append(self, table: BlockTable, new: list[int]) -> None:
-        table.blocks += new
-        added = (torch.tensor(new, device=self.device)[:, None] * self.block_size + self._offsets).reshape(-1)
-        table.slots = added if table.slots is None else torch.cat([table.slots, added])
 
     def release(self, table: BlockTable) -> None:
         """Drop `table`'s hold on its blocks, last first; a block nobody holds is free again: evictable when indexed
@@ -193,7 +209,7 @@ class KVPool:
                 del self._evictable[b]
             self._refs[b] += 1
         if found:
-            self._append(table, found)
+            table.add(found, self.block_size, self.device)
         return len(found) * bs
 
     def cache_prefix(self, table: BlockTable, tokens: list[int], final_rows: int) -> None:

@@ -1,26 +1,26 @@
-"""Tensor parallelism for `LLM`: join a process group, or start one on this node and serve rank 0's calls.
+"""Tensor parallelism for `LLM`: join a process group, or start one on this node; stop it, cleanly or with an error
+naming the rank that failed.
 
-This module never imports the API: rank 0 hands `Driver.launch` a picklable factory (`functools.partial(LLM,
-**kwargs)`) with which each spawned worker builds its own shard.
+This module never imports the API: rank 0 hands `Driver.launch` a picklable factory (`functools.partial(
+LLM.from_config, config)`) with which each spawned worker builds its shard.
 
 `join` makes the process one rank of an N-rank group, in one of three ways:
-- already in one (a spawned worker, or a caller that ran `init_distributed` / its own `init_process_group`);
-- under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): every rank builds the LLM and makes the same calls;
-- neither: this process becomes rank 0 and spawns ranks 1..N-1 here (TCP store on 127.0.0.1). Each worker builds
-  its shard and runs every call rank 0 makes (tp_worker.py). `Driver` sends each call (method name, args, kwargs)
-  down a pipe to every worker before running it, then waits for each worker's acknowledgement.
+- already in one (a caller that ran `init_distributed` or its own `init_process_group`);
+- under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set; one node or several): every rank builds the LLM, LOCAL_RANK
+  picking its GPU;
+- neither: this process becomes rank 0 and spawns ranks 1..N-1 here (TCP store on 127.0.0.1; tp_worker.py).
+Rank 0 alone schedules and takes calls; the others follow its step plans (step_plan.py, runner.py) until it closes
+its LLM. Plans, each phase's commits and the start-up checks travel on the control group (model/parallel.py),
+where an idle follower waits without a timeout. A spawned worker also keeps a pipe to rank 0 for its start-up
+handshake and, should it fail, its traceback; its process sentinel shows its death at once.
 
-Two planes: the layers' collectives run over torch.distributed (gloo on CPU, NCCL on CUDA); calls and
-acknowledgements travel over multiprocessing pipes, which never time out while the user is idle, and each
-worker's process sentinel shows its death at once. A ValueError raised by every rank (bad input) leaves the
-group in step and usable. A worker that fails otherwise exits, which fails rank 0's pending collective; rank 0
-then raises TensorParallelError with the worker's error and stops the others. Ctrl-C on rank 0 stops the
-workers; a worker whose rank 0 was killed leaves without a word.
-Scripts that build an `LLM(tensor_parallel_size=N)` outside torchrun need the usual `if __name__ == "__main__":`
-guard (workers start with multiprocessing's spawn).
-
-Every rank makes the same decisions: the engine broadcasts rank 0's sampled first token and each step's
-acceptance, and drafts come from all-gathered logits, identical bits on every rank.
+Failures: bad input is refused on rank 0 before any plan ships, and the group carries on. A worker that dies or
+fails breaks rank 0's next collective (gloo fails at once; on NCCL a watch thread aborts the group); rank 0 then
+raises TensorParallelError naming the rank (with its traceback) and stops the others. Any error on rank 0 in the
+middle of a step leaves the followers waiting for a step that never ends: the group is stopped and the error
+raised. Ctrl-C on rank 0 stops the workers; a worker whose rank 0 was killed leaves without a word. Scripts that
+build an `LLM(tensor_parallel_size=N)` outside torchrun need the usual `if __name__ == "__main__":` guard (workers
+start with multiprocessing's spawn).
 """
 
 from __future__ import annotations
@@ -32,16 +32,15 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
+from .engine_config import EngineConfig
 from .model.config import ModelConfig
 from .model.parallel import (
     DistInfo,
@@ -55,28 +54,106 @@ from .model.plan import rank_shapes
 from .tp_worker import recv, worker
 
 _driving = False  # this process is rank 0 of a group it spawned (one at a time)
+FAILURE_REPORT_S = 5  # how long rank 0 waits for a worker's own report once a collective failed
 
 
 class TensorParallelError(RuntimeError):
-    """A tensor-parallel worker died or failed; the group is stopped and the LLM cannot be used again."""
+    """A tensor-parallel rank died or failed, or the group fell out of step; the group is stopped and the LLM
+    cannot be used again."""
 
 
-@dataclass(frozen=True)
-class Membership:
-    """How this process takes part: its DistInfo, its device, and (rank 0 of a spawned group only) the Driver
-    that forwards calls to the workers."""
+class Group:
+    """This process's place in a tensor-parallel group, as LLM sees it: its DistInfo and device, the Driver of the
+    workers it spawned (rank 0 of a spawned group only), and why the group is down (None while it serves)."""
 
-    dist: DistInfo
-    device: torch.device
-    driver: Driver | None = None
+    def __init__(self, dist_info: DistInfo, device: torch.device, driver: Driver | None = None):
+        self.dist, self.device, self.driver = dist_info, device, driver
+        self._down: str | None = None
+
+    @property
+    def down(self) -> str | None:
+        return self._down if self._down is not None or self.driver is None else self.driver.down
+
+    @property
+    def leads(self) -> bool:
+        """Rank 0: it schedules and takes calls."""
+        return self.dist.rank == 0
+
+    # --- agreed at start: rank 0's configuration, the sizes every rank allocates --------------------------------
+
+    def agree(self, config: EngineConfig) -> EngineConfig:
+        """Rank 0's config, after every rank compared its own with it: a rank whose config differs (another launch
+        line) makes every rank raise a ValueError, that rank's naming the fields."""
+        info = self.dist
+        if info.world_size == 1:
+            return config
+        ours = info.share_object(config if info.rank == 0 else None)
+        diff = ours.differences(config)
+        _, bad = info.min_max([int(bool(diff))])
+        if diff:
+            raise ValueError(f"rank {info.rank}: its configuration differs from rank 0's: {'; '.join(diff)}")
+        if bad[0]:
+            raise ValueError(f"rank {info.rank}: another rank's configuration differs from rank 0's (its error names "
+                             "the fields)")
+        return ours
+
+    def smallest(self, n: int) -> int:
+        """The smallest of every rank's n (e.g. the KV pool each rank's free memory allows)."""
+        return self.dist.min_max([n])[0][0]
+
+    def check_same(self, sizes: dict[str, int]) -> None:
+        """Raise ValueError naming a size that differs between ranks (the MIN and the MAX over the ranks)."""
+        lo, hi = self.dist.min_max(list(sizes.values()))
+        for name, a, b in zip(sizes, lo, hi):
+            if a != b:
+                raise ValueError(f"tensor-parallel ranks disagree on the {name}: {a} on one, {b} on another")
+
+    # --- calls ----------------------------------------------------------------------------------------------------
+
+    def check(self, call: str) -> None:
+        """Raise unless this process may make `call` now: ValueError on a follower, TensorParallelError once the
+        group is down."""
+        if not self.leads:
+            raise ValueError(f"{call}(): rank {self.dist.rank} of a tensor-parallel group runs rank 0's step plans "
+                             "(LLM.follow()); rank 0 makes the calls")
+        if self.down is not None:
+            raise TensorParallelError(f"the tensor-parallel group is down ({self.down}): build a new LLM")
+
+    def failed(self, e: BaseException, call: str, out_of_step: bool) -> NoReturn:
+        """Rank 0's `call` raised e; out_of_step: a step broke midway. Still in step (e.g. bad input, refused
+        before any plan shipped) with every worker alive: raise e, the group carries on. Otherwise stop the group
+        and raise TensorParallelError: naming the worker that died or failed, else wrapping e (KeyboardInterrupt
+        is raised as it is)."""
+        if not out_of_step and (self.driver is None or self.driver.alive()):
+            raise e
+        if self.driver is not None:
+            self.driver.find_failed(e, f"during {call}()")  # raises naming the worker, when one died or failed
+            self.driver.abandon(f"rank 0 failed during {call}() ({type(e).__name__})")
+        else:  # torchrun: leaving the group ends the others' waits with an error of their own
+            shutdown_distributed()
+            self._down = f"rank 0 failed during {call}() ({type(e).__name__})"
+        if isinstance(e, (KeyboardInterrupt, TensorParallelError)):
+            raise e
+        raise TensorParallelError(f"the tensor-parallel group stopped during {call}(): {brief(e)}") from e
+
+    def close(self, stop_followers: Callable[[], None]) -> None:
+        """Rank 0: tell the followers to leave (stop_followers ships them the end), and stop the workers it
+        spawned. Idempotent; nothing to do on one rank or a follower."""
+        if self.dist.world_size == 1 or not self.leads or self.down is not None:
+            return
+        if self.driver is not None:
+            self.driver.close(stop_followers)
+        else:
+            self._down = "closed"
+            _tell(stop_followers)
 
 
-def join(tp: int, device: torch.device, model_path: str | Path, factory: Callable[[], Any]) -> Membership:
+def join(tp: int, device: torch.device, model_path: str | Path, factory: Callable[[], Any]) -> Group:
     """Join (or start) a `tp`-rank group for an LLM of `model_path` on `device`'s type; `factory()` builds a
-    spawned worker's LLM (picklable: functools.partial of the class and its keyword arguments). Raises ValueError
-    for a split the model cannot take or a group of another size, before any process starts."""
+    spawned worker's LLM (picklable). Raises ValueError for a split the model cannot take or a group of another
+    size, before any process starts."""
     if tp == 1:
-        return Membership(DistInfo(), device)
+        return Group(DistInfo(), device)
     info = get_dist()
     if _driving:
         raise ValueError(f"this process already drives a {info.world_size}-rank tensor-parallel LLM: close() it "
@@ -90,10 +167,16 @@ def join(tp: int, device: torch.device, model_path: str | Path, factory: Callabl
                                 local_rank=local_rank(device))
     elif info.world_size == 1:
         driver, info = Driver.launch(tp, device, model_path, factory)
-        return Membership(info, rank_device(device, info), driver)
+        return Group(info, rank_device(device, info), driver)
     if info.world_size != tp:
         raise ValueError(f"tensor_parallel_size={tp} but this process is rank {info.rank} of {info.world_size}")
-    return Membership(info, rank_device(device, info))
+    return Group(info, rank_device(device, info))
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), before any group is joined: a CLI knows whether
+    it is rank 0 (which serves) before it loads anything."""
+    return int(os.environ.get("RANK", 0))
 
 
 def local_rank(device: torch.device) -> int:
@@ -117,40 +200,47 @@ def check_split(path: str | Path, tp: int) -> None:
         rank_shapes(ModelConfig.from_file(config), tp)
 
 
-def collective(fn: Callable) -> Callable:
-    """Decorates LLM's public calls: on rank 0 of a spawned group every worker runs the same call (the result is
-    rank 0's), one call at a time under the LLM's `_lock` (a stream holds it until it ends or is closed);
-    elsewhere the call runs as written. Generator methods (stream) stay lazy."""
+def leader_call(fn: Callable) -> Callable:
+    """Decorates LLM's public calls: rank 0's alone (the others follow its plans). Under tensor parallelism an error
+    goes through Group.failed, which stops a group that fell out of step. Generator methods stay lazy."""
+    name = fn.__name__
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def start(self: Any, *args: Any, **kwargs: Any) -> Iterator:
-            driver = self._driver
-            return fn(self, *args, **kwargs) if driver is None else _locked_stream(self, driver, fn, args, kwargs)
+            self.tp.check(name)
+            gen = fn(self, *args, **kwargs)
+            return gen if self.tp.dist.world_size == 1 else _guarded(self, gen, name)
         return start
 
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        driver = self._driver
-        if driver is None:
+        self.tp.check(name)
+        if self.tp.dist.world_size == 1:
             return fn(self, *args, **kwargs)
-        with self._lock:
-            return driver.call(fn, self, args, kwargs)
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException as e:
+            self.tp.failed(e, name, self.engine.runner.broken)
     return call
 
 
-def _locked_stream(llm: Any, driver: Driver, fn: Callable, args: tuple, kwargs: dict) -> Iterator:
-    with llm._lock:
-        yield from driver.stream(fn, llm, args, kwargs)
+def _guarded(llm: Any, gen: Iterator, name: str) -> Iterator:
+    try:
+        yield from gen
+    except GeneratorExit:
+        raise
+    except BaseException as e:
+        llm.tp.failed(e, name, llm.engine.runner.broken)
 
 
 class Driver:
-    """Rank 0's handle on the workers it spawned. Not thread-safe: one call at a time, as the ranks must."""
+    """Rank 0's handle on the workers it spawned: their processes, and the pipes of their start-up handshake and
+    failure reports."""
 
     def __init__(self, procs: list[mp.process.BaseProcess], conns: list[Connection], backend: str):
         self.procs, self.conns, self.backend = procs, conns, backend
-        self.down: str | None = None  # why the group cannot serve any more calls
-        self._running: Iterator | None = None  # the stream in progress, if any
-        self._closing = False
+        self.down: str | None = None  # why the workers were stopped
+        self._closing = False  # the workers were told to leave: their exits are expected
         if backend == "nccl":  # gloo collectives fail by themselves when a peer's socket closes; NCCL's hang
             threading.Thread(target=self._watch, daemon=True, name="specdec-tp-watch").start()
 
@@ -188,66 +278,25 @@ class Driver:
         """Wait until every worker has built its shard; raises TensorParallelError with a worker's error."""
         self._expect("ready", "while loading the model")
 
-    def call(self, fn: Callable, llm: Any, args: tuple, kwargs: dict) -> Any:
-        """fn(llm, *args, **kwargs) here and on every worker; returns rank 0's result."""
-        self._begin(fn.__name__, args, kwargs)
-        try:
-            out = fn(llm, *args, **kwargs)
-        except BaseException as e:
-            self._failed(fn.__name__, e)
-        self._expect("ok", f"during {fn.__name__}()")
-        return out
+    def alive(self) -> bool:
+        return not any(_exited(p) for p in self.procs)
 
-    def stream(self, fn: Callable, llm: Any, args: tuple, kwargs: dict) -> Iterator:
-        """The generator method fn, run lazily here and on every worker; yields rank 0's items."""
-        cell: list[Iterator] = []
-        gen = self._stream(fn, llm, args, kwargs, cell)
-        cell.append(gen)
-        return gen
+    def find_failed(self, e: BaseException, during: str) -> None:
+        """After rank 0's collective raised e: if a worker died or reported a failure (waiting up to
+        FAILURE_REPORT_S for it when e could be its doing), stop the group and raise TensorParallelError naming
+        it. Returns when every worker is well."""
+        if isinstance(e, RuntimeError):  # a dead peer reaches rank 0 as its collective's error, maybe before its exit
+            wait([p.sentinel for p in self.procs] + list(self.conns), timeout=FAILURE_REPORT_S)
+        for rank, (p, c) in enumerate(zip(self.procs, self.conns), 1):
+            msg = recv(c)
+            if _exited(p) or msg is not None:
+                self._raise_failed(rank, during, msg, cause=e)
 
-    def _stream(self, fn: Callable, llm: Any, args: tuple, kwargs: dict, cell: list[Iterator]) -> Iterator:
-        """Rank 0's side of a stream. Closing it early (break, or a new call) still runs the call to its end:
-        the workers cannot stop midway without going out of step."""
-        name = fn.__name__
-        self._begin(name, args, kwargs)
-        self._running = cell[0]
-        inner = fn(llm, *args, **kwargs)
-        try:
-            for item in inner:  # noqa: UP028 (`yield from` would close `inner` on GeneratorExit)
-                yield item
-        except GeneratorExit:
-            try:
-                for _ in inner:
-                    pass
-            except BaseException as e:
-                self._failed(name, e)
-            self._expect("ok", f"during {name}()")
-            raise
-        except BaseException as e:
-            self._failed(name, e)
-        else:
-            self._expect("ok", f"during {name}()")
-        finally:
-            if self._running is cell[0]:
-                self._running = None
-
-    def close(self) -> None:
-        """Finish any open stream, ask the workers to leave, stop any that do not, leave the group. Idempotent."""
-        if self.down is not None:
-            return
-        try:
-            if self._running is not None:
-                self._running.close()
-        except BaseException as e:  # the group broke while finishing the stream: it is down already
-            print(f"specdec: tensor-parallel close: {e}", file=sys.stderr)
-        if self.down is not None:
-            return
+    def close(self, stop_followers: Callable[[], None]) -> None:
+        """Tell the workers to leave (stop_followers ships them the end), wait for them, stop any that do not, and
+        leave the group."""
         self._closing = True
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
+        _tell(stop_followers)
         for p in self.procs:
             p.join(timeout=30)
         self._stop("closed")
@@ -255,7 +304,6 @@ class Driver:
     def abandon(self, reason: str) -> None:
         """Stop every worker now (after an error; they may be stuck in a collective) and leave the group."""
         if self.down is None:
-            self._closing = True
             for p in self.procs:
                 if p.is_alive():
                     p.terminate()
@@ -264,60 +312,21 @@ class Driver:
             self._stop(reason)
 
     def _stop(self, reason: str) -> None:
+        if self.down is not None:
+            return
+        self.down = reason
         for p in self.procs:
             if p.is_alive():
                 p.kill()
                 p.join()
         for c in self.conns:
             c.close()
-        self.down = reason
         global _driving
         _driving = False
         try:
             shutdown_distributed()
         except Exception as e:  # a group broken by a dead peer may fail to tear down; it is gone either way
             print(f"specdec: tensor-parallel shutdown: {e}", file=sys.stderr)
-
-    def _begin(self, name: str, args: tuple, kwargs: dict) -> None:
-        if self._running is not None:
-            self._running.close()
-        if self.down is not None:
-            raise TensorParallelError(f"the tensor-parallel group is down ({self.down}): build a new LLM")
-        for rank, (p, c) in enumerate(zip(self.procs, self.conns), 1):
-            try:
-                if _exited(p):
-                    raise OSError
-                c.send((name, args, kwargs))
-            except OSError:
-                self._raise_failed(rank, f"before {name}()")
-
-    def _failed(self, name: str, e: BaseException) -> None:
-        """Rank 0's call raised e. A ValueError (bad input, a KV pool too large) that every worker raised too
-        leaves the ranks in step: the workers are told to carry on. Anything else stops the group; a worker's death
-        or error (whose collectives then fail on rank 0) is reported as the cause."""
-        if isinstance(e, ValueError):
-            replies = self._replies(timeout=60)
-            if all(r is not None and r[0] == "error" for r in replies):
-                for c in self.conns:
-                    c.send("continue")
-                raise e
-        else:  # a peer's death reaches rank 0 as a RuntimeError from its collective, maybe before the exit
-            wait([p.sentinel for p in self.procs], timeout=5 if isinstance(e, RuntimeError) else 0)
-            replies = self._replies(timeout=0)
-        for rank, (p, r) in enumerate(zip(self.procs, replies), 1):
-            if _exited(p) or (r is not None and r[0] != "ok"):
-                self._raise_failed(rank, f"during {name}()", r, cause=e)
-        self.abandon(f"rank 0 failed during {name}() ({type(e).__name__})")
-        raise e
-
-    def _replies(self, timeout: float) -> list[tuple[str, Any] | None]:
-        """One message from each worker, waiting up to `timeout` seconds in all (None: none came)."""
-        deadline = time.monotonic() + timeout
-        out = []
-        for p, c in zip(self.procs, self.conns):
-            wait([c, p.sentinel], max(0.0, deadline - time.monotonic()))
-            out.append(recv(c))
-        return out
 
     def _expect(self, kind: str, during: str) -> None:
         """Wait for message `kind` from every worker; if one reports an error or dies instead, stop the group
@@ -329,12 +338,12 @@ class Driver:
                 self._raise_failed(rank, during, msg)
 
     def _raise_failed(self, rank: int, during: str, msg: tuple[str, Any] | None = None,
-                      cause: BaseException | None = None) -> None:
+                      cause: BaseException | None = None) -> NoReturn:
         p = self.procs[rank - 1]
         p.join(timeout=5 if msg is None else 1)
         what = "died" if msg is None else "failed"
         code = f" (exit code {p.exitcode})" if p.exitcode is not None else ""
-        detail = f":\n{msg[1]}" if msg is not None and msg[0] in ("error", "fatal") else ""
+        detail = f":\n{msg[1]}" if msg is not None and msg[0] == "fatal" else ""
         reason = f"rank {rank} {what}{code} {during}"
         self.abandon(reason)
         raise TensorParallelError(f"tensor-parallel {reason}; the other ranks were stopped{detail}") from cause
@@ -343,11 +352,23 @@ class Driver:
         """NCCL only: a dead peer leaves NCCL collectives waiting until their timeout. Abort the group instead,
         so rank 0's pending collective raises and the call reports the dead worker."""
         wait([p.sentinel for p in self.procs])
-        if not self._closing:
+        if not (self.down or self._closing):
             try:
                 dist.distributed_c10d._abort_process_group()
             except Exception:
                 pass
+
+
+def brief(e: BaseException) -> str:
+    """An exception in one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+def _tell(stop_followers: Callable[[], None]) -> None:
+    try:
+        stop_followers()
+    except Exception as e:  # a follower is gone already: nothing to tell it
+        print(f"specdec: tensor-parallel close: {e}", file=sys.stderr)
 
 
 def _exited(p: mp.process.BaseProcess) -> bool:

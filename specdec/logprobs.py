@@ -4,8 +4,6 @@ the step's decisions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .request import Request
@@ -25,15 +23,21 @@ def step_logprobs(reqs: list[Request], logits: torch.Tensor, chosen: torch.Tenso
             for i, w in enumerate(want)]
 
 
-def add_prompt_logprobs(r: Request, s: int, e: int, hidden: torch.Tensor,
-                        logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Prompt rows s..e-1 (hidden [e-s, D]; `logits` the model's head) predict prompt tokens s+1..: their
-    logprobs, appended to r.prompt_logprobs once (a recompute after preemption finds them done)."""
-    lps = r.prompt_logprobs = r.prompt_logprobs or [None]  # the first prompt token has no prediction
-    start, end = len(lps), min(e + 1, len(r.prompt))  # the next prompt token to score, one past the last
-    if start >= end:
-        return
-    rows = hidden[start - 1 - s:end - 1 - s]
-    chosen = torch.tensor(r.prompt[start:end], device=rows.device)
-    ids, values = token_logprobs(logits(rows), chosen, r.params.prompt_logprobs)
+def prompt_rows(r: Request, s: int, e: int) -> tuple[int, int] | None:
+    """The rows [a, b) of r's prefill chunk (prompt rows s..e-1) whose logits score prompt tokens not scored yet
+    (row i predicts token i+1; a recompute after preemption finds them done); None when there are none or r asks
+    for no prompt logprobs."""
+    if r.params.prompt_logprobs is None:
+        return None
+    start, end = len(r.prompt_logprobs or [None]), min(e + 1, len(r.prompt))  # the first prompt token has none
+    return (start - 1 - s, end - 1 - s) if start < end else None
+
+
+def add_prompt_logprobs(r: Request, s: int, rows: tuple[int, int], logits: torch.Tensor) -> None:
+    """logits [b - a, V] of the chunk's rows [a, b) (`prompt_rows`; the chunk starts at row s) score prompt tokens
+    s + a + 1 .. s + b: their logprobs, appended to r.prompt_logprobs."""
+    lps = r.prompt_logprobs = r.prompt_logprobs or [None]
+    a, b = rows
+    chosen = torch.tensor(r.prompt[s + a + 1:s + b + 1], device=logits.device)
+    ids, values = token_logprobs(logits, chosen, r.params.prompt_logprobs)
     lps.extend(logprob_dict(i, v, r.params.prompt_logprobs) for i, v in zip(ids, values))

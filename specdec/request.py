@@ -1,14 +1,14 @@
-"""A request inside the engine, as its scheduler sees it: its token ids, where it stands (waiting, prefilling,
-running, finished), its KV blocks, the drafter's carry, its metrics, and what it emitted that its caller has not
-taken yet. Its text (detokenization, stop strings) is the caller's: request_state.py."""
+"""A request inside the engine, as its scheduler sees it (rank 0's): its token ids, where it stands (waiting,
+prefilling, running, finished), its KV blocks, its sampling stream, its metrics, and what it emitted that its caller
+has not taken yet. Its text (detokenization, stop strings) is the caller's: request_state.py; the drafter's state
+is each rank's runner's (runner.py)."""
 
 from __future__ import annotations
 
 import enum
+import random
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from .kv_pool import BlockTable
 from .outputs import Metrics
@@ -39,15 +39,13 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
-    gen: torch.Generator
+    gen: random.Random  # its sampling stream: one seed for each step it samples in (step_plan.Sampling)
     tokens: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     n_main: int = 0  # rows in the main cache
     n_prefill: int = 0  # rows the (re)prefill must write: the prompt, or every committed token but the last
     table: BlockTable = field(default_factory=BlockTable)
-    carry: list[torch.Tensor | None] = field(default_factory=list)  # per MTP layer: its last output (drafter)
-    mtp_hidden: torch.Tensor | None = None  # [D] MTP layer 0's output at the last committed row: seeds the draft
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     stop_reason: int | None = None  # the stop token that ended it
     error: Exception | None = None  # why it ended with finish_reason "error" (raised to its caller)

@@ -1,5 +1,6 @@
-"""Who runs each engine step: requests wait first come first served for a running slot and the KV rows a step
-writes; under memory pressure the newest running request is preempted (its blocks freed, recomputed later)."""
+"""Who runs each engine step, on rank 0 alone: requests wait first come first served for a running slot and the KV
+rows a step writes; prompts are prefilled a chunk at a time; under memory pressure the newest running request is
+preempted (its blocks freed, recomputed later). The engine ships these decisions to every rank in its step plan."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ class EngineStats:
 
 class Scheduler:
     """`waiting` (new or preempted, no blocks) and `running` (prefilling or decoding, in admission order) over one
-    KV pool: at most max_num_seqs run, each holding room for its committed rows plus the step_rows a step writes.
-    Not thread-safe: the engine calls it under its lock."""
+    KV pool: at most max_num_seqs run, each holding room for its committed rows plus the step_rows a step writes;
+    a step prefills at most prefill_chunk prompt tokens. `freed` collects the ids of requests whose blocks were
+    released (finished, aborted, preempted) until the engine ships them. Not thread-safe: the engine calls it under
+    its lock."""
 
-    def __init__(self, pool: KVPool, max_num_seqs: int, step_rows: int):
-        self.pool, self.max_num_seqs, self.step_rows = pool, max_num_seqs, step_rows
+    def __init__(self, pool: KVPool, max_num_seqs: int, step_rows: int, prefill_chunk: int):
+        self.pool, self.max_num_seqs, self.step_rows, self.prefill_chunk = pool, max_num_seqs, step_rows, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.freed: list[int] = []
 
     @property
     def has_unfinished(self) -> bool:
@@ -38,9 +42,11 @@ class Scheduler:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), len(self.waiting), self.pool.usage())
 
-    def schedule(self) -> None:
+    def schedule(self) -> list[tuple[Request, int, int]]:
         """Admit waiting requests (their cached prefix shared, room for their prefill) while slots and blocks
-        allow; give every decoding request room for this step's rows, preempting the newest running ones."""
+        allow; give every decoding request room for this step's rows, preempting the newest running ones. Returns
+        this step's prefill chunks (request, first row, end row): up to prefill_chunk tokens of prefilling
+        requests, oldest first."""
         pool = self.pool
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
@@ -58,24 +64,35 @@ class Scheduler:
         for r in [r for r in self.running if r.status is Status.RUNNING]:
             while r.status is Status.RUNNING and not pool.grow(r.table, r.n_main + self.step_rows):
                 self.preempt(self.running[-1])
+        budget, chunks = self.prefill_chunk, []
+        for r in self.running:
+            if r.status is Status.PREFILL and budget > 0:
+                n = min(r.n_prefill - r.n_main, budget)
+                chunks.append((r, r.n_main, r.n_main + n))
+                budget -= n
+        return chunks
 
     def preempt(self, r: Request) -> None:
         """Free r's blocks and queue it first, to be recomputed from its committed tokens."""
-        self.pool.release(r.table)
+        self._release(r)
         self.running.remove(r)
         # a request preempted before its first token prefills its prompt again and samples that token then (with
         # the same draws as unpreempted); later ones recompute every committed token but the root
-        r.status, r.n_main, r.mtp_hidden = Status.WAITING, 0, None
+        r.status, r.n_main = Status.WAITING, 0
         r.n_prefill = len(r.tokens) - 1 if r.generated else len(r.tokens)
-        r.carry = [None] * len(r.carry)
         r.metrics.num_preemptions += 1
         self.waiting.appendleft(r)
+
+    def _release(self, r: Request) -> None:
+        if r.table.blocks:
+            self.freed.append(r.id)
+        self.pool.release(r.table)
 
     def finish(self, r: Request) -> None:
         """r leaves (its finish_reason set): its blocks return to the pool; its time not spent in a phase is
         other_time."""
         r.status = Status.FINISHED
-        self.pool.release(r.table)
+        self._release(r)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:

@@ -1,9 +1,11 @@
-"""What a step decided for its batch, as one typed result moved to the host once.
+"""What a step decided for its batch: one typed result moved to the host once, and what rank 0 commits from it.
 
 vLLM's rejection sampler returns the emitted tokens as a [B, k+1] tensor padded with -1 and parses it on the host;
 StepResult does the same for every phase (a verify step, plain decoding, a prompt's first token) and carries the
-finite flags and the accepted tree paths beside it. Its fields travel packed in one tensor (one broadcast under
-tensor parallelism, one device-to-host copy) and are split apart by name.
+finite flags and the accepted tree paths beside it. Its fields travel packed in one tensor (one device-to-host
+copy) and are split apart by name. Only rank 0 decides: it computes the StepResult, emits the tokens on the host
+(where stop tokens and max_tokens end requests), and under tensor parallelism ships a Commit, what the other ranks'
+forwards need of it, in one broadcast of a small host tensor.
 """
 
 from __future__ import annotations
@@ -53,15 +55,46 @@ class StepResult:
         tokens = torch.where(idx < a, F.pad(drafts, (0, 1)), -1).scatter(1, a, acc.bonus[:, None])
         return cls(tokens, finite_flags(logits).all(-1, keepdim=True).long(), acc.path)
 
-    def sync(self, dist: DistInfo) -> tuple[StepResult, HostStep]:
-        """Rank 0's decisions on every rank (one broadcast), on the device and on the host (the step's one
-        device-to-host transfer)."""
+    def host(self) -> HostStep:
+        """The decisions on the host: the step's one device-to-host transfer."""
         parts = [getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None]
-        packed = dist.broadcast(torch.cat(parts, 1))
         widths = [p.shape[1] for p in parts]
-        dev = StepResult(*packed.split(widths, 1))
-        tokens, finite, *path = (p.tolist() for p in packed.cpu().split(widths, 1))
-        return dev, HostStep(_unpad(tokens), [bool(f[0]) for f in finite], _unpad(path[0]) if path else None)
+        tokens, finite, *path = (p.tolist() for p in torch.cat(parts, 1).cpu().split(widths, 1))
+        return HostStep(_unpad(tokens), [bool(f[0]) for f in finite], _unpad(path[0]) if path else None)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What rank 0 committed for the B rows of a phase, as every rank's forwards go on from it: keep[b], whether
+    row b's request goes on (its MTP rows are extended, it stays in this step's decode batch); tokens[b], its
+    emitted tokens; path[b] (verify steps), its accepted tree nodes, root first."""
+
+    keep: list[bool]
+    tokens: list[list[int]]
+    path: list[list[int]] | None = None
+
+    @staticmethod
+    def share(dist: DistInfo, commit: Commit | None, rows: int, width: int, with_path: bool) -> Commit:
+        """Rank 0's commit (the other ranks pass None) on every rank: one broadcast of an int64 [rows, 1 + width
+        (+ width)] host tensor (keep, tokens, path; padded with -1); width bounds a row's tokens."""
+        if dist.world_size == 1:
+            return commit
+        if commit is None:
+            packed = torch.empty(rows, 1 + width * (1 + with_path), dtype=torch.long)
+        else:
+            paths = commit.path if with_path else [None] * rows
+            packed = torch.tensor([[int(k), *_pad(t, width), *(_pad(p, width) if with_path else ())]
+                                   for k, t, p in zip(commit.keep, commit.tokens, paths)], dtype=torch.long)
+        dist.share(packed)
+        if commit is not None:
+            return commit
+        keep, tokens, *path = packed.split([1, width] + [width] * with_path, 1)
+        return Commit([bool(k) for k in keep[:, 0].tolist()], _unpad(tokens.tolist()),
+                      _unpad(path[0].tolist()) if with_path else None)
+
+
+def _pad(row: list[int], width: int) -> list[int]:
+    return row + [-1] * (width - len(row))
 
 
 def _unpad(rows: list[list[int]]) -> list[list[int]]:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from specdec import LLM, SamplingParams, SpecConfig
-from specdec.model.parallel import DistInfo
 from specdec.step_result import StepResult
 from specdec.tree import chain_tree
 from specdec.verify import Acceptance
@@ -23,7 +22,8 @@ def test_a_verify_step_parses_to_each_requests_tokens_path_and_flag() -> None:
     acc = Acceptance(path, torch.tensor([2, 0, 3]), torch.tensor([99, 98, 97]))
     logits = torch.zeros(3, 5, 7)
     logits[1, 3, 2] = float("nan")  # a node request 1 did not even accept still fails it
-    dev, host = StepResult.verified(tree, acc, logits).sync(DistInfo())
+    dev = StepResult.verified(tree, acc, logits)
+    host = dev.host()
     assert host.tokens == [[12, 14, 99], [98], [31, 33, 34, 97]]
     assert host.path == [[0, 2, 4], [0], [0, 1, 3, 4]]
     assert host.finite == [True, False, True]
@@ -33,7 +33,8 @@ def test_a_verify_step_parses_to_each_requests_tokens_path_and_flag() -> None:
 
 def test_sampled_tokens_parse_without_a_path() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("inf"), 0.0]])
-    dev, host = StepResult.sampled(torch.tensor([5, 6]), logits).sync(DistInfo())
+    dev = StepResult.sampled(torch.tensor([5, 6]), logits)
+    host = dev.host()
     assert host.tokens == [[5], [6]] and host.finite == [True, False] and host.path is None and dev.path is None
 
 
@@ -41,8 +42,8 @@ def test_sampled_tokens_parse_without_a_path() -> None:
 def test_each_step_moves_its_decisions_to_the_host_once(shared_ckpt: Path, spec: SpecConfig | None,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = []
-    sync = StepResult.sync
-    monkeypatch.setattr(StepResult, "sync", lambda self, dist: syncs.append(1) or sync(self, dist))
+    host = StepResult.host
+    monkeypatch.setattr(StepResult, "host", lambda self: syncs.append(1) or host(self))
     llm = LLM(shared_ckpt, dtype="float32", speculative=spec)
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0.5, seed=1, ignore_eos=True))[0]
     assert len(syncs) == out.metrics.num_steps > 1

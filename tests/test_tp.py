@@ -25,7 +25,7 @@ from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ModelConfig
 from specdec.model.loader import Checkpoint, load_model
 from specdec.model.parallel import DistInfo, get_dist
-from specdec.model.plan import weight_bytes_per_rank
+from specdec.model.plan import rank_shapes, weight_bytes_per_rank
 from specdec.model.transformer import DeepseekV3
 
 # divisible by 2 and 3: 6 heads, 6 experts, vocab 264, MLP widths on 8-blocks
@@ -54,7 +54,7 @@ def single(ckpt: Path) -> LLM:
 def tp(request: pytest.FixtureRequest, ckpt: Path):
     llm = LLM(ckpt, dtype="float32", speculative=TREE, tensor_parallel_size=request.param)
     yield llm
-    procs = list(llm._driver.procs)
+    procs = list(llm.tp.driver.procs)
     llm.close()  # a clean close: every worker exits 0 and this process leaves the group
     assert [p.exitcode for p in procs] == [0] * len(procs)
     assert get_dist() == DistInfo() and not dist.is_initialized()
@@ -120,6 +120,22 @@ def test_bad_splits_raise_clearly(overrides: dict, world: int, match: str) -> No
                     DeepseekV3(cfg, backend=backend, keep_fp8=keep, dist=DistInfo(rank, world))
 
 
+@pytest.mark.parametrize("rank", [0, 15])
+def test_the_release_over_two_nodes_of_8_gpus(rank: int) -> None:
+    """DeepSeek-V3 at TP 16, the plan `specdec inspect --tp 16` reports (model/plan.py): each rank holds 8 of the
+    128 attention heads, 16 of the 256 routed experts of each MoE layer (expert parallel over 16), and a 16th of the
+    vocabulary."""
+    cfg = ModelConfig.from_file(Path(__file__).parent / "data" / "deepseek-v3-config.json")
+    shapes = rank_shapes(cfg, 16, rank)
+    attn = "model.layers.3.self_attn."
+    assert shapes[attn + "q_b_proj.weight"][0] == 8 * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    assert shapes[attn + "kv_b_proj.weight"][0] == 8 * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    assert shapes[attn + "o_proj.weight"][1] == 8 * cfg.v_head_dim
+    experts = {int(name.split(".")[5]) for name in shapes if name.startswith("model.layers.3.mlp.experts.")}
+    assert experts == set(range(16 * rank, 16 * rank + 16))
+    assert shapes["model.embed_tokens.weight"][0] * 16 == cfg.vocab_size
+
+
 def test_llm_refuses_a_bad_split_before_starting_workers(make_checkpoint) -> None:
     import multiprocessing as mp
 
@@ -171,7 +187,7 @@ def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: L
         tp.generate([[1000]], GREEDY)
     it = tp.stream(PROMPTS[0], GREEDY)
     assert next(it) == want[0]
-    del it  # abandoned midway: the next call finishes it first
+    del it  # abandoned midway: rank 0 aborts its request; the worker drops its rows with the next plan
     assert tp.generate([PROMPTS[0]], GREEDY)[0].token_ids == want
     with pytest.raises(ValueError, match="already drives"):
         LLM(tp.path, dtype="float32", tensor_parallel_size=2)
@@ -181,16 +197,34 @@ def test_stream_errors_and_early_close_keep_the_group_in_step(tp: LLM, single: L
 
 
 def test_torchrun_chain_equals_one_rank(ckpt: Path, tmp_path: Path) -> None:
+    """Under torchrun rank 0 makes the calls and rank 1 follows its plans: the same tokens, acceptance and logits
+    as one rank, and every draft identical on both ranks."""
+    ranks = torchrun(ckpt, tmp_path, ["--standalone", "--nproc-per-node", "2"])
+    assert_equals_one_rank(ranks[0], LLM(ckpt, dtype="float32", speculative=CHAIN))
+
+
+def assert_equals_one_rank(rank0: dict, one: LLM) -> None:
+    """tests/tp_torchrun.py's rank 0 output equals one rank's: greedy tokens and acceptance, seeded samples, logits."""
+    greedy = one.generate(PROMPTS, GREEDY)
+    assert rank0["greedy"] == [o.token_ids for o in greedy]
+    assert rank0["accepted"] == [o.metrics.accepted_per_position for o in greedy]
+    assert rank0["sampled"] == [o.token_ids for o in one.generate(PROMPTS, SAMPLED)]
+    assert rel_err(torch.tensor(rank0["logits"]), one.logits(PROMPTS[0])) < 1e-5
+
+
+def torchrun(ckpt: Path, out: Path, launch: list[str], nodes: int = 1, timeout: float = 180) -> list[dict]:
+    """tests/tp_torchrun.py on ckpt under `nodes` torchrun launches on this host (--node-rank 0.. of one group when
+    nodes > 1; `launch`: the rest of each launch line); every rank's output, checked: each rank drafted as the
+    others did."""
     script = Path(__file__).with_name("tp_torchrun.py")
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(ckpt), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
-    assert ranks[0]["drafts_same"] and all(ranks[0]["drafts_same"])
-    one = LLM(ckpt, dtype="float32", speculative=CHAIN)
-    assert ranks[0]["greedy"] == [o.token_ids for o in one.generate(PROMPTS, GREEDY)]
-    assert ranks[0]["sampled"] == [o.token_ids for o in one.generate(PROMPTS, SAMPLED)]
-    assert rel_err(torch.tensor(ranks[0]["logits"]), one.logits(PROMPTS[0])) < 1e-5
+    runs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch,
+                              *(["--node-rank", str(n)] if nodes > 1 else []), str(script), str(ckpt), str(out)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(nodes)]
+    for run in runs:
+        _, err = run.communicate(timeout=timeout)
+        assert run.returncode == 0, err[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"), key=lambda p: int(p.stem[4:]))]
+    assert all(r["drafts_same"] and all(r["drafts_same"]) for r in ranks)
+    assert len({len(r["drafts_same"]) for r in ranks}) == 1, "every rank drafted in every step"
+    return ranks

@@ -1,8 +1,9 @@
-"""Run by tests/test_tp.py under torchrun: `torchrun --nproc-per-node N tests/tp_torchrun.py CKPT OUT`.
+"""Run by the TP tests under torchrun: `torchrun [--nnodes ...] --nproc-per-node N tests/tp_torchrun.py CKPT OUT`.
 
-Every rank builds LLM(tensor_parallel_size=N) and makes the same calls (the torchrun path). Each draft tree is
-all-gathered and checked identical on every rank (drafts are computed on every rank, not broadcast); each rank
-writes its outputs to OUT/rank{r}.json for the test to compare with one rank.
+Every rank builds LLM(tensor_parallel_size=WORLD_SIZE); rank 0 makes the calls and the others follow its plans
+(the torchrun path, on one node or several). Each draft tree is all-gathered and checked identical on every rank
+(each rank drafts from the same logits and seeds; drafts are not shipped). Rank 0 writes its outputs and every
+rank its draft checks to OUT/rank{r}.json, for the test to compare with one rank.
 """
 
 from __future__ import annotations
@@ -43,12 +44,18 @@ def main(ckpt: str, out: str) -> None:
         return d
 
     Drafter.draft = checked_draft
-    greedy = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    sampled = [o.token_ids for o in llm.generate(PROMPTS, SAMPLED)]
-    logits = llm.logits(PROMPTS[0]).tolist()
+    result = {}
+    if dist.get_rank() == 0:
+        greedy = llm.generate(PROMPTS, GREEDY)
+        result["greedy"] = [o.token_ids for o in greedy]
+        result["accepted"] = [o.metrics.accepted_per_position for o in greedy]
+        result["sampled"] = [o.token_ids for o in llm.generate(PROMPTS, SAMPLED)]
+        result["logits"] = llm.logits(PROMPTS[0]).tolist()
+        llm.close()
+    else:
+        llm.follow()
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump({"greedy": greedy, "sampled": sampled, "logits": logits, "drafts_same": checked}, f)
-    llm.close()
+        json.dump(result | {"drafts_same": checked}, f)
     dist.barrier()
     shutdown_distributed()  # leave the group before exit: gloo's threads must not outlive it
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..api import BUNDLED_MODEL, DTYPES, LLM
 from ..inputs import check_text, check_token_ids
 from ..kernels.backend import BACKENDS
+from ..model.parallel import shutdown_distributed
 from ..params import ACCEPTANCE, GREEDY_EPS, SamplingParams, SpecConfig
 from ..prompts import HELD_OUT, held_out_prompts
 
@@ -162,16 +163,22 @@ def describe(spec: SpecConfig | None) -> str:
 
 def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -> LLM:
     """The LLM the flags ask for (engine: more LLM keyword arguments, e.g. kv_cache_tokens, max_num_seqs); a missing
-    checkpoint is a one-line FileNotFoundError."""
+    checkpoint is a one-line FileNotFoundError. Under torchrun only rank 0 returns: the other ranks run its step
+    plans until it is done, then exit (SystemExit 0)."""
     path = Path(args.model)
     if not (path / "config.json").is_file():
         hint = " (the bundled model is not built yet: see bench/train_tiny.py)" if path == BUNDLED_MODEL else ""
         raise FileNotFoundError(f"{path}: no checkpoint here (no config.json){hint}")
     on_gpu = args.device.startswith("cuda") if args.device else _cuda()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    return LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
-               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads,
-               dequantize_fp8=args.dequantize_fp8, **engine)
+    llm = LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
+              tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads,
+              dequantize_fp8=args.dequantize_fp8, **engine)
+    if not llm.tp.leads:
+        llm.follow()
+        shutdown_distributed()
+        raise SystemExit(0)
+    return llm
 
 
 def _cuda() -> bool:
@@ -274,9 +281,7 @@ def check_prompts(prompts: list[Prompt], llm: LLM) -> None:
 @contextmanager
 def interrupts_into(gen: Generator) -> Iterator[None]:
     """Around a loop over `gen` (an LLM stream): a Ctrl-C that lands in the loop's body, between items, is thrown
-    into gen, so that gen stops as it does for one raised inside it (the requests aborted; a tensor-parallel
-    group stopped at once). Merely closed, a tensor-parallel stream runs its call to the end on every rank to keep
-    them in step (launcher.py): minutes, for a long request."""
+    into gen, so that gen stops as it does for one raised inside it (its requests aborted)."""
     try:
         yield
     except KeyboardInterrupt:

@@ -6,6 +6,9 @@ template from tokenizer_config.json, a plain one otherwise), GET /metrics (Prome
 `specdec:`). Streams send one event per verify step, so the tokens MTP got accepted arrive together. Binds to
 127.0.0.1 unless --host says otherwise; logs one line per request. Bodies over --max-request-body-mb get 413. SIGTERM
 or Ctrl-C aborts the open requests at once (streams end with finish reason "abort") and exits.
+
+With --tp N it starts N-1 workers on this node; under torchrun (one node or several, docs/tensor_parallel.md) rank 0
+alone binds the port and serves, and every other rank follows its step plans until it exits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import threading
 
 from ..api import LLM
+from ..launcher import launch_rank
 from ..server.limits import DEFAULT_MAX_REQUEST_BODY_MB
 from ..server.loop import DEFAULT_MAX_QUEUED
 from . import common
@@ -80,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError(f"--served-model-name {args.served_model_name!r}: must name the model")
-    sock = listen(args.host, args.port)
-    llm = load_server_llm(args)
+    sock = listen(args.host, args.port) if launch_rank() == 0 else None
+    llm = load_server_llm(args)  # under torchrun, ranks other than 0 follow rank 0 in here until it exits
     terminated = False
     try:
         app = create_app(llm, args.served_model_name, args.max_queued_requests, args.max_request_body_mb * 2**20)

@@ -1,0 +1,114 @@
+"""The step plan: what rank 0 decided for one engine step, as every rank's forward passes need it (vLLM's
+SchedulerOutput; nano-vllm schedules on rank 0 alone too).
+
+Only rank 0 schedules. Each engine step it ships one StepPlan to the other ranks (one broadcast on the control
+group, model/parallel.py), and every rank, rank 0 included, runs the plan's forwards (runner.py). Within the step,
+each phase that decides tokens (a prompt's first token, a verify step's acceptance) has rank 0 decide and ship a
+Commit (step_result.py). A rank keeps, per request, only what its forwards need between steps: the block table the
+plans built, and the drafter's last outputs. Nothing a rank measures for itself (free memory, timings) decides
+anything.
+
+`Score` runs one sequence outside the engine (LLM.logits, LLM.mtp_logits); None, shipped in place of a plan, tells
+the other ranks that rank 0 closed its LLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .params import SpecConfig
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """What the drafter builds for the decode batch: k draft steps, topk children per expanded node, `budget` draft
+    nodes verified. Chosen on rank 0 and shipped (today the SpecConfig's; issue 18's adaptive speculation chooses it
+    per step from measured costs, and per request as a list beside Decode.reqs), so that no rank picks a shape from
+    its own timings."""
+
+    k: int
+    topk: int
+    budget: int
+
+    @classmethod
+    def of(cls, spec: SpecConfig) -> DraftShape:
+        return cls(spec.num_speculative_tokens, spec.topk, spec.budget)
+
+    @property
+    def rows(self) -> int:
+        """Rows a decode step writes past a request's committed ones: the tree's nodes in the main cache, the
+        expansions in the MTP cache."""
+        return 1 + max(self.budget, (self.k - 1) * self.topk)
+
+    def draws(self, vocab_size: int) -> int:
+        """Uniforms a sampled request draws per decode step: draft rows over the vocabulary, acceptance, bonus."""
+        return (1 + (self.k - 1) * self.topk) * vocab_size + self.k * self.topk + 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each row of a batch samples this step: temperature (below GREEDY_EPS: greedy), top_k, top_p, and the
+    seed of its uniforms, drawn on rank 0 from the request's own stream (None for greedy rows). Every rank draws
+    the same uniforms from it without keeping a generator, and a request's draws never depend on its batch."""
+
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    seeds: list[int | None]
+
+    def take(self, rows: list[int]) -> Sampling:
+        """These rows only, in this order."""
+        return Sampling(*([v[i] for i in rows] for v in (self.temperature, self.top_k, self.top_p, self.seeds)))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Request `req` prefills rows start.. from `tokens`. next: the token after the chunk (the chunk's last MTP row
+    pairs with it), or None when this step samples it (the chunk ends a new prompt: its first token). scored: the
+    chunk's rows [a, b) whose logits score the prompt (prompt_logprobs), or None."""
+
+    req: int
+    start: int
+    tokens: list[int]
+    next: int | None
+    scored: tuple[int, int] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The requests that decode this step, in batch order: their committed rows (the root is token n_main) and
+    roots. A root of None is the first token this step's prefill samples; a request that token ends leaves the
+    batch. sampling: None when every row is greedy; draft: None for plain decoding."""
+
+    reqs: list[int]
+    n_main: list[int]
+    roots: list[int | None]
+    sampling: Sampling | None
+    draft: DraftShape | None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One engine step. freed: requests whose rows are gone since the last plan (finished, aborted or preempted:
+    every rank drops their tables and drafter state); blocks: the blocks each request's table gained, in order;
+    held: how many requests hold rows once both apply (every rank checks it holds as many); then the prefill
+    chunks (one causal forward) and the decode batch."""
+
+    freed: list[int]
+    blocks: dict[int, list[int]]
+    held: int
+    prefill: list[Chunk]
+    decode: Decode | None
+
+
+@dataclass(frozen=True)
+class Score:
+    """Logits of one sequence through a throwaway cache: the main model's at every position, or (mtp_depth set)
+    MTP layer mtp_depth's, teacher-forced."""
+
+    ids: list[int]
+    mtp_depth: int | None = None
