@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -109,7 +108,7 @@ class AttnMeta:
     def max_new(self) -> int:
         return max((e - s for s, e in zip(self.host_cu_q, self.host_cu_q[1:])), default=0)
 
-    @cached_property
+    @property
     def from_scratch(self) -> bool:
         """Every sequence starts at row 0 and attends causally (prompts prefilled from the start): attention can
         run on this step's own keys, without the cache."""

@@ -69,11 +69,26 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def _ops() -> object:
+class _Ops:
+    """torch.ops.specdec's ops as their default overloads, looked up once: calling an overload skips the packet's
+    overload resolution, about 1 us of a small op's 2.5 us."""
+
+    def __getattr__(self, name: str) -> torch._ops.OpOverload:
+        op = getattr(torch.ops.specdec, name).default
+        setattr(self, name, op)
+        return op
+
+
+_OPS = _Ops()
+
+
+def _ops() -> _Ops:
+    if _build.get("reason", "") is None:  # loaded (the common case: no further checks)
+        return _OPS
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"specdec CPU kernels unavailable: {reason}")
-    return torch.ops.specdec
+    return _OPS
 
 
 def isas() -> list[str]:
