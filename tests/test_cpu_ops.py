@@ -291,7 +291,7 @@ def test_compiled_and_traced_calls_run_the_op(seed: int) -> None:
     assert torch.equal(torch.compile(step, fullgraph=True, backend="aot_eager")(x), eager)
     graph = torch.fx.symbolic_trace(step).graph
     assert [str(n.target) for n in graph.nodes if n.op == "call_function"] == [
-        "specdec.fp8_linear", "specdec.fp8_moe", "specdec.bf16_linear"]
+        "specdec.fp8_linear.default", "specdec.fp8_moe.default", "specdec.bf16_linear.default"]
     for op, args in ((torch.ops.specdec.fp8_linear, (x, w, s)), (torch.ops.specdec.bf16_linear, (x[:, :96], wb)),
                      (torch.ops.specdec.fp8_moe, (x[:, :96].contiguous(), *moe[1:]))):
         torch.library.opcheck(op, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
