@@ -5,10 +5,10 @@ together), and reads its place through `get_dist()`. Layers are built with a Dis
 (`dist.all_reduce(x)`, ...), which are no-ops on one rank, so a single-rank model never touches torch.distributed
 even in a process that also hosts a tensor-parallel one.
 
-Two planes: the layers' collectives run on the default group (gloo on CPU, NCCL on CUDA); rank 0's decisions (the
-engine's step plans and what each phase committed, start-up checks) travel on the control group, a gloo group of
-host tensors whose collectives wait as long as it takes, so that a follower idles there between steps for hours
-without a timeout.
+Two planes: the layers' collectives run on the default group (gloo on CPU, NCCL on CUDA); rank 0's decisions
+(start-up checks; under torchrun also the engine's step plans and what each phase committed: GroupChannel) travel on
+the control group, a gloo group of host memory whose collectives wait as long as it takes, so that a follower idles
+there between steps for hours without a timeout.
 """
 
 from __future__ import annotations
@@ -57,18 +57,11 @@ class DistInfo:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Overwrite x with rank src's x, in place; returns x."""
-        if self.world_size > 1:
-            dist.broadcast(x, src=src, group=self.group)
-        return x
+    # --- the control plane: host memory on the control group, rank 0 the source ---------------------------------
 
-    # --- the control plane: host tensors on the control group, rank 0 the source ---------------------------------
-
-    def share(self, x: torch.Tensor) -> torch.Tensor:
+    def _share(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x (a CPU tensor, the same shape on every rank) on every rank, in place; returns x."""
-        if self.world_size > 1:
-            dist.broadcast(x, src=0, group=self.control)
+        dist.broadcast(x, src=0, group=self.control)
         return x
 
     def share_object(self, obj: Any) -> Any:
@@ -82,11 +75,11 @@ class DistInfo:
         if self.rank == 0:
             buf[:8] = torch.tensor([len(data)]).view(torch.uint8)
             buf[8:8 + min(len(data), room)] = _as_bytes(data[:room])
-        n = int(self.share(buf)[:8].view(torch.int64))
+        n = int(self._share(buf)[:8].view(torch.int64))
         rest = b""
         if n > room:
             tail = _as_bytes(data[room:]) if self.rank == 0 else torch.empty(n - room, dtype=torch.uint8)
-            rest = self.share(tail).numpy().tobytes()
+            rest = self._share(tail).numpy().tobytes()
         return obj if self.rank == 0 else pickle.loads(buf[8:8 + min(n, room)].numpy().tobytes() + rest)
 
     def min_max(self, values: list[int]) -> tuple[list[int], list[int]]:
@@ -103,6 +96,20 @@ _DIST = DistInfo()
 
 def _as_bytes(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class GroupChannel:
+    """Rank 0's messages to the other ranks of a group, over its control group (DistInfo.share_object): rank 0 sends,
+    the others receive, in the same order."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+
+    def send(self, obj: Any) -> None:
+        self.info.share_object(obj)
+
+    def recv(self) -> Any:
+        return self.info.share_object(None)
 
 
 def get_dist() -> DistInfo:

@@ -28,7 +28,7 @@ from .request import Request
 from .request_state import RequestState
 from .runner import Runner
 from .scheduler import EngineStats
-from .step_plan import DraftShape, Score
+from .step_plan import Channel, DraftShape, Score
 
 __all__ = ["BUNDLED_MODEL", "DTYPES", "LLM", "RequestRejected", "encode_text", "resolve_device", "resolve_dtype"]
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, CPU decoding runs on one thread by default (see `default_threads`)
@@ -178,6 +178,7 @@ class LLM:
                 self.runner = Runner(self.model, *latent_caches(self.config, tokens, self.dtype, self.device, mtp),
                                      BLOCK_SIZE, DraftShape.of(self.speculative) if mtp else None, self.device)
             r = self.runner
+            r.channel = self.tp.channel()
             self.tp.check_same({"KV pool slots": r.main.num_slots, "rows a decode step writes": r.step_rows,
                                 "block size": r.block_size})
             if config.warmup or (config.warmup is None and self.device.type == "cuda" and self.backend.name != "torch"):
@@ -229,12 +230,15 @@ class LLM:
         cases = model_cases(ModelShape.of(self.config), self.tp.dist.world_size, steps, fp8=self.backend.keep_fp8)
         return warmup(self.backend, cases, self.device, self.dtype)
 
-    def follow(self) -> None:
+    def follow(self, channel: Channel | None = None) -> None:
         """A rank other than 0 of a tensor-parallel group: run rank 0's step plans until rank 0 closes its LLM
         (then return). Under torchrun every rank builds the LLM; rank 0 makes the calls and the others call this.
-        Raises TensorParallelError when the group fails (rank 0 died, or this rank could not run a plan)."""
+        channel: where the plans come from (a spawned worker's pipe; default: the group's control group). Raises
+        TensorParallelError when the group fails (rank 0 died, or this rank could not run a plan)."""
         if self.tp.leads:
             raise ValueError("follow(): rank 0 makes the calls; the other ranks of a tensor-parallel group follow it")
+        if channel is not None:
+            self.runner.channel = channel
         try:
             self.runner.follow()
         except Exception as e:

@@ -10,9 +10,10 @@ LLM.from_config, config)`) with which each spawned worker builds its shard.
   picking its GPU;
 - neither: this process becomes rank 0 and spawns ranks 1..N-1 here (TCP store on 127.0.0.1; tp_worker.py).
 Rank 0 alone schedules and takes calls; the others follow its step plans (step_plan.py, runner.py) until it closes
-its LLM. Plans, each phase's commits and the start-up checks travel on the control group (model/parallel.py),
-where an idle follower waits without a timeout. A spawned worker also keeps a pipe to rank 0 for its start-up
-handshake and, should it fail, its traceback; its process sentinel shows its death at once.
+its LLM. Plans and each phase's commits reach a spawned worker down its pipe (measured cheaper than a broadcast on
+gloo: docs/tensor_parallel.md), which also carries its start-up handshake and, should it fail, its traceback; its
+process sentinel shows its death at once. Under torchrun (no pipes) they travel on the control group
+(model/parallel.py), where an idle follower waits without a timeout; the start-up checks use it in both cases.
 
 Failures: bad input is refused on rank 0 before any plan ships, and the group carries on. A worker that dies or
 fails breaks rank 0's next collective (gloo fails at once; on NCCL a watch thread aborts the group); rank 0 then
@@ -44,6 +45,7 @@ from .engine_config import EngineConfig
 from .model.config import ModelConfig
 from .model.parallel import (
     DistInfo,
+    GroupChannel,
     adopt_distributed,
     default_backend,
     get_dist,
@@ -51,7 +53,8 @@ from .model.parallel import (
     shutdown_distributed,
 )
 from .model.plan import rank_shapes
-from .tp_worker import recv, worker
+from .step_plan import Channel
+from .tp_worker import PipeChannel, recv, worker
 
 _driving = False  # this process is rank 0 of a group it spawned (one at a time)
 FAILURE_REPORT_S = 5  # how long rank 0 waits for a worker's own report once a collective failed
@@ -78,6 +81,13 @@ class Group:
     def leads(self) -> bool:
         """Rank 0: it schedules and takes calls."""
         return self.dist.rank == 0
+
+    def channel(self) -> Channel | None:
+        """Where rank 0's plans and commits travel: the pipes of the workers it spawned (measured cheaper on gloo:
+        docs/tensor_parallel.md), else the control group (torchrun; one node or several); None on one rank."""
+        if self.dist.world_size == 1:
+            return None
+        return PipeChannel(self.driver.conns) if self.driver is not None else GroupChannel(self.dist)
 
     # --- agreed at start: rank 0's configuration, the sizes every rank allocates --------------------------------
 
@@ -282,11 +292,10 @@ class Driver:
         return not any(_exited(p) for p in self.procs)
 
     def find_failed(self, e: BaseException, during: str) -> None:
-        """After rank 0's collective raised e: if a worker died or reported a failure (waiting up to
-        FAILURE_REPORT_S for it when e could be its doing), stop the group and raise TensorParallelError naming
-        it. Returns when every worker is well."""
-        if isinstance(e, RuntimeError):  # a dead peer reaches rank 0 as its collective's error, maybe before its exit
-            wait([p.sentinel for p in self.procs] + list(self.conns), timeout=FAILURE_REPORT_S)
+        """After rank 0's call raised e: if a worker died or reported a failure (waiting up to FAILURE_REPORT_S for
+        one to), stop the group and raise TensorParallelError naming it. Returns when every worker is well."""
+        # a dead or failed worker reaches rank 0 as its collective's or pipe's error, maybe before its exit or report
+        wait([p.sentinel for p in self.procs] + list(self.conns), timeout=FAILURE_REPORT_S)
         for rank, (p, c) in enumerate(zip(self.procs, self.conns), 1):
             msg = recv(c)
             if _exited(p) or msg is not None:

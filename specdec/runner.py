@@ -27,7 +27,7 @@ from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
 from .sampling import SamplingBatch
 from .step_clock import StepClock
-from .step_plan import Chunk, Decode, DraftShape, Sampling, Score, StepPlan
+from .step_plan import Channel, Chunk, Decode, DraftShape, Sampling, Score, StepPlan
 from .step_result import Commit
 
 
@@ -81,20 +81,20 @@ class Runner:
         self.dist = model.dist
         self.clock = StepClock(device)
         self.seqs: dict[int, Seq] = {}
+        self.channel: Channel | None = None  # to (rank 0) or from the other ranks of a group; None on one rank
         self.broken = False  # rank 0: a step failed midway, leaving the other ranks waiting in it
 
     # --- plans from rank 0 ------------------------------------------------------------------------------------
 
     def send(self, msg: StepPlan | Score | None) -> None:
-        """Rank 0: ship msg to the other ranks (one broadcast on the control group; nothing on one rank), before
-        running it."""
-        if self.dist.world_size > 1:
+        """Rank 0: ship msg to the other ranks (nothing on one rank), before running it."""
+        if self.channel is not None:
             with self._breaks():
-                self.dist.share_object(msg)
+                self.channel.send(msg)
 
     def follow(self) -> None:
         """A rank other than 0: run each plan rank 0 ships, until it ships None (it closed its LLM)."""
-        while (msg := self.dist.share_object(None)) is not None:
+        while (msg := self.channel.recv()) is not None:
             if isinstance(msg, Score):
                 self.score(msg)
             else:
@@ -153,7 +153,7 @@ class Runner:
         firsts = [i for i, c in enumerate(chunks) if c.next is None]
         logits = self.model.logits(torch.stack([parts[i][-1] for i in firsts])) if firsts else None
         decided = leader.prefilled(chunks, scores, logits) if leader is not None else None
-        commit = Commit.share(self.dist, decided, len(chunks), 1, with_path=False) if firsts else None
+        commit = Commit.share(self.channel, decided) if firsts else None
         t1 = time.perf_counter()
         keep = [i for i in range(len(chunks)) if commit is None or commit.keep[i]]
         if self.drafter is not None and keep:
@@ -212,7 +212,7 @@ class Runner:
         hidden = self.model(tree.tokens.reshape(-1), pos, meta, self.main).view(b, n, -1)
         logits = self.model.logits(hidden.view(b * n, -1))
         decided = leader.verified(reqs, draft, logits, sb) if leader is not None else None
-        commit = Commit.share(self.dist, decided, b, d.draft.k + 1, with_path=True)
+        commit = Commit.share(self.channel, decided)
         keep = [i for i in range(b) if commit.keep[i]]
         self._move_accepted(reqs, n_main, commit, keep)
         t2 = self.clock.mark()

@@ -1,8 +1,9 @@
 """The step plan: what rank 0 decided for one engine step, as every rank's forward passes need it (vLLM's
 SchedulerOutput; nano-vllm schedules on rank 0 alone too).
 
-Only rank 0 schedules. Each engine step it ships one StepPlan to the other ranks (one broadcast on the control
-group, model/parallel.py), and every rank, rank 0 included, runs the plan's forwards (runner.py). Within the step,
+Only rank 0 schedules. Each engine step it ships one StepPlan to the other ranks over a Channel (pipes to the workers
+it spawned on this node, else one broadcast on the control group: launcher.py), and every rank, rank 0 included,
+runs the plan's forwards (runner.py). Within the step,
 each phase that decides tokens (a prompt's first token, a verify step's acceptance) has rank 0 decide and ship a
 Commit (step_result.py). A rank keeps, per request, only what its forwards need between steps: the block table the
 plans built, and the drafter's last outputs. Nothing a rank measures for itself (free memory, timings) decides
@@ -15,8 +16,18 @@ the other ranks that rank 0 closed its LLM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .params import SpecConfig
+
+
+class Channel(Protocol):
+    """How rank 0's decisions reach the other ranks: rank 0 sends each message, every other rank receives them in
+    order."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
 
 
 @dataclass(frozen=True)

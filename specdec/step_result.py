@@ -5,7 +5,7 @@ StepResult does the same for every phase (a verify step, plain decoding, a promp
 finite flags and the accepted tree paths beside it. Its fields travel packed in one tensor (one device-to-host
 copy) and are split apart by name. Only rank 0 decides: it computes the StepResult, emits the tokens on the host
 (where stop tokens and max_tokens end requests), and under tensor parallelism ships a Commit, what the other ranks'
-forwards need of it, in one broadcast of a small host tensor.
+forwards need of it, over the group's channel.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .model.parallel import DistInfo
+from .step_plan import Channel
 from .tree import TokenTree
 from .verify import Acceptance
 
@@ -74,27 +74,14 @@ class Commit:
     path: list[list[int]] | None = None
 
     @staticmethod
-    def share(dist: DistInfo, commit: Commit | None, rows: int, width: int, with_path: bool) -> Commit:
-        """Rank 0's commit (the other ranks pass None) on every rank: one broadcast of an int64 [rows, 1 + width
-        (+ width)] host tensor (keep, tokens, path; padded with -1); width bounds a row's tokens."""
-        if dist.world_size == 1:
+    def share(channel: Channel | None, commit: Commit | None) -> Commit:
+        """Rank 0's commit (the other ranks pass None) on every rank, over the group's channel (None: one rank)."""
+        if channel is None:
             return commit
         if commit is None:
-            packed = torch.empty(rows, 1 + width * (1 + with_path), dtype=torch.long)
-        else:
-            paths = commit.path if with_path else [None] * rows
-            packed = torch.tensor([[int(k), *_pad(t, width), *(_pad(p, width) if with_path else ())]
-                                   for k, t, p in zip(commit.keep, commit.tokens, paths)], dtype=torch.long)
-        dist.share(packed)
-        if commit is not None:
-            return commit
-        keep, tokens, *path = packed.split([1, width] + [width] * with_path, 1)
-        return Commit([bool(k) for k in keep[:, 0].tolist()], _unpad(tokens.tolist()),
-                      _unpad(path[0].tolist()) if with_path else None)
-
-
-def _pad(row: list[int], width: int) -> list[int]:
-    return row + [-1] * (width - len(row))
+            return channel.recv()
+        channel.send(commit)
+        return commit
 
 
 def _unpad(rows: list[list[int]]) -> list[list[int]]:

@@ -1,5 +1,5 @@
-"""A spawned tensor-parallel rank (launcher.py starts it): join the group, build the LLM's shard, then follow rank 0's
-step plans until rank 0 closes its LLM or is gone."""
+"""A spawned tensor-parallel rank (launcher.py starts it): join the group, build the LLM's shard, then follow the step
+plans rank 0 sends down its pipe until rank 0 closes its LLM or is gone."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .model.parallel import init_distributed, shutdown_distributed
 
 def worker(rank: int, world: int, port: int, backend: str, factory: Callable[[], Any], conn: Connection,
            num_threads: int) -> None:
+
     """A spawned rank: join the group, build the LLM's shard with factory(), then run rank 0's plans until told to
     stop. Ctrl-C is rank 0's to handle (it stops the workers). A failure is reported to rank 0 with its traceback
     before the worker exits; a worker that rank 0 stops (terminate) or leaves behind (rank 0 killed) exits without
@@ -35,11 +36,26 @@ def worker(rank: int, world: int, port: int, backend: str, factory: Callable[[],
         init_distributed(world, rank, backend, store=store, local_rank=rank)
         llm = factory()
         _report(conn, ("ready", None))
-        llm.follow()
+        llm.follow(PipeChannel([conn]))
     except BaseException:
         _report(conn, ("fatal", traceback.format_exc()))
         sys.exit(1)
     shutdown_distributed()
+
+
+class PipeChannel:
+    """Rank 0's messages to the workers it spawned, over their pipes (a worker receives on its own): a plan is one
+    pickle a worker, which its kernel buffers, so rank 0 never waits for a worker to be ready to receive."""
+
+    def __init__(self, conns: list[Connection]):
+        self.conns = conns
+
+    def send(self, obj: Any) -> None:
+        for c in self.conns:
+            c.send(obj)
+
+    def recv(self) -> Any:
+        return self.conns[0].recv()
 
 
 def _report(conn: Connection, msg: tuple[str, Any]) -> None:
