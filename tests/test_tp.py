@@ -20,6 +20,7 @@ from models import agreeable_checkpoint
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
 from specdec import LLM, SamplingParams, SpecConfig
+from specdec.engine_config import EngineConfig
 from specdec.kernels.backend import Backend
 from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ModelConfig
@@ -134,6 +135,18 @@ def test_the_release_over_two_nodes_of_8_gpus(rank: int) -> None:
     experts = {int(name.split(".")[5]) for name in shapes if name.startswith("model.layers.3.mlp.experts.")}
     assert experts == set(range(16 * rank, 16 * rank + 16))
     assert shapes["model.embed_tokens.weight"][0] * 16 == cfg.vocab_size
+
+
+def test_configs_differ_by_field_not_by_gpu_index(tmp_path: Path) -> None:
+    """What a torchrun rank compares with rank 0's config at start (launcher.Group.agree): every field, the device's
+    type but not its index (each rank takes its own GPU)."""
+    a = EngineConfig(tmp_path, device="cpu", max_num_seqs=32)
+    assert a.differences(EngineConfig(tmp_path, device="cpu", max_num_seqs=32)) == []
+    assert a.differences(EngineConfig(tmp_path, device="cpu", max_num_seqs=64, speculative=None)) == [
+        "speculative=SpecConfig(num_speculative_tokens=3, topk=1, num_draft_tokens=None, acceptance='exact', "
+        "relaxed_topk=3, relaxed_delta=0.5) vs None", "max_num_seqs=32 vs 64"]
+    if torch.cuda.is_available():
+        assert EngineConfig(tmp_path, device="cuda:0").differences(EngineConfig(tmp_path, device="cuda")) == []
 
 
 def test_llm_refuses_a_bad_split_before_starting_workers(make_checkpoint) -> None:

@@ -62,3 +62,19 @@ def test_serve_across_two_nodes(tmp_path: Path) -> None:
     finally:
         for p in nodes:
             p.kill()
+
+
+def test_launch_lines_that_differ_are_refused_on_every_node(tmp_path: Path) -> None:
+    """Node 1 is launched with another --seed: at start every rank compares its configuration with rank 0's, and
+    both fail at once with a one-line error, node 1's naming the field."""
+    ckpt = server_checkpoint(tmp_path / "ckpt")
+    head = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    run = ["-m", "specdec", "generate", "--model", str(ckpt), "--tp", "2", "--prompt", "x", "--max-tokens", "2"]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *head, "--node-rank", str(n), *run,
+                               "--seed", str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    errs = [p.communicate(timeout=120)[1] for p in nodes]
+    assert all(p.returncode != 0 for p in nodes)
+    assert "rank 1: its configuration differs from rank 0's: seed=0 vs 1" in errs[1], errs[1][-2000:]
+    assert "rank 0: another rank's configuration differs from rank 0's" in errs[0], errs[0][-2000:]
