@@ -32,11 +32,12 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_tight_pool_preempts_alike_on_every_rank(ckpt: Path, seed: int) -> None:
     """8 requests at once in a pool of 6 blocks: they queue for blocks and running ones are preempted and
     recomputed. The worker runs rank 0's plans, so it must recompute what rank 0 preempted, or the tokens change;
-    they must equal one rank's with the same pool (greedy and seeded sampling)."""
+    they must equal one rank's with the same pool. Greedy: a sampled token may fall the other side of a sampling
+    boundary when 2-way sharded logits differ from one rank's by rounding (5e-6 flipped one of 560 with seed
+    1111719408), which says nothing about scheduling; rank 0 ships its sampled tokens, so ranks never disagree."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, 264, (int(n),), generator=g).tolist() for n in torch.randint(20, 60, (8,), generator=g)]
-    params = [SamplingParams(max_tokens=70, temperature=0 if i % 2 else 0.8, seed=seed + i, ignore_eos=True)
-              for i in range(8)]
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
     kw = dict(dtype="float32", speculative=TREE, kv_cache_tokens=6 * 64)
     ref = LLM(ckpt, **kw).generate(prompts, params)
     with LLM(ckpt, tensor_parallel_size=2, **kw) as tp:
