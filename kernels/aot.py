@@ -39,6 +39,10 @@ DEEPSEEK_V3 = ModelShape(hidden=7168, heads=128, q_lora=1536, kv_lora=512, nope=
 # KV split), a k=3 chain verification at batch 1 and 32, an 8-node tree, a 4096-token prefill
 STEPS = [(1, 1, 4096), (32, 1, 4096), (64, 1, 4096), (1, 1, 200), (1, 4, 4096), (32, 4, 4096), (1, 8, 4096),
          (1, 4096, 0)]
+# captured steps (CUDA graphs): decode at batch 1 and 64, a 4-node verification at batch 32, the block table at the
+# release's context (163840 slots), whose width the kernel cuts its splits from; 200 keys: most splits empty
+CAPTURED = [(1, 1, 200), (64, 1, 4096), (32, 4, 4096)]
+CONTEXT = 163840
 # shared memory per block (bytes) and SM count by compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SMS = {80: 108, 86: 84, 89: 128, 90: 132}
@@ -46,8 +50,9 @@ SMS = {80: 108, 86: 84, 89: 128, 90: 132}
 
 def cases(arch: int) -> list[tuple[Case, torch.dtype]]:
     """What the check compiles: both TP=8 per-rank and TP=1 shapes in bf16 (FP8 weights where the GPU has FP8,
-    and the BF16-weight MoE of an sm_80 fallback or a BF16 checkpoint), MLA on float32 inputs, and one weight
-    dequantization (the same variant at every DeepSeek-V3 weight shape: all multiples of 16)."""
+    and the BF16-weight MoE of an sm_80 fallback or a BF16 checkpoint), MLA on float32 inputs and in captured
+    steps, and one weight dequantization (the same variant at every DeepSeek-V3 weight shape: all multiples of
+    16)."""
     fp8 = arch >= 89
     out: list[tuple[Case, torch.dtype]] = [(Dequant(7168, 2048), torch.bfloat16)] if fp8 else []
     for tp in (8, 1):
@@ -55,6 +60,9 @@ def cases(arch: int) -> list[tuple[Case, torch.dtype]]:
             out += [(c, torch.bfloat16) for c in model_cases(DEEPSEEK_V3, tp, STEPS, fp8=True)]
         out += [(c, torch.bfloat16) for c in model_cases(DEEPSEEK_V3, tp, STEPS, fp8=False)]
         out += [(c, torch.float32) for c in model_cases(DEEPSEEK_V3, tp, STEPS, fp8=False) if isinstance(c, Mla)]
+        s = DEEPSEEK_V3
+        out += [(Mla(b, ctx, n, s.heads // tp, s.kv_lora, s.rope, tree=n > 1, width=CONTEXT), torch.bfloat16)
+                for b, n, ctx in CAPTURED]
     return list(dict.fromkeys(out))
 
 

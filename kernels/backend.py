@@ -109,18 +109,28 @@ class Backend:
 
     def mla_attention(self, q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
                       scale: float) -> torch.Tensor:
-        """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref)."""
+        """q_lat [T, H, C], q_pe [T, H, R], kv_cache [slots, C+R] -> [T, H, C] float32 (see mla_attention_ref). A
+        captured step's metadata (meta.static) takes the paths that read its lengths on the device."""
         if self.name == "torch":
+            if meta.static:
+                return mla.mla_attention_padded(q_lat, q_pe, kv_cache, meta, scale)
             return torch_backend.mla_attention_mqa(q_lat, q_pe, kv_cache, meta, scale)
-        if self.flashinfer_mla is not None and self.flashinfer_mla.fits(q_lat, q_pe, kv_cache, meta):
+        if self.flashinfer_mla is not None and not meta.static and self.flashinfer_mla.fits(q_lat, q_pe, kv_cache,
+                                                                                             meta):
             return self.flashinfer_mla(q_lat, q_pe, kv_cache, meta, scale)
         return mla.mla_attention(q_lat, q_pe, kv_cache, meta, scale)
 
     def moe(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None,
-            block: tuple[int, int]) -> torch.Tensor:
-        """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref)."""
+            block: tuple[int, int], static: bool = False) -> torch.Tensor:
+        """Routed experts (see moe_ref); FP8 weights run W8A8 on the Triton backends (see moe_w8a8_ref). static: a
+        captured step's (fixed shapes, nothing read back: the torch backend gathers each pair's expert)."""
         if self.name == "torch":
+            if static:
+                if s13 is not None:
+                    raise ValueError("moe: a captured step on the torch backend needs plain expert weights (FP8 "
+                                     "experts stay FP8 on a CPU only, which never captures)")
+                return moe.moe_gather(x, topk_ids, topk_w, w13, w2)
             if s13 is not None and self.cpu_kernels and x.device.type == "cpu":
                 return cpu_ops.fp8_moe(x, topk_ids, topk_w, w13, w2, s13, s2, block)
             if s13 is not None:  # FP8 weights kept elsewhere on the torch backend: the reference, per expert

@@ -3,7 +3,10 @@
 Queries are already absorbed: q_lat = q_nope @ W_UK lives in the latent space [.., kv_lora_rank]. Every cached row
 is [latent (C) | rotated k_pe (R)]; the latent is both the key (with q_lat) and the value. The caller applies W_UV.
 
-`mla_attention_ref` is the plain-torch reference; `mla_attention` is the Triton kernel (split-KV, log-sum-exp merge).
+`mla_attention_ref` is the plain-torch reference; `mla_attention` is the Triton kernel (split-KV, log-sum-exp merge);
+`mla_attention_padded` is plain torch at fixed shapes, the torch backend's path inside a captured step. A captured
+step's metadata (AttnMeta.captured) holds only bounds on the host: the Triton kernel sizes its splits from the bound
+and reads each sequence's length on the device, as it always does.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ def mla_attention_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         scores = (scores * scale).masked_fill(~meta.seq_mask(b)[:, None, :], float("-inf"))
         out[s:e] = torch.einsum("ths,sc->thc", scores.softmax(-1), kv[:, :c])
     return out
+
+
+def mla_attention_padded(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta,
+                         scale: float) -> torch.Tensor:
+    """mla_attention_ref's contract for B sequences of n new tokens each (T = B * n; a captured step's shape), at
+    fixed shapes and without reading a length on the host: every sequence attends over its whole block-table row
+    [W] with the keys it may not see masked on the device (from ctx_lens and tree_mask), so it costs W keys
+    whatever its length. Float32 throughout."""
+    t, h, c = q_lat.shape
+    b, w = meta.block_table.shape
+    n = t // b
+    kv = kv_cache[meta.block_table].float()  # [B, W, C+R]
+    q = torch.cat([q_lat, q_pe], -1).float().view(b, n * h, -1)
+    scores = torch.bmm(q, kv.transpose(1, 2)).view(b, n, h, w) * scale
+    j = torch.arange(w, device=kv.device) - meta.ctx_lens[:, None]  # [B, W]: index among the new keys
+    tree = meta.tree_mask.view(b, n, -1).gather(2, j.clamp(0, n - 1)[:, None, :].expand(b, n, w))
+    visible = (j < 0)[:, None, :] | (tree & (j < n)[:, None, :])  # [B, n, W]
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(-1)
+    return torch.bmm(scores.view(b, n * h, w), kv[..., :c]).view(t, h, c)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,20 +158,21 @@ def mla_tiles(max_rows: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 def mla_splits(meta: AttnMeta, rows_blocks: int, device: torch.device) -> int:
-    """How many KV splits: enough programs to fill the GPU twice, chunks of at least 256 keys."""
-    longest = max((c + e - s for c, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:])), default=0)
+    """How many KV splits: enough programs to fill the GPU twice, chunks of at least 256 keys (of meta.longest: a
+    captured step's bound)."""
     sms = sm_count(device)
     if sms == 1:
         return 1
     want = cdiv(2 * sms, max(1, meta.num_seqs * rows_blocks))
-    return max(1, min(want, cdiv(longest, 256), 64))
+    return max(1, min(want, cdiv(meta.longest, 256), 64))
 
 
 def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMeta, scale: float,
                   num_splits: int | None = None) -> torch.Tensor:
     """Triton MLA over the latent cache, same contract as mla_attention_ref: q_lat [T, H, C], q_pe [T, H, R],
     kv_cache [slots, C + R] -> [T, H, C] float32. Each sequence's keys are cut into num_splits chunks (default:
-    chosen from the batch and the GPU) whose partial results merge by log-sum-exp. Float32 inputs multiply in full
+    chosen from the batch and the GPU) whose partial results merge by log-sum-exp; a captured step's chunks are cut
+    from its bound, so a short sequence leaves the later ones empty. Float32 inputs multiply in full
     IEEE precision; 16-bit inputs on tensor cores with float32 accumulation."""
     t, h, c = q_lat.shape
     r = q_pe.shape[-1]
@@ -169,8 +192,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     block_m, block_n, warps, stages = mla_tiles(max_rows, q_lat.dtype)
     m_blocks = cdiv(max_rows, block_m)
     splits = num_splits or mla_splits(meta, m_blocks, q_lat.device)
-    longest = max(cl + e - s for cl, s, e in zip(meta.host_ctx_lens, meta.host_cu_q, meta.host_cu_q[1:]))
-    chunk = cdiv(cdiv(longest, splits), block_n) * block_n
+    chunk = cdiv(cdiv(meta.longest, splits), block_n) * block_n  # splits past a sequence's end return at once
     tm = meta.tree_mask.view(torch.uint8) if meta.tree_mask.dtype == torch.bool else meta.tree_mask.to(torch.uint8)
     bt = meta.block_table
     if splits > 1:

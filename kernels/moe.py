@@ -3,7 +3,8 @@
 `moe_ref` is the plain-torch reference; `moe` is the fused Triton version: routed rows sorted by expert into
 block-aligned runs (`moe_align`), one grouped GEMM for gate+up with SiLU*up in its epilogue, one grouped GEMM for down
 with the router weight in its epilogue, then a sum over each token's K rows. FP8 weights run W8A8 like `fp8_linear`
-(`moe_w8a8_ref` states exactly what that computes).
+(`moe_w8a8_ref` states exactly what that computes). `moe_gather` is plain torch at fixed shapes, the torch
+backend's path inside a captured step (the Triton path is capturable as it is: moe_align reads nothing back).
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def dequant_w13(w13: torch.Tensor, s13: torch.Tensor, block: tuple[int, int], dt
     i, g = w13.shape[0] // 2, s13.shape[0] // 2
     return torch.cat([weight_dequant_ref(w13[:i], s13[:g], *block, dtype=dtype),
                       weight_dequant_ref(w13[i:], s13[g:], *block, dtype=dtype)])
+
+
+def moe_gather(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """moe_ref's contract for plain weights, at fixed shapes and without reading anything back: each routed
+    (token, expert) pair gathers its expert's weights (w13[ids], w2[ids]: T * K experts' worth of memory, an expert
+    chosen twice is read twice), so no grouping needs the counts on the host. Ids -1 contribute nothing."""
+    t, k = topk_ids.shape
+    i = w2.shape[2]
+    e = topk_ids.clamp(min=0).reshape(-1)
+    h = torch.bmm(w13[e], x.repeat_interleave(k, 0)[:, :, None])[..., 0]  # [T*K, 2I]
+    y = torch.bmm(w2[e], (F.silu(h[:, :i]) * h[:, i:])[:, :, None])[..., 0]  # [T*K, D]
+    w = torch.where(topk_ids >= 0, topk_w.float(), 0.0).reshape(-1, 1)
+    return (y.float() * w).view(t, k, -1).sum(1).to(x.dtype)
 
 
 def moe_w8a8_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .attn_meta import AttnMeta
+from .attn_meta import AttnMeta, causal_tree_mask
 from .backend import Backend
 from .fp8 import FP8, weight_dequant
 
@@ -56,7 +56,8 @@ class Moe:
 @dataclass(frozen=True)
 class Mla:
     """MLA over the latent cache: `batch` sequences with `ctx` cached keys and `new` query tokens each (1: decode);
-    tree: a token tree's ancestor mask among the new tokens, else causal (decode, chains)."""
+    tree: a token tree's ancestor mask among the new tokens, else causal (decode, chains). width: a captured step's
+    (AttnMeta.captured: a block table this wide, whose width bounds the lengths the kernel sizes its splits from)."""
 
     batch: int
     ctx: int
@@ -65,9 +66,11 @@ class Mla:
     c: int = 512
     r: int = 64
     tree: bool = False
+    width: int | None = None
 
     def __str__(self) -> str:
-        return f"mla B={self.batch} ctx={self.ctx} new={self.new} H={self.heads}{' tree' if self.tree else ''}"
+        return (f"mla B={self.batch} ctx={self.ctx} new={self.new} H={self.heads}{' tree' if self.tree else ''}"
+                + (f" captured W={self.width}" if self.width else ""))
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,15 @@ def _tree_mask(n: int) -> torch.Tensor:
 
 def mla_meta(case: Mla, device: torch.device) -> AttnMeta:
     """Each sequence's keys at consecutive slots. Built on the host and moved: AttnMeta.build needs real tensors,
-    the meta device has none."""
+    the meta device has none (a captured step's metadata needs none, and is built in place)."""
     mask = torch.cat([_tree_mask(case.new)] * case.batch) if case.tree else None  # None: causal (AttnMeta.build)
+    if case.width:
+        n, rows = case.new, case.ctx + case.new
+        table = torch.zeros(case.batch, case.width, dtype=torch.long, device=device)
+        table[:, :rows] = torch.arange(case.batch * rows, device=device).view(case.batch, rows)
+        mask = (mask if mask is not None else causal_tree_mask([n] * case.batch)).to(device)
+        ctx = torch.full((case.batch,), case.ctx, device=device)
+        return AttnMeta.captured(table, ctx, mask, table[:, case.ctx:rows].reshape(-1), n)
     base = torch.arange(case.batch) * (case.ctx + case.new)
     meta = AttnMeta.contiguous(base, [case.ctx] * case.batch, [case.new] * case.batch, mask)
     moved = {f.name: getattr(meta, f.name) for f in fields(meta)}

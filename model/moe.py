@@ -143,7 +143,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.lay_out_for_cpu()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """x [T, D] -> [T, D], routed and shared experts summed and reduced over the ranks. static: a captured
+        step's (the routed experts at fixed shapes, nothing read back on the host: Backend.moe)."""
         if self.fused:
             cfg, gate = self.cfg, self.gate
             w, ids = cpu_fused.moe_route(x, gate.weight, gate.e_score_correction_bias, cfg.n_group, cfg.topk_group,
@@ -155,10 +157,10 @@ class MoE(nn.Module):
         else:
             local = ids - self.e0
             local = torch.where((local >= 0) & (local < self.n_local), local, -1)
-        if self.cpu_layout and 1 < x.shape[0] <= RUNS_MAX_TOKENS:  # a verify step's few tokens, CPU layout
+        if self.cpu_layout and not static and 1 < x.shape[0] <= RUNS_MAX_TOKENS:  # a verify step's few tokens
             y = moe_runs(x, local, w, self.w13, self.w2)
         else:
-            y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block)
+            y = self.backend.moe(x, local, w, self.w13, self.w2, self.s13, self.s2, self.block, static)
         if self.shared_experts is not None:
             y = y + self.shared_experts.forward(x)
         return self.dist.all_reduce(y)  # the one all-reduce of the layer: routed and shared together

@@ -31,7 +31,8 @@ class Block(nn.Module):
         self.input_layernorm = build.norm(cfg.hidden_size)
         self.self_attn = MLA(build)
         self.post_attention_layernorm = build.norm(cfg.hidden_size)
-        self.mlp = MoE(build) if cfg.is_moe_layer(layer) else DenseMLP(build, cfg.intermediate_size, "mlp")
+        self.routed = cfg.is_moe_layer(layer)
+        self.mlp = MoE(build) if self.routed else DenseMLP(build, cfg.intermediate_size, "mlp")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMeta) -> torch.Tensor:
@@ -39,9 +40,13 @@ class Block(nn.Module):
         norm = self.post_attention_layernorm
         if norm.fused:  # the residual add and the norm in one C++ op
             n, x = cpu_fused.add_rms_norm(h, x, norm.weight, norm.eps)
-            return x + self.mlp.forward(n)
+            return x + self._mlp(n, meta)
         x = x + h
-        return x + self.mlp.forward(norm.forward(x))
+        return x + self._mlp(norm.forward(x), meta)
+
+    def _mlp(self, x: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """A captured step's MoE (meta.static) routes at fixed shapes; a dense MLP's shapes never depend on data."""
+        return self.mlp.forward(x, static=True) if meta.static and self.routed else self.mlp.forward(x)
 
 
 class SharedHead(nn.Module):

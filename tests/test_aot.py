@@ -39,8 +39,8 @@ def test_the_cases_cover_both_splits_and_dtypes() -> None:
 
     got = cases(90)
     names = {f"{c} {d}" for c, d in got}
-    for what in ("H=16", "H=128", "E=32/256", "E=256/256", "float32", "plain", "tree"):  # TP=8 and TP=1, fp32 MLA,
-        assert any(what in n for n in names), f"no {what} case"  # the BF16-weight MoE, token trees
+    for what in ("H=16", "H=128", "E=32/256", "E=256/256", "float32", "plain", "tree", "captured"):  # TP=8 and
+        assert any(what in n for n in names), f"no {what} case"  # TP=1, fp32 MLA, BF16 MoE, trees, CUDA graphs
     assert {type(c) for c, _ in got} == {Gemm, Moe, Mla, Dequant}
     assert not any(isinstance(c, (Gemm, Dequant)) or (isinstance(c, Moe) and c.block) for c, _ in cases(80)), \
         "no FP8 on sm_80"

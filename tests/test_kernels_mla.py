@@ -1,4 +1,5 @@
-"""Triton MLA over the latent cache (decode, chains, token trees, split-KV) against mla_attention_ref."""
+"""Triton MLA over the latent cache (decode, chains, token trees, split-KV) against mla_attention_ref; a captured
+step's metadata (host bounds only) through the Triton kernel and the fixed-shape torch path."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from _interp import DEVICE, poisoned, rel, wide_rows
 
 from specdec.kernels.attn_meta import AttnMeta, causal_tree_mask
-from specdec.kernels.mla import mla_attention, mla_attention_ref
+from specdec.kernels.mla import mla_attention, mla_attention_padded, mla_attention_ref
 
 pytestmark = pytest.mark.interpreter
 
@@ -89,3 +90,23 @@ def test_mla_slot_offsets_past_int32(seed: int) -> None:
     meta = AttnMeta.build(torch.tensor([[2, 0, 1]], device=DEVICE), [2], [1], causal_tree_mask([1], DEVICE))
     out = mla_attention(q, q_pe, kv, meta, 0.3)
     assert rel(out, mla_attention_ref(q, q_pe, kv.clone(), meta, 0.3)) < 1e-2, f"seed {seed}"
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree"])
+def test_captured_metadata_matches_reference(seed: int, kind: str) -> None:
+    """The block table at a fixed width far past the longest sequence, lengths on the device only: the Triton
+    kernel cuts its splits from the bound (most of them empty here) and the torch path attends over the whole
+    width; both give the reference's result on the same step's ordinary metadata."""
+    g = torch.Generator().manual_seed(seed)
+    q, q_pe, kv, meta = _case(g, [9, 70, 0], [3, 3, 3], kind, h=4, c=32, r=8, dtype=torch.float32)
+    table = torch.zeros(3, 256, dtype=torch.long, device=DEVICE)  # slot 0 past each row's keys: never seen
+    table[:, :meta.block_table.shape[1]] = meta.block_table.clamp(min=0)
+    captured = AttnMeta.captured(table, meta.ctx_lens.clone(), meta.tree_mask.clone(),
+                                 torch.empty(9, dtype=torch.long, device=DEVICE), 3)
+    captured.fill_slots()
+    assert torch.equal(captured.slots, meta.slots)
+    want = mla_attention_ref(q, q_pe, kv, meta, 0.2)
+    with poisoned():
+        out = mla_attention(q, q_pe, kv, captured, 0.2, num_splits=4)
+    assert rel(out, want) < 1e-5, f"seed {seed}"
+    assert rel(mla_attention_padded(q, q_pe, kv, captured, 0.2), want) < 1e-5, f"seed {seed}"

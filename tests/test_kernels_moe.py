@@ -1,4 +1,5 @@
-"""Fused Triton MoE (align, gate+up with SiLU*up, down, weighted combine) against moe_ref / moe_w8a8_ref."""
+"""Fused Triton MoE (align, gate+up with SiLU*up, down, weighted combine) against moe_ref / moe_w8a8_ref; the
+fixed-shape torch MoE (moe_gather) against moe_ref; what a captured step runs reads nothing back."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from _interp import DEVICE, poisoned, rel, wide_rows
 
+from specdec.host_reads import HostReadError, no_host_reads
 from specdec.kernels.fp8 import weight_quant_ref
-from specdec.kernels.moe import moe, moe_align, moe_ref, moe_w8a8_ref
+from specdec.kernels.moe import moe, moe_align, moe_gather, moe_ref, moe_w8a8_ref
 
 pytestmark = pytest.mark.interpreter
 
@@ -73,6 +75,31 @@ def test_moe_plain_weights(seed: int, dtype: torch.dtype, tol: float) -> None:
         y = moe(x, ids, w, w13, w2)
     assert y.dtype == dtype and y.shape == (t, d)
     assert rel(y, moe_ref(x, ids, w, w13, w2)) < tol, f"seed {seed}"
+
+
+def test_moe_gather_matches_reference(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    t, k, e, d, i = 7, 3, 4, 48, 24  # 21 routed pairs over 4 experts: experts repeat, some pairs are -1
+    ids = _routing(g, t, k, e)
+    w = torch.rand(t, k, generator=g).to(DEVICE)
+    x = torch.randn(t, d, generator=g).to(DEVICE)
+    w13, w2 = _weights(g, e, d, i)
+    assert rel(moe_gather(x, ids, w, w13, w2), moe_ref(x, ids, w, w13, w2)) < 1e-5, f"seed {seed}"
+
+
+def test_moe_in_a_captured_step_reads_nothing_back(seed: int) -> None:
+    """The Triton MoE (moe_align groups rows on the device, into a number of blocks fixed by the shapes) and
+    moe_gather run under the host-read guard; the reference, which selects and counts each expert's rows on the
+    host, does not."""
+    g = torch.Generator().manual_seed(seed)
+    ids = _routing(g, 5, 2, 4)
+    w, x = torch.rand(5, 2, generator=g).to(DEVICE), torch.randn(5, 32, generator=g).to(DEVICE)
+    w13, w2 = _weights(g, 4, 32, 16)
+    with no_host_reads():
+        moe(x, ids, w, w13, w2)
+        moe_gather(x, ids, w, w13, w2)
+    with pytest.raises(HostReadError, match="inside a no-host-reads region"), no_host_reads():
+        moe_ref(x, ids, w, w13, w2)
 
 
 # rows routed elsewhere (-1) leave their row of the SiLU*up scratch unwritten; act_quant still reads it (NaN when
