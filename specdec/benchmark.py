@@ -18,19 +18,16 @@ from .api import LLM
 from .outputs import Metrics
 from .params import SamplingParams, SpecConfig
 
-# `bench acceptance --sweep`: chains of depth 1-4, then trees at a few node budgets
-SWEEP_GRID: tuple[SpecConfig, ...] = (
-    SpecConfig(1), SpecConfig(2), SpecConfig(3), SpecConfig(4),
-    SpecConfig(2, topk=2), SpecConfig(3, topk=2, num_draft_tokens=4), SpecConfig(3, topk=2),
-    SpecConfig(4, topk=2, num_draft_tokens=6),
-)
+# `bench acceptance --sweep`: fixed chains of depth 1-4, then fixed trees at a few node budgets
+SWEEP_GRID: tuple[SpecConfig, ...] = tuple(SpecConfig(k, topk=w, num_draft_tokens=n, adaptive=False) for k, w, n in (
+    (1, 1, None), (2, 1, None), (3, 1, None), (4, 1, None), (2, 2, None), (3, 2, 4), (3, 2, None), (4, 2, 6)))
 
 
 def spec_dict(spec: SpecConfig | None) -> dict:
     if spec is None:
         return {"mtp": False}
     return {"mtp": True, "num_speculative_tokens": spec.num_speculative_tokens, "topk": spec.topk,
-            "num_draft_tokens": spec.budget}
+            "num_draft_tokens": spec.budget, "adaptive": spec.adaptive}
 
 
 @dataclass(frozen=True)
@@ -93,43 +90,54 @@ def _requests(prompts: list[str | list[int]], params: SamplingParams | list[Samp
 
 def latency_ab(mtp: LLM, plain: LLM, prompts: list[str | list[int]],
                params: SamplingParams | list[SamplingParams], runs: int = 3, warmup: int = 1, batch_size: int = 1,
-               log: Callable[[str], None] | None = None) -> dict:
-    """The same requests with and without MTP, after `warmup` untimed passes of the first batch on each; within a
-    run the two alternate batch by batch, who goes first swapping every batch (ABBA), so drift hits both alike.
-    `log` (if given) gets one line per finished run.
+               log: Callable[[str], None] | None = None, fixed: LLM | None = None) -> dict:
+    """The same requests with and without MTP (and, given `fixed`, a second MTP configuration: adaptive speculation's
+    fixed shape), after `warmup` untimed passes of the first batch on each; within a run they take turns batch by
+    batch, who goes first rotating every batch, so drift hits all alike. `log` (if given) gets one line per run.
 
-    Returns {"speedup", "speedup_per_run", "mean_accepted_length", "with_mtp", "without_mtp"}: speedup is the
-    ratio of tokens/s measured in this same call; with_mtp is summarize + acceptance_stats, without_mtp summarize."""
+    Returns {"speedup", "speedup_per_run", "mean_accepted_length", "with_mtp", "without_mtp"} and, with fixed,
+    {"fixed_mtp", "fixed_speedup", "fixed_speedup_per_run", "adaptive_vs_fixed", "adaptive_vs_fixed_per_run"}:
+    speedups are ratios of tokens/s measured in this same call (speedup: with_mtp over without_mtp); with_mtp and
+    fixed_mtp are summarize + acceptance_stats, without_mtp summarize."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs {runs} / warm-up {warmup}: need runs >= 1 and warm-up >= 0")
     groups = _requests(prompts, params, batch_size)
+    llms = {"with_mtp": mtp, **({"fixed_mtp": fixed} if fixed is not None else {}), "without_mtp": plain}
+    names = list(llms)
     for _ in range(warmup):
-        timed(mtp, *groups[0])
-        timed(plain, *groups[0])
-    a: list[Run] = []
-    b: list[Run] = []
-    per_run = []
-    with _bar(2 * runs * len(groups), "bench latency") as bar:
+        for x in llms.values():
+            timed(x, *groups[0])
+    done: dict[str, list[Run]] = {n: [] for n in names}
+    per_run: dict[str, list[float]] = {"speedup": [], "fixed_speedup": [], "adaptive_vs_fixed": []}
+    with _bar(len(names) * runs * len(groups), "bench latency") as bar:
         for r in range(runs):
-            ra: list[Run] = []
-            rb: list[Run] = []
-            pair = ((mtp, ra), (plain, rb))
+            this: dict[str, list[Run]] = {n: [] for n in names}
             for i, g in enumerate(groups):
-                for x, out in pair if (r * len(groups) + i) % 2 == 0 else pair[::-1]:
-                    out.append(timed(x, *g))
+                shift = (r * len(groups) + i) % len(names)
+                for n in names[shift:] + names[:shift]:
+                    this[n].append(timed(llms[n], *g))
                     bar.update()
-            sa, sb = summarize(ra)["tokens_per_s"], summarize(rb)["tokens_per_s"]
-            per_run.append(sa / max(sb, 1e-12))
+            rate = {n: summarize(this[n])["tokens_per_s"] for n in names}
+            per_run["speedup"].append(rate["with_mtp"] / max(rate["without_mtp"], 1e-12))
+            if fixed is not None:
+                per_run["fixed_speedup"].append(rate["fixed_mtp"] / max(rate["without_mtp"], 1e-12))
+                per_run["adaptive_vs_fixed"].append(rate["with_mtp"] / max(rate["fixed_mtp"], 1e-12))
             if log is not None:
-                log(f"run {r + 1}/{runs}: with MTP {sa:.1f} tokens/s, without {sb:.1f} tokens/s, "
-                    f"{per_run[-1]:.2f}x")
-            a += ra
-            b += rb
-    with_mtp = summarize(a) | acceptance_stats([m for run in a for m in run.metrics])
-    without = summarize(b)
-    return {"speedup": with_mtp["tokens_per_s"] / max(without["tokens_per_s"], 1e-12), "speedup_per_run": per_run,
-            "mean_accepted_length": with_mtp["mean_accepted_length"],
-            "with_mtp": with_mtp | spec_dict(mtp.speculative), "without_mtp": without | spec_dict(None)}
+                log(f"run {r + 1}/{runs}: " + ", ".join(f"{n.replace('_', ' ')} {rate[n]:.1f} tokens/s" for n in names)
+                    + f", {per_run['speedup'][-1]:.2f}x")
+            for n in names:
+                done[n] += this[n]
+    out = {n: summarize(done[n]) | (acceptance_stats([m for run in done[n] for m in run.metrics])
+                                    if n != "without_mtp" else {}) | spec_dict(llms[n].speculative) for n in names}
+    plain_rate = max(out["without_mtp"]["tokens_per_s"], 1e-12)
+    result = {"speedup": out["with_mtp"]["tokens_per_s"] / plain_rate, "speedup_per_run": per_run["speedup"],
+              "mean_accepted_length": out["with_mtp"]["mean_accepted_length"], **out}
+    if fixed is not None:
+        result |= {"fixed_speedup": out["fixed_mtp"]["tokens_per_s"] / plain_rate,
+                   "fixed_speedup_per_run": per_run["fixed_speedup"],
+                   "adaptive_vs_fixed": out["with_mtp"]["tokens_per_s"] / max(out["fixed_mtp"]["tokens_per_s"], 1e-12),
+                   "adaptive_vs_fixed_per_run": per_run["adaptive_vs_fixed"]}
+    return result
 
 
 def acceptance_stats(metrics: list[Metrics]) -> dict:
@@ -137,7 +145,9 @@ def acceptance_stats(metrics: list[Metrics]) -> dict:
 
     acceptance_rate_per_position[d]: share of verify steps whose depth-d draft was accepted (acceptance is a prefix,
     so the curve never rises); conditional_acceptance_rate_per_position[d]: the same given depth d-1 was accepted;
-    accepted_length_histogram[L]: verify steps that emitted L tokens (L - 1 accepted drafts plus the bonus)."""
+    draft_rate_per_position[d]: share of verify steps that drafted depth d (below 1 where adaptive speculation
+    drafted less, or decoded plainly); accepted_length_histogram[L]: verify steps that emitted L tokens (L - 1
+    accepted drafts plus the bonus); num_drafted: draft nodes verified."""
     k = max((len(m.accepted_per_position) for m in metrics), default=0)
     steps = sum(max(m.num_steps - 1, 0) for m in metrics)
     at_least = [steps] + [sum(m.accepted_per_position[d] for m in metrics if d < len(m.accepted_per_position))
@@ -149,9 +159,11 @@ def acceptance_stats(metrics: list[Metrics]) -> dict:
         "acceptance_rate": sum(m.num_accepted for m in metrics) / drafted if drafted else None,
         "acceptance_rate_per_position": [n / steps if steps else 0.0 for n in at_least[1:]],
         "conditional_acceptance_rate_per_position": [n / p if p else 0.0 for p, n in zip(at_least, at_least[1:])],
+        "draft_rate_per_position": [sum(m.drafted_per_position[d] for m in metrics if d < len(m.drafted_per_position))
+                                    / steps if steps else 0.0 for d in range(k)],
         "accepted_length_histogram": {str(a + 1): at_least[a] - (at_least[a + 1] if a < k else 0)
                                       for a in range(k + 1)},
-        "num_verify_steps": steps, "num_tokens": tokens, "num_requests": len(metrics),
+        "num_verify_steps": steps, "num_drafted": drafted, "num_tokens": tokens, "num_requests": len(metrics),
     }
 
 

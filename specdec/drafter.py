@@ -4,6 +4,13 @@ Draft step j (1-based, after the extend's last row drafted the root's children) 
 the previous step's output hidden state and the token just drafted; with the released model's D=1 the one layer is
 reused at every step, as the peers' "MTP Eagle" mode does. Tree mode expands the `topk` best frontier nodes by
 cumulative draft log-probability, each into its `topk` children, then keeps the best `num_draft_tokens` (EAGLE-2).
+
+With a gate (adaptive speculation, the step plan's DraftShape.gate and each request's depth and floor), a node's
+estimated acceptance is its calibrated confidence (cost_model.py) and its path's the product along it: a chain
+stops where its path falls below the request's floor, a tree ranks by path acceptance and keeps only the nodes at
+or above it, and a draft step runs only while the chains it would extend are expected to pay for it. Every input of
+those decisions is rank 0's or a function of the logits every rank computes alike, as the drafted tokens are, so
+every rank drafts the same ragged batch.
 """
 
 from __future__ import annotations
@@ -11,27 +18,116 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .cost_model import MARGIN_EDGES, MODES, NUM_BINS, RANKS
 from .kernels.attn_meta import AttnMeta
 from .kv_pool import Rows
 from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
 from .sampling import SamplingBatch, gumbel_topk
-from .step_plan import DraftShape
-from .tree import Candidates, TokenTree, chain_tree, monotone_scores, select_tree
+from .step_plan import DraftShape, Gate
+from .tree import Candidates, TokenTree, chain_tree, monotone_scores, rank_candidates, tree_of
 
 
 @dataclass(frozen=True)
 class Draft:
+    """A decode batch's drafts: tree [B, N] (ragged: a request with fewer nodes than the widest is padded, depth
+    -1); q [B, R, V] the draft distributions (rows indexed by tree.q_row), None if all greedy; chain: the tree is a
+    chain (its mask is causal); steps: the MTP forwards drafting ran after the first head. A gated draft also holds,
+    on the host, sizes[b] (request b's nodes, the root included), codes[b][i] and parents[b][i] (the calibration
+    cell and parent node of its node i + 1, for rank 0's calibration), and index: the places of the real nodes among
+    the B * N (None when no request is padded)."""
+
     tree: TokenTree
-    q: torch.Tensor | None  # [B, R, V] draft distributions (rows indexed by tree.q_row); None if all greedy
-    chain: bool = False  # the tree is a chain: its mask is causal
+    q: torch.Tensor | None
+    chain: bool = False
+    steps: int = 0
+    sizes: list[int] | None = None
+    codes: list[list[int]] | None = None
+    parents: list[list[int]] | None = None
+    index: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> list[int]:
+        """Each request's nodes, the root included."""
+        b, n = self.tree.tokens.shape
+        return self.sizes if self.sizes is not None else [n] * b
 
     def attn_mask(self) -> torch.Tensor | None:
-        """The verify step's tree mask [B * N, N] for AttnMeta.build; None for a chain (causal, which kernels
-        without custom masks take)."""
+        """The verify step's tree mask [T, N] over the real nodes (T of them) for AttnMeta.build; None for a chain
+        (causal, which kernels without custom masks take)."""
+        return None if self.chain else self.pack(self.tree.mask)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, ...] -> [T, ...]: the real nodes' rows, request by request (what the verify forward takes)."""
         b, n = self.tree.tokens.shape
-        return None if self.chain else self.tree.mask.reshape(b * n, n)
+        flat = x.reshape(b * n, *x.shape[2:])
+        return flat if self.index is None else flat[self.index]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, ...] (the verify forward's rows) -> [B * N, ...], zeros at padding nodes."""
+        if self.index is None:
+            return x
+        b, n = self.tree.tokens.shape
+        return x.new_zeros(b * n, *x.shape[1:]).index_copy_(0, self.index, x)
+
+    @property
+    def depth(self) -> int:
+        """Draft levels of the widest request (the trees' depth bound)."""
+        return self.tree.paths.shape[-1] - 1
+
+    def depths(self, budget: int) -> list[int]:
+        """Each request's deepest draft node (a tree drafted whole, ungated: the deepest its budget can reach)."""
+        b, n = self.tree.tokens.shape
+        if self.parents is None:
+            return [n - 1 if self.chain else min(self.depth, budget)] * b
+        out = []
+        for ps in self.parents:
+            d = [0]
+            for p in ps:
+                d.append(d[p] + 1)
+            out.append(max(d))
+        return out
+
+
+class _Gate:
+    """One step's gate on the device: the calibration table [mode, cell], each row's mode, depth, floor and its log
+    (-1 and -inf where the request has none: every path passes) and whether it is fixed (no floor), and the step
+    cost."""
+
+    def __init__(self, gate: Gate, depth: list[int], floor: list[float | None], sb: SamplingBatch,
+                 device: torch.device):
+        self.table = torch.tensor(gate.calibration, dtype=torch.float64, device=device).view(len(MODES), -1)
+        self.mode = (~sb.greedy).long()
+        self.depth = torch.tensor(depth, device=device)
+        self.fixed = torch.tensor([f is None for f in floor], device=device)
+        self.floor = torch.tensor([-1.0 if f is None else f for f in floor], dtype=torch.float64, device=device)
+        self.log_floor = torch.where(self.fixed, float("-inf"), self.floor.clamp(min=0).log())
+        self.step_cost = gate.step_cost
+        self.edges = torch.tensor(MARGIN_EDGES, device=device)
+
+    def cells(self, top: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """top [B, r, w+1]: each draft distribution's w+1 best log-probabilities (its rank scores) -> each of its
+        w children's calibration cell and estimated acceptance ([B, r * w] each; 0 for a child it cannot draw)."""
+        b = top.shape[0]
+        margin = (top[..., :w] - top[..., 1:]).float().nan_to_num(nan=float("inf"))  # -inf - -inf: none drawable
+        rank = torch.arange(w, device=top.device).clamp(max=RANKS - 1)
+        codes = (rank * NUM_BINS + torch.bucketize(margin, self.edges)).reshape(b, -1)
+        alpha = self.table[self.mode].gather(1, codes)
+        return codes, torch.where(torch.isfinite(top[..., :w]).reshape(b, -1), alpha, 0.0)
+
+    def score(self, lq: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """A tree node's own ranking score [B, n]: log of its estimated acceptance, or (a request without a floor)
+        its draft log-probability, as an ungated tree ranks, so that its tree never depends on the calibration."""
+        return torch.where(self.fixed[:, None], lq.double(), alpha.log())
+
+    def go(self, can: torch.Tensor, p: torch.Tensor) -> bool:
+        """Whether another draft step pays, given which chains (or frontier nodes) can go on (can [B] or [B, F])
+        and their path acceptance p: some fixed request can, or the gated ones' summed p reaches step_cost. One
+        host read."""
+        fixed = self.fixed.view(-1, *[1] * (can.dim() - 1))
+        return bool(((can & fixed).any() | ((p * (can & ~fixed)).sum() >= self.step_cost)).item())
 
 
 class Drafter:
@@ -87,30 +183,51 @@ class Drafter:
         return min(j, self.model.cfg.num_nextn_predict_layers - 1)
 
     def draft(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-              sb: SamplingBatch, shape: DraftShape) -> Draft:
+              sb: SamplingBatch, shape: DraftShape, depth: list[int] | None = None,
+              floor: list[float | None] | None = None) -> Draft:
         """root [B] last committed tokens (not yet verified); g [B, D] MTP output of each request's last committed
         row (it predicts the root's child); n_rows[b] committed layer-0 MTP rows (row i at slot rows.maps[b, i]);
         expanded draft node e of request b writes its row at row n_rows[b] + e (the next extend overwrites it).
-        shape: the chain or tree to build (rank 0's choice, from the step plan)."""
+        shape: the chain or tree to build (rank 0's choice, from the step plan); with shape.gate, each request's
+        depth and floor (Decode's). A sampled row's drafting takes shape.draft_draws uniforms whatever it drafts,
+        so the uniforms of its acceptance sit where they would at the full shape."""
+        gate = _Gate(shape.gate, depth, floor, sb, root.device) if shape.gate is not None else None
+        if shape.topk == 1:
+            out = self._draft_chain(root, g, n_rows, rows, cache, sb, min(shape.k, shape.budget), gate)
+        else:
+            out = self._draft_tree(root, g, n_rows, rows, cache, sb, shape, gate)
+        rest = shape.draft_draws(self.model.cfg.vocab_size) - sb.used
+        if sb.any_sampled and rest:
+            sb.uniform((rest,))
+        return out
+
+    def _draft_tree(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
+                    sb: SamplingBatch, shape: DraftShape, gate: _Gate | None) -> Draft:
         k, w = shape.k, shape.topk
-        if w == 1:
-            return self._draft_chain(root, g, n_rows, rows, cache, sb, min(k, shape.budget))
         b = root.shape[0]
         dev = root.device
         q_rows: list[torch.Tensor] = []
-        tokens, lq = self._children(self.model.logits(g), sb, w, q_rows)
+        tokens, lq, cells = self._children(self.model.logits(g), sb, w, q_rows, gate=gate)
         cand_t = [tokens]
         cand_p = [torch.full((b, w), -1, dtype=torch.long, device=dev)]
-        cand_s = [monotone_scores(lq, torch.zeros(b, device=dev))]
+        cand_s = [monotone_scores(lq if gate is None else gate.score(lq, cells[1]), torch.zeros(b, device=dev))]
+        cand_d = [torch.ones(b, w, dtype=torch.long, device=dev)]  # depth of each candidate
+        cand_c = [cells[0]] if gate is not None else []
         exp_row = torch.full((b, w), -1, dtype=torch.long, device=dev)  # grows with the candidates
         level_start, level_n = 0, w
         hid = g[:, None, :].expand(b, w, g.shape[-1])  # [B, level_n, D]: hidden each candidate is paired with
         anc = torch.zeros(b, w, 0, dtype=torch.long, device=dev)  # ancestor draft slots per candidate
         n_t = torch.tensor(n_rows, device=dev)
+        levels = 1
         for j in range(1, k):
             f = min(w, level_n)
             lvl_score = torch.cat(cand_s, 1)[:, level_start:level_start + level_n]
             pick = lvl_score.topk(f, dim=-1).indices.sort(-1).values  # [B, F] frontier within the level
+            if gate is not None:
+                fs = lvl_score.gather(1, pick)
+                if not gate.go((fs >= gate.log_floor[:, None]) & (gate.depth[:, None] > j), fs.exp()):
+                    break
+            levels += 1
             front = level_start + pick  # candidate indices
             all_t = torch.cat(cand_t, 1)
             x = all_t.gather(1, front)  # [B, F]
@@ -126,58 +243,122 @@ class Drafter:
             pos = (n_t[:, None] + j).expand(b, f).reshape(-1)
             out = self.model.mtp_forward(layer, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
             exp_row = exp_row.scatter(1, front, 1 + e_idx[None, :].expand(b, f))  # q row of its children
-            child_t, child_lq = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f)
-            child_t, child_lq = child_t.view(b, f * w), child_lq.view(b, f, w)
+            child_t, child_lq, cells = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f,
+                                                      gate=gate)
+            raw = child_lq if gate is None else gate.score(child_lq, cells[1])
+            child_t, raw = child_t.view(b, f * w), raw.view(b, f, w)
             parent_score = torch.cat(cand_s, 1).gather(1, front)  # [B, F]
-            child_s = monotone_scores(parent_score[..., None] + child_lq, parent_score).reshape(b, f * w)
+            child_s = monotone_scores(parent_score[..., None] + raw, parent_score).reshape(b, f * w)
             level_start = sum(t.shape[1] for t in cand_t)
             level_n = f * w
             cand_t.append(child_t)
             cand_p.append(front.repeat_interleave(w, dim=1))
             cand_s.append(child_s)
+            cand_d.append(torch.full((b, f * w), j + 1, dtype=torch.long, device=dev))
+            if gate is not None:
+                cand_c.append(cells[0])
             exp_row = torch.cat([exp_row, torch.full((b, f * w), -1, dtype=torch.long, device=dev)], 1)
             hid = out.view(b, f, -1).repeat_interleave(w, dim=1)
             anc = path_slots.repeat_interleave(w, dim=1)
         cands = Candidates(torch.cat(cand_t, 1), torch.cat(cand_p, 1), torch.cat(cand_s, 1), exp_row)
-        tree = select_tree(root, cands, shape.budget, max_depth=k, width=w)
-        return Draft(tree, torch.stack(q_rows, 1) if q_rows else None)
+        q = torch.stack(q_rows, 1) if q_rows else None
+        if gate is None:
+            idx = rank_candidates(cands, shape.budget)
+            return Draft(tree_of(root, cands, idx, levels, w), q, steps=levels - 1)
+        keep = (cands.score >= gate.log_floor[:, None]) & (torch.cat(cand_d, 1) <= gate.depth[:, None])
+        idx = rank_candidates(cands, shape.budget, keep)
+        at = idx.clamp(min=0)
+        real = idx >= 0
+        parent = torch.where(real, cands.parent.gather(1, at), -1)
+        code = torch.where(real, torch.cat(cand_c, 1).gather(1, at), -1)
+        host = torch.cat([idx, parent, code], 1).tolist()  # the step's one read of the tree
+        m = idx.shape[1]
+        sizes, codes, parents = [], [], []
+        for row in host:
+            ids, par, cod = row[:m], row[m:2 * m], row[2 * m:]
+            live = sum(i >= 0 for i in ids)
+            node = {c: i + 1 for i, c in enumerate(ids[:live])}
+            sizes.append(1 + live)
+            codes.append(cod[:live])
+            parents.append([node.get(c, 0) for c in par[:live]])
+        idx = idx[:, :max(sizes) - 1]
+        return self._ragged(tree_of(root, cands, idx, levels, w), q, False, levels - 1, sizes, codes, parents)
 
     def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-                     sb: SamplingBatch, k: int) -> Draft:
+                     sb: SamplingBatch, k: int, gate: _Gate | None) -> Draft:
         """topk=1: each of k steps drafts one token from the previous step's output. A step's draft row goes right
         after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
-        is causal."""
+        is causal. Gated: request b's chain ends at its depth or at the first node whose path acceptance falls
+        below its floor, and a step runs only while the chains it extends pay for it."""
         q_rows: list[torch.Tensor] = []
-        tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
+        tok, _, cells = self._children(self.model.logits(g), sb, 1, q_rows, gate=gate)
         drafts = [tok]
         dev = root.device
         n_t = torch.tensor(n_rows, device=dev)
         ones = torch.ones(len(n_rows), 1, dtype=torch.bool, device=dev)
+        if gate is not None:
+            p = cells[1][:, 0]
+            live = (gate.depth > 0) & (p >= gate.floor)
+            lens, codes = live.long(), [cells[0]]
         for j in range(1, k):
+            if gate is not None and not gate.go(live & (gate.depth > j), p):
+                break
             layer = self._layer(j)
             ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
             meta = rows.meta(ctx, [1] * len(n_rows), ones)
             g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
-            tok, _ = self._children(self.model.logits(g), sb, 1, q_rows)
+            tok, _, cells = self._children(self.model.logits(g), sb, 1, q_rows, gate=gate)
             drafts.append(tok)
-        return Draft(chain_tree(root, torch.cat(drafts, 1)), torch.stack(q_rows, 1) if q_rows else None, chain=True)
+            if gate is not None:
+                p = p * cells[1][:, 0]
+                live = live & (gate.depth > j) & (p >= gate.floor)
+                lens, codes = lens + live, codes + [cells[0]]
+        q = torch.stack(q_rows, 1) if q_rows else None
+        steps = len(drafts) - 1
+        if gate is None:
+            return Draft(chain_tree(root, torch.cat(drafts, 1)), q, chain=True, steps=steps)
+        host = torch.cat([lens[:, None], *codes], 1).tolist()  # the step's one read of the chains
+        sizes = [1 + row[0] for row in host]
+        m = max(sizes) - 1
+        tree = chain_tree(root, torch.cat(drafts, 1)[:, :m], lens)
+        return self._ragged(tree, q, True, steps, sizes, [row[1:1 + row[0]] for row in host],
+                            [list(range(row[0])) for row in host])
+
+    @staticmethod
+    def _ragged(tree: TokenTree, q: torch.Tensor | None, chain: bool, steps: int, sizes: list[int],
+                codes: list[list[int]], parents: list[list[int]]) -> Draft:
+        """A gated Draft, with the packing index of its real nodes when some request is padded."""
+        n = tree.tokens.shape[1]
+        index = None
+        if min(sizes) < n:
+            index = torch.tensor([b * n + i for b, s in enumerate(sizes) for i in range(s)],
+                                 device=tree.tokens.device)
+        return Draft(tree, q, chain, steps, sizes, codes, parents, index)
 
     def _children(self, logits: torch.Tensor, sb: SamplingBatch, w: int, q_rows: list[torch.Tensor],
-                  rows_per_request: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B * r, V] -> children ids [B, r * w] in draw order and their log q [B, r * w].
+                  rows_per_request: int = 1, gate: _Gate | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """logits [B * r, V] -> children ids [B, r * w] in draw order, their log q [B, r * w], and with a gate each
+        child's calibration cell and estimated acceptance ([B, r * w] each; else None).
         Greedy rows take the top-w of the raw distribution; sampled rows draw w without replacement from the
-        processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r)."""
+        processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r). A child's rank score,
+        and so its confidence, is the rank-th best log q, never the drawn token's own (gumbel_topk)."""
         b = logits.shape[0] // rows_per_request
-        lq, ids = logits.log_softmax(-1).topk(w, dim=-1)
+        v = logits.shape[-1]
+        n = w + 1 if gate is not None else w  # the next rank's score gives the last child's margin
+        lq, ids = logits.log_softmax(-1).topk(min(n, v), dim=-1)
         if sb.any_sampled:
             qp = sb.probs(logits, rows_per_request)
             logq_s = qp.log()
-            u = sb.uniform((rows_per_request, logits.shape[-1])).reshape(b * rows_per_request, -1)
-            ids_s, lq_s = gumbel_topk(logq_s, u, w)
+            u = sb.uniform((rows_per_request, v)).reshape(b * rows_per_request, -1)
+            ids_s, _ = gumbel_topk(logq_s, u, w)
             g = sb.greedy.repeat_interleave(rows_per_request)[:, None]
-            ids, lq = torch.where(g, ids, ids_s), torch.where(g, lq, lq_s)
+            ids, lq = torch.where(g, ids[:, :w], ids_s), torch.where(g, lq, logq_s.topk(min(n, v), dim=-1).values)
             q_rows.extend(qp.view(b, rows_per_request, -1).unbind(1))
-        return ids.reshape(b, -1), lq.reshape(b, -1)
+        cells = None
+        if gate is not None:
+            cells = gate.cells(F.pad(lq, (0, n - lq.shape[1]), value=float("-inf")).view(b, rows_per_request, n), w)
+        return ids[:, :w].reshape(b, -1), lq[:, :w].reshape(b, -1), cells
 
     @staticmethod
     def _first_step(layer: int) -> int:

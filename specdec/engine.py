@@ -22,6 +22,7 @@ step and score take `lock` (several threads may share the engine).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .draft_policy import DraftPolicy
 from .drafter import Draft, Drafter
 from .inputs import check_token_ids
 from .kv_pool import KVPool, default_kv_tokens
@@ -66,6 +68,7 @@ class Engine:
         if spec is not None:
             spec.check_vocab(cfg.vocab_size)
         self.shape = DraftShape.of(spec) if spec is not None else None
+        self.policy = DraftPolicy(self.shape, spec.adaptive) if spec is not None else None
         self.relaxed = Relaxed(spec.relaxed_topk, spec.relaxed_delta) if spec and spec.acceptance == "relaxed" \
             else None
         tokens = kv_cache_tokens or default_kv_tokens(cfg, dtype, device, spec is not None, max_num_seqs)
@@ -84,6 +87,8 @@ class Engine:
         self._shipped: dict[int, int] = {}  # per request holding blocks: how many of them the runners have
         self._step: dict[int, Request] = {}  # the running requests of the step in progress, by id
         self._first_seeds: dict[int, int] = {}  # this step's first-token seeds, by request id
+        self._lag: dict[int, int] = {}  # requests whose last rows plain steps left out of the MTP cache: how many
+        self._work: tuple[int, int, int] = (0, 0, 0)  # the decode step's tokens verified, draft steps and emitted
 
     @property
     def drafter(self) -> Drafter | None:
@@ -127,7 +132,8 @@ class Engine:
                                                                                  generator=self.seed_rng))
             k = self.spec.num_speculative_tokens if self.spec else 0
             r = Request(self._ids, list(prompt), params, frozenset(stop), random.Random(seed), tokens=list(prompt),
-                        n_prefill=len(prompt), metrics=Metrics(accepted_per_position=[0] * k), where=where)
+                        n_prefill=len(prompt), metrics=Metrics(accepted_per_position=[0] * k,
+                                                               drafted_per_position=[0] * k), where=where)
             self._ids += 1
             self.scheduler.waiting.append(r)
         return r
@@ -150,9 +156,10 @@ class Engine:
         return self.scheduler.has_unfinished or bool(self.scheduler.freed)
 
     def stats(self) -> EngineStats:
-        """Requests running and waiting now, and the KV pool's usage."""
+        """Requests running and waiting now, the KV pool's usage and (MTP) the drafting's costs and choices."""
         with self.lock:
-            return self.scheduler.stats()
+            stats = self.scheduler.stats()
+            return stats if self.policy is None else dataclasses.replace(stats, drafting=self.policy.stats())
 
     # --- the step ---------------------------------------------------------------------------------------------
 
@@ -167,8 +174,8 @@ class Engine:
             self.runner.send(plan)
             times = self.runner.run(plan, self)
             self._account(plan.prefill, times)
-            for r in self.scheduler.running:  # rows below n_main are final in both caches: index their full blocks
-                self.pool.cache_prefix(r.table, r.tokens, r.n_main)
+            for r in self.scheduler.running:  # rows final in both caches: index their full blocks
+                self.pool.cache_prefix(r.table, r.tokens, r.n_main - self._lag.get(r.id, 0))
 
     @torch.inference_mode()
     def score(self, s: Score) -> torch.Tensor:
@@ -199,6 +206,7 @@ class Engine:
         freed, self.scheduler.freed = self.scheduler.freed, []
         for i in freed:
             self._shipped.pop(i, None)
+            self._lag.pop(i, None)
         blocks = {}
         for r in running:
             n = self._shipped.get(r.id, 0)
@@ -223,7 +231,8 @@ class Engine:
         roots = [None if r.status is Status.PREFILL and self._ends_prompt(r, r.n_prefill) else r.tokens[-1]
                  for r in reqs]
         n_main = [r.n_main if r.status is Status.RUNNING else r.n_prefill for r in reqs]
-        return Decode([r.id for r in reqs], n_main, roots, _sampling(reqs), self.shape)
+        shape, depth, floor = self.policy.plan(reqs, [x is None for x in roots]) if self.policy else (None,) * 3
+        return Decode([r.id for r in reqs], n_main, roots, _sampling(reqs), shape, depth, floor)
 
     # --- rank 0's decisions (the runner's Leader) -------------------------------------------------------------
 
@@ -254,14 +263,18 @@ class Engine:
         return Commit([not r.finished for r in reqs], tokens) if firsts else None
 
     def decoded(self, reqs: list[int], logits: torch.Tensor, sb: SamplingBatch) -> None:
-        """Plain decoding: sample and emit one token a request."""
+        """Plain decoding: sample and emit one token a request (with a drafter, its MTP rows wait for the next
+        drafting step: runner.py)."""
         active = [self._step[i] for i in reqs]
         res = StepResult.sampled(self._sample(self._penalize(active, logits), sb), logits)
         host = res.host()
         self.clock.synced()
         self._emit_sampled(active, host, step_logprobs(active, logits, res.tokens[:, 0], 1))
+        self._work = (len(active), 0, len(active))
         for r in active:
             r.n_main += 1
+            if self.policy is not None:
+                self._lag[r.id] = self._lag.get(r.id, 0) + 1
             if r.finish_reason is not None and not r.finished:
                 self.scheduler.finish(r)
 
@@ -271,37 +284,44 @@ class Engine:
         active = [self._step[i] for i in reqs]
         tree, q = draft.tree, draft.q
         b, n = tree.tokens.shape
-        k, w = self.shape.k, self.shape.topk
+        k, w = self.shape.k, self.shape.topk  # the configured shape lays out the uniforms, whatever was drafted
         target = self._penalize(active, logits, tree)
         p = sb.probs(target, n).view(b, n, -1) if sb.any_sampled else None
         u_acc = sb.uniform((k, w)) if sb.any_sampled else None
         u_bonus = sb.uniform(()) if sb.any_sampled else None
-        acc = accept(tree, target.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, k, self.relaxed)
+        acc = accept(tree, target.view(b, n, -1), p, q, sb.greedy, u_acc, u_bonus, draft.depth, self.relaxed)
         res = StepResult.verified(tree, acc, logits.view(b, n, -1))
         host = res.host()
         self.clock.synced()
+        self.policy.verified([r.params.greedy for r in active], draft.num_nodes, draft.codes, draft.parents,
+                             host.path)
+        self._work = (sum(draft.num_nodes), draft.steps, sum(map(len, host.tokens)))
+        for r in active:  # the runner catches up its MTP rows before it drafts
+            self._lag.pop(r.id, None)
         lps = None
         if any(r.params.logprobs is not None for r in active):
             # emitted token j (accepted drafts, then the bonus) is the main model's choice at path node j
             path, v = res.path.clamp(min=0), logits.shape[-1]
             rows = logits.view(b, n, v).gather(1, path[..., None].expand(*path.shape, v))
             lps = step_logprobs(active, rows.view(-1, v), res.tokens.clamp(min=0).view(-1), path.shape[1])
-        return Commit(self._commit(active, n, host, lps), host.tokens, host.path)
+        return Commit(self._commit(active, draft, host, lps), host.tokens, host.path)
 
-    def _commit(self, active: list[Request], n_nodes: int, host: HostStep,
+    def _commit(self, active: list[Request], draft: Draft, host: HostStep,
                 lps: list[list[dict[int, float]] | None] | None) -> list[bool]:
         """Emit each request's accepted tokens and bonus; whether each goes on (its rows then move and its MTP
         cache is extended: runner.py)."""
         keep = []
-        for i, r in enumerate(active):
+        for i, (r, nodes, depth) in enumerate(zip(active, draft.num_nodes, draft.depths(self.shape.budget))):
             if not self._check_finite(r, host.finite[i]):
                 keep.append(False)
                 continue
             a = len(host.path[i]) - 1  # accepted drafts (the root not counted)
             m = r.metrics
             m.num_steps += 1
-            m.num_drafted += n_nodes - 1
+            m.num_drafted += nodes - 1
             m.num_accepted += a
+            for d in range(depth):
+                m.drafted_per_position[d] += 1
             for d in range(a):
                 m.accepted_per_position[d] += 1
             r.emit(host.tokens[i], lps[i] if lps else None)
@@ -359,6 +379,8 @@ class Engine:
                 r.metrics.prefill_time += (t2 - t1) / len(live)
         if times.decode is None:
             return
+        if self.policy is not None:
+            self.policy.timed(self.clock, len(times.batch), times.decode, *self._work)
         batch = [self._step[i] for i in times.batch]
         if len(times.decode) == 2:
             self.clock.add([r.metrics for r in batch], "verify_time", *times.decode)

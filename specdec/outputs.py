@@ -15,6 +15,8 @@ class Metrics:
     num_drafted: int = 0  # draft nodes verified
     num_accepted: int = 0  # draft tokens accepted
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: steps whose depth-d draft was accepted
+    drafted_per_position: list[int] = field(default_factory=list)  # [k]: steps that verified a depth-d draft (a
+    # tree drafted whole: each depth its budget reaches); adaptive speculation drafts fewer than k where unlikely
     num_generated: int = 0
     prefill_time: float = 0.0  # seconds in prefill forwards (its share of batched ones), MTP rows included
     draft_time: float = 0.0  # decode steps: seconds drafting (MTP forwards, trees) and extending the MTP cache
@@ -41,7 +43,8 @@ class Metrics:
     def as_dict(self) -> dict:
         return {
             "num_steps": self.num_steps, "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
-            "accepted_per_position": list(self.accepted_per_position), "num_generated": self.num_generated,
+            "accepted_per_position": list(self.accepted_per_position),
+            "drafted_per_position": list(self.drafted_per_position), "num_generated": self.num_generated,
             "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
             "prefill_time": self.prefill_time, "draft_time": self.draft_time, "verify_time": self.verify_time,
             "other_time": self.other_time,

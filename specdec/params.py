@@ -131,6 +131,13 @@ class SpecConfig:
     """MTP speculative decoding: k draft steps; `topk` children per expanded node (1 = chain);
     `num_draft_tokens` the tree's node budget (default k for a chain, else k * topk).
 
+    adaptive=True (the default) makes that shape a cap (issue 18, draft_policy.py): each step rank 0 picks the
+    batch's draft depth from the engine's own measured costs (none when verifying more tokens would not pay), and
+    each request drafts only the tokens whose estimated acceptance, learned from the MTP's confidence, outweighs
+    their measured cost; what is verified changes, never the acceptance rule. A sampled request with a seed drafts
+    the capped shape (its output then depends on its seed alone, not on load). adaptive=False drafts the shape as
+    given at every step.
+
     acceptance="exact" is lossless. "relaxed" (TensorRT-LLM's relaxed acceptance: a greedy draft token is accepted
     when it is among the target's top `relaxed_topk` and within `relaxed_delta` of the top-1 log-probability) is
     lossy: output no longer equals the main model's alone. Off by default. It is defined for greedy decoding only:
@@ -143,6 +150,7 @@ class SpecConfig:
     acceptance: str = "exact"
     relaxed_topk: int = 3
     relaxed_delta: float = 0.5
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> ValueError:
@@ -161,6 +169,8 @@ class SpecConfig:
             raise bad("relaxed_topk", "a positive integer")
         if not (_real(self.relaxed_delta) and self.relaxed_delta >= 0):
             raise bad("relaxed_delta", "a finite number >= 0")
+        if not isinstance(self.adaptive, bool):
+            raise bad("adaptive", "True or False")
 
     @property
     def max_tree_nodes(self) -> int:

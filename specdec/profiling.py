@@ -17,6 +17,7 @@ torch backend.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -158,14 +159,15 @@ def _wrapped(obj: object, name: str, wrap: Callable[[Callable], Callable]) -> It
 def profile_steps(llm: LLM, prompt: str | list[int], spec: SpecConfig = SpecConfig(3),
                   warm: int = 2) -> dict[str, StepProfile]:
     """One greedy request (prompt: text or token ids) decoded `warm` steps, then one step counted, on llm's weights:
-    "plain" a plain decode step; "verify" a speculative step with `spec` less its drafting; "draft" the drafting
-    (Drafter.draft and .extend: the MTP runs, the heads, the draft sampling). The engines must be idle."""
+    "plain" a plain decode step; "verify" a speculative step with `spec`'s shape drafted whole (adaptive
+    speculation off, so that the step drafts) less its drafting; "draft" the drafting (Drafter.draft and .extend:
+    the MTP runs, the heads, the draft sampling). The engines must be idle."""
     weights = weight_tensors(llm.model)
     cfg = llm.config
     with _decoding(llm.with_speculative(None), prompt, warm) as step, OpCounter(weights) as c:
         step()
     plain = StepProfile(c.ops, c.weight_bytes, cfg.num_hidden_layers, 1)
-    mtp = llm.with_speculative(spec)
+    mtp = llm.with_speculative(dataclasses.replace(spec, adaptive=False))
     draft, runs = OpCounter(weights), [0]
 
     def in_draft(f: Callable) -> Callable:

@@ -49,11 +49,15 @@ class Leader(Protocol):
 @dataclass
 class Seq:
     """What a rank keeps of one request between steps: its rows, and the drafter's state (MTP layer 0's output at
-    its last committed row, which seeds the next draft; each MTP layer's last output)."""
+    its last committed row, which seeds the next draft; each MTP layer's last output; the main model's hidden
+    states and roots of the rows that plain steps of an MTP engine decoded, whose MTP rows wait for its next
+    drafting step)."""
 
     table: BlockTable = field(default_factory=BlockTable)
     mtp_hidden: torch.Tensor | None = None
     carry: list[torch.Tensor | None] = field(default_factory=list)
+    lag: list[torch.Tensor] = field(default_factory=list)
+    lag_roots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -195,22 +199,30 @@ class Runner:
         root = torch.tensor(roots, device=dev)
         draws = d.draft.draws(self.model.cfg.vocab_size) if d.draft is not None else 1
         sb = sampling_batch(d.sampling.take(pick) if d.sampling is not None else None, len(reqs), draws, dev)
-        if self.drafter is None:
+        if self.drafter is None or d.draft is None:
             meta = rows.meta(n_main, [1] * len(reqs), _ones(len(reqs), dev))
-            logits = self.model.logits(self.model(root, torch.tensor(n_main, device=dev), meta, self.main))
+            hidden = self.model(root, torch.tensor(n_main, device=dev), meta, self.main)
+            logits = self.model.logits(hidden)
             if leader is not None:
                 leader.decoded(reqs, logits, sb)
+            if self.drafter is not None:  # adaptive speculation decoded plainly: the MTP rows wait (_catch_up)
+                for i, r in enumerate(reqs):
+                    self.seqs[r].lag.append(hidden[i])
+                    self.seqs[r].lag_roots.append(roots[i])
             times.decode = (t0, self.clock.mark())
             return
+        self._catch_up(reqs, n_main, roots, rows.maps.shape[1])
         g = torch.stack([self.seqs[r].mtp_hidden for r in reqs])
-        draft = self.drafter.draft(root, g, n_main, rows, self.mtp, sb, d.draft)
+        take = (lambda xs: None if xs is None else [xs[b] for b in pick])
+        draft = self.drafter.draft(root, g, n_main, rows, self.mtp, sb, d.draft, take(d.depth), take(d.floor))
         t1 = self.clock.mark()
         tree = draft.tree
         b, n = tree.tokens.shape
-        pos = (torch.tensor(n_main, device=dev)[:, None] + tree.depth).reshape(-1)
-        meta = rows.meta(n_main, [n] * b, draft.attn_mask())
-        hidden = self.model(tree.tokens.reshape(-1), pos, meta, self.main).view(b, n, -1)
-        logits = self.model.logits(hidden.view(b * n, -1))
+        meta = rows.meta(n_main, draft.num_nodes, draft.attn_mask())  # a ragged batch: its real nodes only
+        pos = draft.pack(meta.ctx_lens[:, None] + tree.depth)
+        hidden = self.model(draft.pack(tree.tokens), pos, meta, self.main)
+        logits = self.model.logits(hidden)
+        hidden, logits = draft.unpack(hidden).view(b, n, -1), draft.unpack(logits)
         decided = leader.verified(reqs, draft, logits, sb) if leader is not None else None
         commit = Commit.share(self.channel, decided)
         keep = [i for i in range(b) if commit.keep[i]]
@@ -220,6 +232,18 @@ class Runner:
             self._extend([reqs[i] for i in keep], [commit.tokens[i] for i in keep], [n_main[i] for i in keep],
                          [hidden[i, commit.path[i]] for i in keep], rows.maps.shape[1])
         times.decode = (t0, t1, t2, self.clock.mark())
+
+    def _catch_up(self, reqs: list[int], n_main: list[int], roots: list[int], width: int) -> None:
+        """Extend the MTP cache with the rows plain steps decoded (each paired with the next root), so that a
+        request's draft starts from its last committed row."""
+        behind = [i for i, r in enumerate(reqs) if self.seqs[r].lag]
+        if not behind:
+            return
+        seqs = [self.seqs[reqs[i]] for i in behind]
+        self._extend([reqs[i] for i in behind], [s.lag_roots[1:] + [roots[i]] for s, i in zip(seqs, behind)],
+                     [n_main[i] - len(s.lag) for s, i in zip(seqs, behind)], [torch.stack(s.lag) for s in seqs], width)
+        for s in seqs:
+            s.lag, s.lag_roots = [], []
 
     def _move_accepted(self, reqs: list[int], n_main: list[int], commit: Commit, keep: list[int]) -> None:
         """Move each kept request's accepted path's main-cache rows to the rows right after its prefix."""

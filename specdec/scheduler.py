@@ -7,19 +7,24 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .kv_pool import KVPool
 from .request import Request, Status
+
+if TYPE_CHECKING:
+    from .draft_policy import DraftingStats
 
 
 @dataclass(frozen=True)
 class EngineStats:
     """The engine's load: requests running (prefilling or decoding), waiting for a slot, and the share of the KV
-    pool's blocks they hold."""
+    pool's blocks they hold; with MTP, its drafting (costs, choices by batch size: draft_policy.py)."""
 
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    drafting: DraftingStats | None = None
 
 
 class Scheduler:

@@ -31,15 +31,29 @@ class Channel(Protocol):
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Adaptive speculation's parameters for one step, decided on rank 0 from its measured costs and acceptance
+    (draft_policy.py) and shipped, so that every rank drafts alike. calibration: the estimated acceptance of a
+    draft node given its parent was accepted, flattened [mode (greedy, sampled), sibling rank, margin bin]
+    (cost_model.Calibration); step_cost: the summed path acceptance of the chains a draft step extends below which
+    the step is not run (it would cost more than it is expected to yield)."""
+
+    calibration: tuple[float, ...]
+    step_cost: float
+
+
+@dataclass(frozen=True)
 class DraftShape:
-    """What the drafter builds for the decode batch: k draft steps, topk children per expanded node, `budget` draft
-    nodes verified. Chosen on rank 0 and shipped (today the SpecConfig's; issue 18's adaptive speculation chooses it
-    per step from measured costs, and per request as a list beside Decode.reqs), so that no rank picks a shape from
-    its own timings."""
+    """What the drafter builds for the decode batch: at most k draft steps, topk children per expanded node, at
+    most `budget` draft nodes verified per request. These are the engine's configured shape: they fix the rows a
+    step writes and the uniforms a sampled row draws, whatever a step drafts. gate (adaptive speculation): this
+    step's parameters, with each request's depth and acceptance floor beside Decode.reqs; None: every request
+    drafts the whole shape."""
 
     k: int
     topk: int
     budget: int
+    gate: Gate | None = None
 
     @classmethod
     def of(cls, spec: SpecConfig) -> DraftShape:
@@ -51,9 +65,13 @@ class DraftShape:
         expansions in the MTP cache."""
         return 1 + max(self.budget, (self.k - 1) * self.topk)
 
+    def draft_draws(self, vocab_size: int) -> int:
+        """Uniforms a sampled request's drafting takes per step (its acceptance uniforms start after them)."""
+        return (1 + (self.k - 1) * self.topk) * vocab_size
+
     def draws(self, vocab_size: int) -> int:
         """Uniforms a sampled request draws per decode step: draft rows over the vocabulary, acceptance, bonus."""
-        return (1 + (self.k - 1) * self.topk) * vocab_size + self.k * self.topk + 1
+        return self.draft_draws(vocab_size) + self.k * self.topk + 1
 
 
 @dataclass(frozen=True)
@@ -93,13 +111,18 @@ class Chunk:
 class Decode:
     """The requests that decode this step, in batch order: their committed rows (the root is token n_main) and
     roots. A root of None is the first token this step's prefill samples; a request that token ends leaves the
-    batch. sampling: None when every row is greedy; draft: None for plain decoding."""
+    batch. sampling: None when every row is greedy; draft: None for plain decoding (a step of an engine with a
+    drafter may decode plainly too: adaptive speculation found drafting would not pay). With draft.gate, per
+    request: depth, the most draft steps it may take (0: none), and floor, the estimated path acceptance a draft
+    node must reach to be verified (None: no floor, it drafts its whole depth)."""
 
     reqs: list[int]
     n_main: list[int]
     roots: list[int | None]
     sampling: Sampling | None
     draft: DraftShape | None
+    depth: list[int] | None = None
+    floor: list[float | None] | None = None
 
 
 @dataclass(frozen=True)

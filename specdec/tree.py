@@ -1,6 +1,9 @@
 """Token trees as tensors (the EAGLE representation), built from ranked draft candidates.
 
-Node 0 is the root (the last committed token, not yet in the main cache); nodes are in topological order.
+Node 0 is the root (the last committed token, not yet in the main cache); nodes are in topological order. A batch
+whose requests draft different numbers of nodes (adaptive speculation) is ragged: request b's n_b nodes come first,
+then padding nodes up to the batch's widest, with depth -1, no parent, no children, in no path and in no mask row or
+column (so no node attends to one and acceptance never reaches one).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ class Candidates:
 class TokenTree:
     tokens: torch.Tensor  # [B, N] int64, node 0 = root
     parents: torch.Tensor  # [B, N] int64, -1 for the root
-    depth: torch.Tensor  # [B, N] int64, root 0: position = committed length + depth
-    mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j]: j is i or an ancestor of i
+    depth: torch.Tensor  # [B, N] int64, root 0: position = committed length + depth; -1: padding
+    mask: torch.Tensor  # [B, N, N] bool, mask[b, i, j]: j is i or an ancestor of i (padding: none)
     paths: torch.Tensor  # [B, N, D+1] int64 root-to-leaf node indices, one row per leaf, padded with -1
     children: torch.Tensor  # [B, N, W] int64 child nodes in draw order, padded with -1
     q_row: torch.Tensor  # [B, N] int64 draft distribution row of each node's children, -1 = none
@@ -48,15 +51,24 @@ def monotone_scores(raw: torch.Tensor, parent_score: torch.Tensor, eps: float = 
     return torch.cummin(out, dim=-1).values - eps * torch.arange(raw.shape[-1], device=raw.device)
 
 
-def chain_tree(root: torch.Tensor, drafts: torch.Tensor) -> TokenTree:
+def chain_tree(root: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor | None = None) -> TokenTree:
     """A chain root -> d1 -> ... -> dk (root [B], drafts [B, K]): only the tokens vary, the rest is a cached
-    skeleton expanded over the batch. Node i's child was drawn from draft distribution row i."""
+    skeleton expanded over the batch. Node i's child was drawn from draft distribution row i. lengths [B] (None:
+    K each): request b keeps drafts[b, :lengths[b]], the rest are padding."""
     b, k = drafts.shape
     n = k + 1
+    tokens = torch.cat([root[:, None], drafts], 1)
     parents, depth, mask, paths, children, q_row = _chain_skeleton(n, drafts.device)
-    return TokenTree(tokens=torch.cat([root[:, None], drafts], 1), parents=parents.expand(b, n),
-                     depth=depth.expand(b, n), mask=mask.expand(b, n, n), paths=paths.expand(b, n, n),
-                     children=children.expand(b, n, 1), q_row=q_row.expand(b, n))
+    if lengths is None:
+        return TokenTree(tokens=tokens, parents=parents.expand(b, n), depth=depth.expand(b, n),
+                         mask=mask.expand(b, n, n), paths=paths.expand(b, n, n), children=children.expand(b, n, 1),
+                         q_row=q_row.expand(b, n))
+    live = depth[None, :] <= lengths[:, None]  # [B, N]
+    has_child = torch.cat([live[:, 1:], torch.zeros_like(live[:, :1])], 1)
+    return TokenTree(tokens=tokens, parents=torch.where(live, parents, -1), depth=torch.where(live, depth, -1),
+                     mask=mask & live[:, :, None] & live[:, None, :], paths=torch.where(live[:, None, :], paths, -1),
+                     children=torch.where(has_child, children[:, 0], -1)[..., None],
+                     q_row=torch.where(has_child, q_row, -1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,27 +79,51 @@ def _chain_skeleton(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             torch.where(idx < n - 1, idx, -1))
 
 
-def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: int, width: int) -> TokenTree:
+def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: int, width: int,
+                keep: torch.Tensor | None = None) -> TokenTree:
     """Keep the `budget` best-scored candidates (EAGLE-2's reranking) and lay them out as a TokenTree.
 
-    root [B] root tokens; max_depth bounds the candidates' depth, width their number of siblings."""
+    root [B] root tokens; max_depth bounds the candidates' depth, width their number of siblings. keep [B, C] bool
+    (None: all): the candidates a request may keep, a set closed under parents and earlier siblings (as a score
+    threshold is, scores being monotone); request b keeps its min(budget, keep[b].sum()) best, the rest of the
+    batch's widest tree is padding."""
+    return tree_of(root, cands, rank_candidates(cands, budget, keep), max_depth, width)
+
+
+def rank_candidates(cands: Candidates, budget: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, n] the candidate index of each draft node, in topological order, -1 for padding (after every real node):
+    each request's best min(budget, kept) candidates by score."""
+    b, c = cands.tokens.shape
+    score = cands.score if keep is None else torch.where(keep, cands.score, float("-inf"))
+    best = score.topk(min(budget, c), dim=-1)
+    if keep is None:
+        return best.indices.sort(dim=-1).values
+    real = best.values > float("-inf")
+    return torch.where(real, best.indices, c).sort(dim=-1).values.masked_fill(~real.sort(-1, descending=True)[0], -1)
+
+
+def tree_of(root: torch.Tensor, cands: Candidates, idx: torch.Tensor, max_depth: int, width: int) -> TokenTree:
+    """The TokenTree of root [B] and the candidates idx [B, n] (rank_candidates: topological, -1 padding last)."""
     b, c = cands.tokens.shape
     dev = root.device
-    budget = min(budget, c)
-    idx = cands.score.topk(budget, dim=-1).indices.sort(dim=-1).values  # [B, n] topological order
-    n = budget + 1
-    node_of = torch.full((b, c), -1, dtype=torch.long, device=dev)
-    node_of.scatter_(1, idx, torch.arange(1, n, device=dev).expand(b, budget))
-    pc = cands.parent.gather(1, idx)
-    parents = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long),
-                         torch.where(pc < 0, 0, node_of.gather(1, pc.clamp(min=0)))], dim=1)
-    tokens = torch.cat([root[:, None], cands.tokens.gather(1, idx)], dim=1)
-    q_row = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cands.exp_row.gather(1, idx)], dim=1)
+    n = idx.shape[1] + 1
+    real = idx >= 0
+    at = idx.clamp(min=0)
+    node_of = torch.full((b, c + 1), -1, dtype=torch.long, device=dev)  # column c: padding's candidate
+    node_of.scatter_(1, torch.where(real, idx, c), torch.arange(1, n, device=dev).expand(b, n - 1).contiguous())
+    node_of = node_of[:, :c]
+    pc = cands.parent.gather(1, at)
+    pnode = torch.where(pc < 0, 0, node_of.gather(1, pc.clamp(min=0)))
+    parents = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long), torch.where(real, pnode, -1)], dim=1)
+    tokens = torch.cat([root[:, None], torch.where(real, cands.tokens.gather(1, at), 0)], dim=1)
+    q_row = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev),
+                       torch.where(real, cands.exp_row.gather(1, at), -1)], dim=1)
+    live = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), real], 1)
 
     # ancestor-or-self mask by repeated parent hops
     hop = torch.zeros(b, n, n, device=dev)
-    hop[:, 1:].scatter_(2, parents[:, 1:, None], 1.0)  # hop[b, i, parent(i)] = 1
-    mask = torch.eye(n, device=dev).expand(b, n, n).clone()
+    hop[:, 1:].scatter_(2, parents[:, 1:, None].clamp(min=0), real[..., None].float())  # hop[b, i, parent(i)] = 1
+    mask = torch.diag_embed(live.float())
     reach = mask.clone()
     for _ in range(max_depth):
         reach = torch.bmm(reach, hop)
@@ -102,7 +138,7 @@ def select_tree(root: torch.Tensor, cands: Candidates, budget: int, max_depth: i
     children.scatter_(2, slot, torch.arange(n, device=dev).expand(b, n, n).contiguous())
     children = children[..., :width]
 
-    leaf = ~is_child.any(-1)  # [B, N]
+    leaf = ~is_child.any(-1) & live  # [B, N]
     d = torch.arange(max_depth + 1, device=dev)
     on_path = mask[:, :, None, :] & (depth[:, None, None, :] == d[None, None, :, None])  # [B, leaf, D+1, node]
     paths = torch.where(on_path.any(-1), on_path.float().argmax(-1), -1)

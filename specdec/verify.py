@@ -50,23 +50,25 @@ def accept_chain(tree: TokenTree, target_logits: torch.Tensor, p: torch.Tensor, 
                  greedy: torch.Tensor, u_accept: torch.Tensor, u_bonus: torch.Tensor) -> Acceptance:
     """A chain of k drafts (node i's child is node i+1, drawn from q row i), every row at once: draft i+1 is
     accepted iff u_i * q_i(x) < p_i(x) (greedy rows: x is the target argmax), the first rejection ends the path
-    and the bonus comes from normalize(max(p - q, 0)) there, or from p at the last node if all were accepted.
-    The same decisions as accept_walk with one sibling, given the same uniforms (u_accept [B, k])."""
+    and the bonus comes from normalize(max(p - q, 0)) there, or from p at the last node if all were accepted (a
+    ragged chain's padding drafts nothing). The same decisions as accept_walk with one sibling, given the same
+    uniforms (u_accept [B, k])."""
     b, n = tree.tokens.shape
     k = n - 1
     dev = tree.tokens.device
     x = tree.tokens[:, 1:]  # [B, k] the drafts
+    live = tree.depth[:, 1:] >= 0
     top1 = target_logits.argmax(-1)  # [B, n]
     px = p[:, :k].gather(2, x[..., None])[..., 0]
     qx = q[:, :k].gather(2, x[..., None])[..., 0]
-    ok = torch.where(greedy[:, None], x == top1[:, :k], (qx > 0) & (u_accept[:, :k] * qx < px))
+    ok = live & torch.where(greedy[:, None], x == top1[:, :k], (qx > 0) & (u_accept[:, :k] * qx < px))
     count = ok.long().cumprod(1).sum(1)  # [B] accepted drafts
     rows = torch.arange(b, device=dev)
     p_end = p[rows, count]  # [B, V] the target at the last accepted node
     resid = (p_end - q[rows, count.clamp(max=k - 1)]).clamp(min=0)
     resid = resid / resid.sum(-1, keepdim=True).clamp(min=1e-30)
     # a draft the draft distribution could not have drawn (q(x) = 0) is skipped, not rejected: p stays as it is
-    rejected = (count < k) & (qx.gather(1, count.clamp(max=k - 1)[:, None])[:, 0] > 0)
+    rejected = (count < live.sum(1)) & (qx.gather(1, count.clamp(max=k - 1)[:, None])[:, 0] > 0)
     dist = torch.where(rejected[:, None], resid, p_end)
     bonus = torch.where(greedy, top1[rows, count], sample_from(dist, u_bonus))
     idx = torch.arange(k + 1, device=dev)

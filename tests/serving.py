@@ -21,7 +21,7 @@ from specdec.prompts import held_out_prompts
 from specdec.server.app import create_app
 from specdec.server.background import BackgroundServer
 
-TREE = SpecConfig(3, topk=2)
+TREE = SpecConfig(3, topk=2, adaptive=False)  # a fixed shape: the tests compare acceptance between engines
 BOS, EOS = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
 V3_TEMPLATE = (  # shaped like DeepSeek-V3's: system prompts first, then <｜User｜> / <｜Assistant｜> turns
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"

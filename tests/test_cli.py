@@ -59,7 +59,7 @@ def test_generate_stream_equals_batch_and_plain(ckpt: Path, capsys: pytest.Captu
     base = ["generate", "--model", str(ckpt), "--prompt", "import os\n", "--max-tokens", "12", "--ignore-eos"]
     assert main([*base, "--json"]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
-    for extra, tag in (([], "[MTP k=2 topk=2 budget=3]"), (["--no-mtp"], "[no MTP]")):
+    for extra, tag in (([], "[adaptive MTP k=2 topk=2 budget=3]"), (["--no-mtp"], "[no MTP]")):
         spec = ["--num-speculative-tokens", "2", "--topk", "2", "--num-draft-tokens", "3"] if not extra else extra
         assert main([*base, *spec]) == 0
         out = capsys.readouterr().out
@@ -172,11 +172,14 @@ def test_bench_latency_json(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["bench", "latency", "--model", str(ckpt), "--num-prompts", "2", "--max-tokens", "5", "--runs", "2",
                  "--temperature", "0.7", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "with MTP" in table and "without MTP" in table and "speedup" in table
+    assert "adaptive MTP" in table and "fixed MTP" in table and "without MTP" in table and "speedup" in table
+    assert "adaptive vs fixed" in table and "median" in table
     r = json.loads(out.read_text())
-    assert r["speedup"] > 0 and len(r["speedup_per_run"]) == 2
+    assert r["speedup"] > 0 and len(r["speedup_per_run"]) == len(r["adaptive_vs_fixed_per_run"]) == 2
+    assert r["adaptive_vs_fixed"] == pytest.approx(r["with_mtp"]["tokens_per_s"] / r["fixed_mtp"]["tokens_per_s"])
+    assert r["with_mtp"]["adaptive"] and not r["fixed_mtp"]["adaptive"]
     assert r["mean_accepted_length"] == r["with_mtp"]["mean_accepted_length"] >= 1
-    for side in ("with_mtp", "without_mtp"):
+    for side in ("with_mtp", "fixed_mtp", "without_mtp"):
         s = r[side]
         assert s["num_requests"] == 4 and s["num_tokens"] == 20  # EOS ignored: exactly --max-tokens each
         assert s["tokens_per_s"] > 0 and s["ms_per_token"] > 0 and s["ttft_ms"] > 0
@@ -197,9 +200,15 @@ def test_bench_acceptance_sweep_json(ckpt_ids: Path, tmp_path: Path, capsys: pyt
     hist = r["accepted_length_histogram"]
     assert list(hist) == ["1", "2", "3", "4"] and sum(hist.values()) == r["num_verify_steps"] > 0
     accepted = sum((int(n) - 1) * c for n, c in hist.items())
-    assert accepted == round(r["acceptance_rate"] * 3 * r["num_verify_steps"])  # chain: 3 drafts per step
+    assert accepted == round(r["acceptance_rate"] * r["num_drafted"])
+    drafts = r["draft_rate_per_position"]  # adaptive: a k=3 chain drafts at most 3 a step, fewer where unlikely
+    assert len(drafts) == 3 and r["num_drafted"] == round(sum(drafts) * r["num_verify_steps"])
     assert r["mean_accepted_length"] >= 1
-    assert len(r["sweep"]) == 9 and sum(not row["mtp"] for row in r["sweep"]) == 1
+    # the adaptive k=3 chain, no MTP, and 8 fixed shapes (the fixed k=3 chain among them)
+    assert len(r["sweep"]) == 10 and sum(not row["mtp"] for row in r["sweep"]) == 1
+    assert r["sweep"][0]["adaptive"] and sum(row.get("adaptive", False) for row in r["sweep"]) == 1
+    assert "adaptive vs the best fixed shape" in text and "cost model" in text
+    assert r["cost_model"]["adaptive"] and r["cost_model"]["buckets"][0]["batch"] == "1"
     assert r["best"]["mtp"] and r["best"]["tokens_per_s"] == max(x["tokens_per_s"] for x in r["sweep"] if x["mtp"])
 
 

@@ -119,18 +119,25 @@ def test_stream_matches_generate(ckpt):
     assert list(spec.stream([1, 2, 3], p)) == spec.generate([[1, 2, 3]], p)[0].token_ids
 
 
-def test_metrics_arithmetic(ckpt):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_metrics_arithmetic(ckpt, adaptive):
     k, topk, budget = 3, 2, 5
     spec = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=k, topk=topk,
-                                                              num_draft_tokens=budget))
+                                                              num_draft_tokens=budget, adaptive=adaptive))
     out = spec.generate([[4, 5, 6], [9]], SamplingParams(max_tokens=33, temperature=0, ignore_eos=True))
     for o in out:
         m = o.metrics
         assert m.num_generated == len(o.token_ids) == 33
-        assert m.num_drafted == (m.num_steps - 1) * budget  # the prefill step drafts nothing
+        if adaptive:  # fewer nodes where unlikely accepted, or none (a plain step)
+            assert 0 < m.num_drafted <= (m.num_steps - 1) * budget
+        else:
+            assert m.num_drafted == (m.num_steps - 1) * budget  # the prefill step drafts nothing
+            assert m.drafted_per_position == [m.num_steps - 1] * k
         assert m.num_accepted == sum(m.accepted_per_position)
-        assert len(m.accepted_per_position) == k
+        assert len(m.accepted_per_position) == len(m.drafted_per_position) == k
         assert all(a >= b for a, b in zip(m.accepted_per_position, m.accepted_per_position[1:]))
+        assert all(a >= b for a, b in zip(m.drafted_per_position, m.drafted_per_position[1:]))
+        assert all(a <= d for a, d in zip(m.accepted_per_position, m.drafted_per_position))
         # each verify step emits its accepted drafts + one bonus token, except where max_tokens cut the last one
         assert m.num_generated <= 1 + m.num_accepted + (m.num_steps - 1)
         assert m.num_generated >= m.num_steps

@@ -12,7 +12,8 @@ from staggered import run_staggered
 
 from specdec import LLM, SamplingParams, SpecConfig
 
-SPECS = {"plain": None, "chain": SpecConfig(3), "tree": SpecConfig(3, topk=2)}
+SPECS = {"plain": None, "chain": SpecConfig(3), "tree": SpecConfig(3, topk=2),
+         "fixed-tree": SpecConfig(3, topk=2, adaptive=False)}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,9 @@ def test_cached_prefixes_generate_what_recomputation_does(ckpt: Path, name: str,
     fresh = run_staggered(ref, reqs, seed, max_per_step=2)
     for i, (a, b) in enumerate(zip(cached, fresh)):
         assert a.generated == b.generated, f"seed={seed} request {i} ({a.metrics.num_cached_tokens} cached tokens)"
-        # the same drafts: a wrong MTP row would change acceptance, never the (lossless) output
-        assert a.metrics.num_accepted == b.metrics.num_accepted, f"seed={seed} request {i}"
+        if SPECS[name] is not None and not SPECS[name].adaptive:  # adaptive drafts follow the engine's timings
+            # the same drafts: a wrong MTP row would change acceptance, never the (lossless) output
+            assert a.metrics.num_accepted == b.metrics.num_accepted, f"seed={seed} request {i}"
         assert a.metrics.num_cached_tokens % 64 == 0 and a.metrics.num_cached_tokens < len(a.prompt)
     pool = llm.engine.pool
     assert pool.usage() == 0 and pool.num_free_blocks == pool.num_blocks, f"seed={seed}"
@@ -63,7 +65,9 @@ def test_cached_prefixes_generate_what_recomputation_does(ckpt: Path, name: str,
 
 
 def test_pool_accounting(ckpt: Path) -> None:
-    llm = LLM(ckpt, dtype="float32", speculative=SPECS["chain"], kv_cache_tokens=1024)
+    """A fixed shape: adaptive speculation's plain steps leave their MTP rows to the next drafting step, and a
+    block is indexed once final in both caches, so which blocks a finished request leaves cached depends on them."""
+    llm = LLM(ckpt, dtype="float32", speculative=SpecConfig(3, adaptive=False), kv_cache_tokens=1024)
     pool = llm.engine.pool
     stem = list(range(2, 202))  # 200 tokens: 3 full blocks
     p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

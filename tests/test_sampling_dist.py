@@ -13,6 +13,7 @@ from penalty_reference import adjusted_reference
 from stats import assert_matches
 
 from specdec import LLM, SamplingParams, SpecConfig
+from specdec.draft_policy import DraftPolicy
 from specdec.sampling import process_logits
 
 V = 16
@@ -54,17 +55,21 @@ SETTINGS = [SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True),
                            repetition_penalty=1.8, ignore_eos=True)]
 SPECS = [None, SpecConfig(num_speculative_tokens=2), SpecConfig(num_speculative_tokens=2, topk=2),
          SpecConfig(num_speculative_tokens=3, topk=3, num_draft_tokens=5)]
+# adaptive speculation (on in SPECS) drafts a seeded request's whole shape; GATED's requests have no seed of their
+# own, so each drafts only the nodes whose calibrated confidence reaches a floor (the policy's choice pinned there)
+GATED = SpecConfig(num_speculative_tokens=3, topk=2)
 
 
 @pytest.mark.parametrize("si", range(len(SETTINGS)))
-def test_second_and_third_token_distribution(ckpt, si, seed):
+def test_second_and_third_token_distribution(ckpt, si, seed, monkeypatch):
     sp = SETTINGS[si]
     plain = LLM(ckpt, dtype="float32", speculative=None)
     p2, p3 = exact_marginals(plain, sp)
     base_seed = seed  # fresh samples every run
-    for spec in SPECS:
-        llm = plain if spec is None else LLM(ckpt, dtype="float32", speculative=spec)
-        params = [dataclasses.replace(sp, seed=base_seed + i) for i in range(N)]
+    monkeypatch.setattr(DraftPolicy, "_choose", lambda self, b, step: (self.shape.k, 0.5, 0.5))
+    for spec in SPECS + [GATED]:
+        llm = plain if spec is None else LLM(ckpt, dtype="float32", speculative=spec, seed=base_seed)
+        params = [dataclasses.replace(sp, seed=None if spec is GATED else base_seed + i) for i in range(N)]
         out = llm.generate([PROMPT] * N, params)
         toks = torch.tensor([o.token_ids for o in out])
         assert toks.shape == (N, 3)
@@ -74,3 +79,7 @@ def test_second_and_third_token_distribution(ckpt, si, seed):
         if spec is not None:
             accepted = sum(o.metrics.num_accepted for o in out)
             assert accepted > N // 10, f"{what}: drafts are rarely accepted, so acceptance went unexercised"
+        if spec is GATED:
+            drafted = sum(o.metrics.num_drafted for o in out)
+            # each request drafts once (max_tokens caps its first decode step at depth 1: 2 nodes ungated)
+            assert 0 < drafted < 2 * N, f"{what}: never gated"

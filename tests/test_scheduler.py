@@ -13,11 +13,17 @@ from staggered import run_staggered
 from specdec import LLM, SamplingParams, SpecConfig
 
 TREE = SpecConfig(3, topk=2)
+FIXED = SpecConfig(3, topk=2, adaptive=False)
 
 
 @pytest.fixture(scope="module")
 def alone(shared_ckpt: Path) -> LLM:
     return LLM(shared_ckpt, dtype="float32", speculative=TREE)
+
+
+@pytest.fixture(scope="module")
+def alone_fixed(shared_ckpt: Path) -> LLM:
+    return LLM(shared_ckpt, dtype="float32", speculative=FIXED)
 
 
 def _requests(seed: int, n: int, max_tokens: int = 30) -> list[tuple[list[int], SamplingParams]]:
@@ -27,23 +33,25 @@ def _requests(seed: int, n: int, max_tokens: int = 30) -> list[tuple[list[int], 
             for _ in range(n)]
 
 
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
 @pytest.mark.parametrize("kv_tokens, max_seqs, chunk", [(None, 64, 512), (512, 64, 7), (2048, 5, 16)],
                          ids=["roomy", "tight-pool", "few-seqs"])
-def test_staggered_arrivals_equal_each_request_alone(shared_ckpt: Path, alone: LLM, kv_tokens, max_seqs, chunk,
-                                                     seed: int) -> None:
+def test_staggered_arrivals_equal_each_request_alone(shared_ckpt: Path, alone: LLM, alone_fixed: LLM, kv_tokens,
+                                                     max_seqs, chunk, adaptive: bool, seed: int) -> None:
     """16 greedy requests of different lengths arriving at different times; a pool that holds few of them (so
     they queue and get preempted: requests then outgrow their first block), few running slots, prompts prefilled
     in chunks of 7 or 16 tokens."""
     reqs = _requests(seed, 16, max_tokens=90 if kv_tokens == 512 else 30)
-    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE, kv_cache_tokens=kv_tokens, max_num_seqs=max_seqs,
-              prefill_chunk=chunk)
+    llm = LLM(shared_ckpt, dtype="float32", speculative=TREE if adaptive else FIXED, kv_cache_tokens=kv_tokens,
+              max_num_seqs=max_seqs, prefill_chunk=chunk)
     done = run_staggered(llm, reqs, seed)
     for i, (r, (prompt, p)) in enumerate(zip(done, reqs)):
-        want = alone.generate([prompt], p)[0]
+        want = (alone if adaptive else alone_fixed).generate([prompt], p)[0]
         assert r.generated == want.token_ids, f"seed={seed} request {i} (preempted {r.metrics.num_preemptions}x)"
         assert r.finish_reason == "length"
-        # the same drafts and steps too (a request preempted before its first token samples it at prefill again)
-        assert r.metrics.num_accepted == want.metrics.num_accepted, f"seed={seed} request {i}"
+        if not adaptive:  # adaptive drafts follow the engine's timings and load
+            # the same drafts and steps too (a request preempted before its first token samples it at prefill again)
+            assert r.metrics.num_accepted == want.metrics.num_accepted, f"seed={seed} request {i}"
     assert llm.engine.pool.usage() == 0 and not llm.engine.has_unfinished
     if kv_tokens == 512:
         assert sum(r.metrics.num_preemptions for r in done) > 0, f"seed={seed}: the tight pool never preempted"

@@ -20,6 +20,7 @@ from models import agreeable_checkpoint
 from tp_torchrun import CHAIN, GREEDY, PROMPTS, SAMPLED
 
 from specdec import LLM, SamplingParams, SpecConfig
+from specdec.draft_policy import DraftPolicy
 from specdec.engine_config import EngineConfig
 from specdec.kernels.backend import Backend
 from specdec.model.checkpoint import tiny_config
@@ -144,7 +145,7 @@ def test_configs_differ_by_field_not_by_gpu_index(tmp_path: Path) -> None:
     assert a.differences(EngineConfig(tmp_path, device="cpu", max_num_seqs=32)) == []
     assert a.differences(EngineConfig(tmp_path, device="cpu", max_num_seqs=64, speculative=None)) == [
         "speculative=SpecConfig(num_speculative_tokens=3, topk=1, num_draft_tokens=None, acceptance='exact', "
-        "relaxed_topk=3, relaxed_delta=0.5) vs None", "max_num_seqs=32 vs 64"]
+        "relaxed_topk=3, relaxed_delta=0.5, adaptive=True) vs None", "max_num_seqs=32 vs 64"]
     if torch.cuda.is_available():
         assert EngineConfig(tmp_path, device="cuda:0").differences(EngineConfig(tmp_path, device="cuda")) == []
 
@@ -167,11 +168,22 @@ def test_logits_equal_one_rank(tp: LLM, single: LLM) -> None:
     assert rel_err(tp.mtp_logits(ids), single.mtp_logits(ids)) < 1e-5
 
 
-def test_greedy_tree_speculation_equals_one_rank(tp: LLM, single: LLM) -> None:
+def test_greedy_tree_speculation_equals_one_rank(tp: LLM, single: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adaptive speculation (on) decides on rank 0 and ships its choices in the plans. Its timing-driven choice is
+    pinned here (this process is rank 0), so that N ranks and one see the same: some steps plain (the MTP rows
+    then catch up), the others gated at a floor (ragged trees); N ranks then draft, verify and accept what one does
+    (a rank drafting from its own choice would desynchronize the group or change the acceptance)."""
+    monkeypatch.setattr(DraftPolicy, "_choose",
+                        lambda self, b, step: (0, None, 0.0) if step % 3 == 1 else (self.shape.k, 0.3, 0.5))
+    for x in (tp, single):
+        x.engine.policy = DraftPolicy(x.engine.shape, adaptive=True)  # fresh calibration and step counts
     out, ref = tp.generate(PROMPTS, GREEDY), single.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
-    assert [o.metrics.num_accepted for o in out] == [r.metrics.num_accepted for r in ref]
+    for field in ("num_steps", "num_drafted", "num_accepted", "drafted_per_position"):
+        assert [getattr(o.metrics, field) for o in out] == [getattr(r.metrics, field) for r in ref], field
     assert 0 < sum(o.metrics.num_accepted for o in out) < sum(o.metrics.num_drafted for o in out)
+    budget = TREE.budget
+    assert sum(o.metrics.num_drafted for o in out) < sum(o.metrics.num_decode_steps for o in out) * budget
 
 
 def test_seeded_sampling_equals_one_rank(tp: LLM, single: LLM) -> None:

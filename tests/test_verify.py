@@ -114,9 +114,12 @@ def test_vectorized_greedy_equals_the_walk(seed):
         assert 0 < fast.num_accepted.sum() < 2 * b, f"seed={seed} w={w}"
 
 
-def test_vectorized_chain_acceptance_equals_the_walk(seed):
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+def test_vectorized_chain_acceptance_equals_the_walk(seed, ragged):
     """Sampled, greedy and mixed chains: the same uniforms give the same path and bonus as the walk, including
-    drafts the draft distribution gives no mass (skipped, not rejected)."""
+    drafts the draft distribution gives no mass (skipped, not rejected). Ragged (adaptive speculation): request b
+    keeps lengths[b] of the k drafts, the rest padding that no node sees and acceptance never reaches (a request
+    that kept none takes its bonus at the root)."""
     from specdec.tree import chain_tree
     from specdec.verify import accept_chain, accept_walk
 
@@ -129,11 +132,14 @@ def test_vectorized_chain_acceptance_equals_the_walk(seed):
     logits = torch.randn(b, k + 1, V, generator=g)
     logits.scatter_add_(2, drafts[:, None, :].expand(b, k + 1, k), 2 * torch.rand(b, k + 1, k, generator=g))
     p = logits.softmax(-1)
-    tree = chain_tree(torch.zeros(b, dtype=torch.long), drafts)
+    lengths = torch.randint(0, k + 1, (b,), generator=g) if ragged else torch.full((b,), k)
+    tree = chain_tree(torch.zeros(b, dtype=torch.long), drafts, lengths if ragged else None)
+    assert torch.equal((tree.depth >= 0).sum(1), lengths + 1)
+    assert not tree.mask[tree.depth < 0].any() and not tree.mask.transpose(1, 2)[tree.depth < 0].any()
     greedy = torch.rand(b, generator=g) < 0.3
     u, ub = torch.rand(b, k, 1, generator=g), torch.rand(b, generator=g)
     fast = accept_chain(tree, logits, p, q, greedy, u[:, :, 0], ub)
     slow = accept_walk(tree, logits, p, q, greedy, u, ub, k)
     assert torch.equal(fast.num_accepted, slow.num_accepted), f"seed={seed}"
     assert torch.equal(fast.path, slow.path) and torch.equal(fast.bonus, slow.bonus), f"seed={seed}"
-    assert 0 < fast.num_accepted.sum() < k * b, f"seed={seed}"
+    assert 0 < fast.num_accepted.sum() < k * b and (fast.num_accepted <= lengths).all(), f"seed={seed}"

@@ -1,6 +1,8 @@
 """`specdec bench acceptance`: how far MTP drafts get: the acceptance rate at each draft position, the histogram of
-tokens emitted per verify step, and the mean accepted length; --sweep measures a small grid of draft shapes
-(depth k, topk, node budget) and names the fastest; --plot draws the per-position curves (needs matplotlib).
+tokens emitted per verify step, and the mean accepted length; with MTP, the engine's cost model (its estimates of
+what verifying and drafting cost, per batch size) and adaptive speculation's last choices; --sweep measures a small
+grid of fixed draft shapes (depth k, topk, node budget) beside the configured one, names the fastest and compares
+adaptive speculation with the best fixed shape; --plot draws the per-position curves (needs matplotlib).
 
 Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (EOS ignored), greedy unless
 --temperature is set. Without --input-file, the built-in held-out prompts (specdec.prompts) are used.
@@ -9,16 +11,19 @@ Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (E
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..benchmark import SWEEP_GRID, spec_dict, sweep
+from ..draft_policy import DraftingStats
 from . import common
 
 
 def _name(row: dict) -> str:
     if not row["mtp"]:
         return "no MTP"
-    return f"k={row['num_speculative_tokens']} topk={row['topk']} budget={row['num_draft_tokens']}"
+    return (("adaptive " if row["adaptive"] else "") +
+            f"k={row['num_speculative_tokens']} topk={row['topk']} budget={row['num_draft_tokens']}")
 
 
 def _rate(x: float | None) -> str:
@@ -26,9 +31,23 @@ def _rate(x: float | None) -> str:
 
 
 def format_positions(row: dict) -> str:
-    rows = [[str(d + 1), f"{a:.1%}", f"{c:.1%}"] for d, (a, c) in
-            enumerate(zip(row["acceptance_rate_per_position"], row["conditional_acceptance_rate_per_position"]))]
-    return common.format_table(["draft position", "accepted", "given previous accepted"], rows)
+    rows = [[str(d + 1), f"{a:.1%}", f"{c:.1%}", f"{x:.1%}"] for d, (a, c, x) in
+            enumerate(zip(row["acceptance_rate_per_position"], row["conditional_acceptance_rate_per_position"],
+                          row["draft_rate_per_position"]))]
+    return common.format_table(["draft position", "accepted", "given previous accepted", "drafted"], rows)
+
+
+def format_costs(d: DraftingStats) -> str:
+    """The cost model's current estimates and the last choice, per batch-size bucket (draft_policy.BucketStats)."""
+    ms = lambda x: f"{1e3 * x:.3f}"
+    rows = [[b.batch, str(b.steps), str(b.depth), "-" if b.floor is None else f"{b.floor:.3f}",
+             *((ms(e.plain_step), ms(e.per_token), ms(e.draft_base), ms(e.draft_step), f"{e.throughput:.1f}")
+               if (e := b.estimates) is not None else ["-"] * 5)] for b in d.buckets]
+    head = ["batch", "steps", "depth", "floor", "plain step ms", "ms/verified token", "draft base ms",
+            "ms/draft step", "drafting tok/s"]
+    return (f"cost model ({'adaptive' if d.adaptive else 'fixed shape'}; acceptance of verified drafts "
+            f"{d.acceptance:.1%}); the last step's choice per batch size (depth 0: plain)\n"
+            + common.format_table(head, rows))
 
 
 def format_histogram(row: dict) -> str:
@@ -43,8 +62,14 @@ def format_sweep(rows: list[dict], best: dict) -> str:
               f"{r['mean_accepted_length']:.2f}", _rate(r["acceptance_rate"])]
              for r in sorted(rows, key=lambda r: -r["tokens_per_s"])]
     head = ["configuration", "tokens/s", "vs no MTP", "mean accepted length", "acceptance rate"]
-    return (f"{common.format_table(head, table)}\nfastest: {_name(best)}, {best['tokens_per_s']:.1f} tokens/s, "
-            f"{best['speedup']:.2f}x over no MTP")
+    lines = [common.format_table(head, table), f"fastest: {_name(best)}, {best['tokens_per_s']:.1f} tokens/s, "
+             f"{best['speedup']:.2f}x over no MTP"]
+    fixed = [r for r in rows if r["mtp"] and not r["adaptive"]]
+    if rows[0]["mtp"] and rows[0]["adaptive"] and fixed:
+        f = max(fixed, key=lambda r: r["tokens_per_s"])
+        lines.append(f"adaptive vs the best fixed shape ({_name(f)}): "
+                     f"{rows[0]['tokens_per_s'] / max(f['tokens_per_s'], 1e-12):.2f}x")
+    return "\n".join(lines)
 
 
 def plot_formats() -> tuple[str, ...]:
@@ -116,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         best = max((r for r in rows if r["mtp"]), key=lambda r: r["tokens_per_s"])
         print(format_sweep(rows, best))
         result |= {"sweep": rows, "best": best}
+    drafting = llm.engine_stats().drafting  # the configuration's own engine (sweep's first)
+    if drafting is not None:
+        print(format_costs(drafting))
+        result["cost_model"] = dataclasses.asdict(drafting)
     if args.json:
         common.write_output(args.json, json.dumps(result, indent=1) + "\n", "--json")
     if args.plot:
@@ -128,8 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_bench_args(p)
     p.add_argument("--sweep", action="store_true",
-                   help=f"also measure no MTP and {len(SWEEP_GRID)} draft shapes (chains k=1..4, trees of topk 2); "
-                        "report the fastest")
+                   help=f"also measure no MTP and {len(SWEEP_GRID)} fixed draft shapes (chains k=1..4, trees of "
+                        "topk 2); report the fastest, and adaptive vs the best fixed shape")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write the results as JSON: mean_accepted_length, acceptance_rate_per_position, ...")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw acceptance per draft position (matplotlib)")

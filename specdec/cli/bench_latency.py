@@ -1,9 +1,11 @@
-"""`specdec bench latency`: the same requests with and without MTP on one loaded model, warmed up, interleaved
-batch by batch over --runs runs; reports tokens/s, ms/token, time to first token, mean accepted length and the
-speedup measured in this same run. Then the floor: the kernels that ran, the loaded model's resident weight bytes,
-this machine's one-core read bandwidth measured in the same run, and each step's time as a multiple of the time its
-weights take to read at that bandwidth (the bytes one step of the first request reads, specdec/profiling.py; on a
-CPU with the torch backend). --profile adds the aten ops of one plain step, one verify step and the drafting.
+"""`specdec bench latency`: the same requests with and without MTP on one loaded model, warmed up, interleaved batch by
+batch over --runs runs; with adaptive speculation (the default) its fixed shape runs in the same rotation, so adaptive,
+fixed and no MTP are compared in one run. Reports tokens/s, ms/token, time to first token, mean accepted length and the
+speedups measured in this same run (overall, per run, best and median). Then the floor: the kernels that ran, the loaded
+model's resident weight bytes, this machine's one-core read bandwidth measured in the same run, and each step's time as
+a multiple of the time its weights take to read at that bandwidth (the bytes one step of the first request reads,
+specdec/profiling.py; on a CPU with the torch backend). --profile adds the aten ops of one plain step, one verify step
+and the drafting.
 
 Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (EOS ignored), greedy unless
 --temperature is set. Without --input-file, the built-in held-out prompts (specdec.prompts) are used.
@@ -12,7 +14,9 @@ Requests run one at a time (--batch-size 1) and generate exactly --max-tokens (E
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 from typing import Any
 
 from ..benchmark import latency_ab
@@ -27,21 +31,32 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _runs(xs: list[float]) -> str:
+    return f"per run: {' '.join(f'{x:.2f}x' for x in xs)}; best {max(xs):.2f}x, median {statistics.median(xs):.2f}x"
+
+
 def format_report(r: dict, header: str | None = None) -> str:
-    """The A/B table, the speedup, and a decode step's cost split into drafting and verifying, also as fractions
-    of a plain step."""
+    """The comparison table (MTP as configured, adaptive speculation's fixed shape when it ran, no MTP), the
+    speedups (overall, per run, best and median), and a decode step's cost split into drafting and verifying, also
+    as fractions of a plain step."""
+    mtp_name = "adaptive MTP" if r["with_mtp"].get("adaptive") else "with MTP"
+    sides = [(mtp_name, r["with_mtp"])] + ([("fixed MTP", r["fixed_mtp"])] if "fixed_mtp" in r else []) + [
+        ("without MTP", r["without_mtp"])]
     rows = [[name, _fmt(s["tokens_per_s"], ".1f"), _fmt(s["ms_per_token"], ".2f"), _fmt(s["ttft_ms"], ".1f"),
              _fmt(s["mean_accepted_length"], ".2f"), _fmt(s["acceptance_rate"], ".1%"), _fmt(s["ms_per_step"], ".2f"),
-             _fmt(s["draft_ms_per_step"] if name == "with MTP" else None, ".2f"), _fmt(s["verify_ms_per_step"], ".2f")]
-            for name, s in (("with MTP", r["with_mtp"]), ("without MTP", r["without_mtp"]))]
+             _fmt(s["draft_ms_per_step"] if s["mtp"] else None, ".2f"), _fmt(s["verify_ms_per_step"], ".2f")]
+            for name, s in sides]
     table = common.format_table(["", "tokens/s", "ms/token", "TTFT ms", "mean accepted length", "acceptance rate",
                                  "ms/step", "draft ms", "verify ms"], rows)
-    runs = " ".join(f"{x:.2f}x" for x in r["speedup_per_run"])
-    lines = [header, table, f"speedup {r['speedup']:.2f}x (per run: {runs})"]
-    plain, mtp = r["without_mtp"]["ms_per_step"], r["with_mtp"]
-    if plain and mtp["ms_per_step"]:
-        lines.append(f"one MTP step = {mtp['ms_per_step'] / plain:.2f} plain steps: drafting "
-                     f"{mtp['draft_ms_per_step'] / plain:.2f}, verifying {mtp['verify_ms_per_step'] / plain:.2f}")
+    lines = [header, table, f"speedup {r['speedup']:.2f}x ({_runs(r['speedup_per_run'])})"]
+    if "fixed_mtp" in r:
+        lines += [f"fixed MTP speedup {r['fixed_speedup']:.2f}x ({_runs(r['fixed_speedup_per_run'])})",
+                  f"adaptive vs fixed {r['adaptive_vs_fixed']:.2f}x ({_runs(r['adaptive_vs_fixed_per_run'])})"]
+    plain = r["without_mtp"]["ms_per_step"]
+    for name, s in sides[:-1]:
+        if plain and s["ms_per_step"]:
+            lines.append(f"one {name} step = {s['ms_per_step'] / plain:.2f} plain steps: drafting "
+                         f"{s['draft_ms_per_step'] / plain:.2f}, verifying {s['verify_ms_per_step'] / plain:.2f}")
     return "\n".join(filter(None, lines))
 
 
@@ -123,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
     llm = common.load_llm(args, spec)
     common.check_prompts(prompts, llm)
     plain = llm.with_speculative(None)
-    print(describe_run(args, len(prompts), common.describe(spec)) + f", {llm.threads or 'default'} thread(s)",
-          flush=True)
+    fixed = llm.with_speculative(dataclasses.replace(spec, adaptive=False)) if spec.adaptive else None
+    desc = common.describe(spec) + (" vs its fixed shape" if fixed is not None else "")
+    print(describe_run(args, len(prompts), desc) + f", {llm.threads or 'default'} thread(s)", flush=True)
     r = latency_ab(llm, plain, [p.prompt for p in prompts], params, runs=args.runs, warmup=args.num_iters_warmup,
-                   batch_size=args.batch_size, log=lambda line: print(line, flush=True))
+                   batch_size=args.batch_size, log=lambda line: print(line, flush=True), fixed=fixed)
     steps = profile_steps(llm, prompts[0].prompt, spec)
     if args.profile:
         print(format_ops(steps))
@@ -160,6 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "per verified token-layer), then where a step's time goes (phases, the top torch ops by time), "
                         "for the first request")
     p.add_argument("--json", default=None, metavar="OUT",
-                   help="write the results as JSON: speedup, mean_accepted_length, with_mtp, without_mtp, kernels, "
-                        "resident_weight_bytes, floor (and steps, the op counts, with --profile)")
+                   help="write the results as JSON: speedup, mean_accepted_length, with_mtp, without_mtp (adaptive: "
+                        "fixed_mtp, fixed_speedup, adaptive_vs_fixed), kernels, resident_weight_bytes, floor (and "
+                        "steps, the op counts, with --profile)")
     p.set_defaults(func=run)

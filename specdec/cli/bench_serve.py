@@ -5,18 +5,21 @@ on a free port of 127.0.0.1 from the model flags. Reports TTFT, TPOT, ITL and en
 p99), output tokens/s and requests/s, and the acceptance length and per-position acceptance read from the server's
 /metrics (the difference over the run).
 
---compare-mtp starts two servers on one loaded model (with and without MTP) and measures both at each
---concurrency (default 1 4 16), alternating which goes first, printing the curve (--plot draws it). Requests
+--compare-mtp starts servers on one loaded model (with MTP; with its fixed shape when adaptive speculation is on,
+the default; without MTP) and measures each at each --concurrency (default 1 4 16), rotating which goes first,
+printing the curve with the draft tokens each MTP side verified per step (the draft budget adaptive speculation
+chose at that load; --plot draws the curve). Requests
 generate exactly --max-tokens (EOS ignored) unless the JSONL says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 from ..api import LLM
@@ -80,13 +83,31 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def draft_tokens_per_step(r: dict) -> float | None:
+    """Draft tokens verified per decode step over a run (plain steps count, with none): the draft budget that
+    adaptive speculation chose at that load, on average."""
+    s = r["spec_decode"]
+    return s["num_draft_tokens"] / s["num_drafts"] if s["num_drafts"] else None
+
+
 def format_curve(c: dict) -> str:
-    rows = [[str(n), f"{a['output_throughput']:.1f}", f"{b['output_throughput']:.1f}", f"{x:.2f}x",
-             _ms(a["mean_tpot_ms"]), _ms(b["mean_tpot_ms"]), _ms(a["mean_ttft_ms"]), _ms(b["mean_ttft_ms"]),
-             "-" if a["spec_decode"]["acceptance_length"] is None else f"{a['spec_decode']['acceptance_length']:.2f}"]
-            for n, a, b, x in zip(c["concurrency"], c["with_mtp"], c["without_mtp"], c["speedup"])]
-    head = ["concurrency", "MTP tok/s", "no-MTP tok/s", "speedup", "MTP TPOT ms", "no-MTP TPOT ms", "MTP TTFT ms",
-            "no-MTP TTFT ms", "acceptance length"]
+    """One row per concurrency: tokens/s of each side, the speedups over no MTP, TPOT and TTFT, and the MTP
+    sides' acceptance length and draft tokens per step."""
+    fixed = "fixed_mtp" in c
+    sides = ["with_mtp", "fixed_mtp", "without_mtp"] if fixed else ["with_mtp", "without_mtp"]
+    names = {"with_mtp": "MTP", "fixed_mtp": "fixed", "without_mtp": "no-MTP"}
+    f2 = lambda x: "-" if x is None else f"{x:.2f}"
+    rows = []
+    for i, n in enumerate(c["concurrency"]):
+        r = {k: c[k][i] for k in sides}
+        rows.append([str(n), *(f"{r[k]['output_throughput']:.1f}" for k in sides), f"{c['speedup'][i]:.2f}x",
+                     *([f"{c['fixed_speedup'][i]:.2f}x"] if fixed else []),
+                     *(_ms(r[k]["mean_tpot_ms"]) for k in sides), *(_ms(r[k]["mean_ttft_ms"]) for k in sides),
+                     *(f2(r[k]["spec_decode"]["acceptance_length"]) for k in sides[:-1]),
+                     *(f2(draft_tokens_per_step(r[k])) for k in sides[:-1])])
+    head = (["concurrency"] + [f"{names[k]} tok/s" for k in sides] + ["speedup"] + (["fixed speedup"] if fixed else [])
+            + [f"{names[k]} TPOT ms" for k in sides] + [f"{names[k]} TTFT ms" for k in sides]
+            + [f"{names[k]} acceptance length" for k in sides[:-1]] + [f"{names[k]} drafts/step" for k in sides[:-1]])
     return common.format_table(head, rows)
 
 
@@ -97,10 +118,14 @@ def plot_curve(c: dict, out: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    for key, label in (("with_mtp", "with MTP"), ("without_mtp", "without MTP")):
-        ax.plot(c["concurrency"], [r["output_throughput"] for r in c[key]], marker="o", label=label)
+    for key, label in (("with_mtp", "with MTP"), ("fixed_mtp", "fixed MTP"), ("without_mtp", "without MTP")):
+        if key in c:
+            ax.plot(c["concurrency"], [r["output_throughput"] for r in c[key]], marker="o", label=label)
     ax.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s (all requests)", title=title)
-    ax2.plot(c["concurrency"], c["speedup"], marker="o", color="C2")
+    ax2.plot(c["concurrency"], c["speedup"], marker="o", color="C0", label="MTP")
+    if "fixed_speedup" in c:
+        ax2.plot(c["concurrency"], c["fixed_speedup"], marker="o", color="C1", label="fixed MTP")
+        ax2.legend(fontsize=8)
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set(xscale="log", xlabel="concurrent requests", ylabel="MTP speedup (tokens/s ratio)")
     for a in (ax, ax2):
@@ -188,22 +213,33 @@ def run(args: argparse.Namespace) -> int:
         print(format_report(r))
     if args.json:
         common.write_output(args.json, json.dumps(r, indent=1) + "\n", "--json")
-    runs = r["with_mtp"] + r["without_mtp"] if args.compare_mtp else [r]
+    runs = [x for k in ("with_mtp", "fixed_mtp", "without_mtp") for x in r.get(k, [])] if args.compare_mtp else [r]
     return 1 if any(x["failed"] for x in runs) else 0  # the numbers stand, but some requests failed
 
 
 def _compare(load: Callable[..., tuple[list, float]], llm: LLM, bodies: list[dict], args: argparse.Namespace) -> dict:
-    plain = llm.with_speculative(None)
-    out: dict = {"concurrency": list(args.concurrency), "with_mtp": [], "without_mtp": [], "speedup": []}
-    with _serving(llm, args) as a, _serving(plain, args) as b:
+    """Servers with MTP as configured, with its fixed shape (adaptive speculation only) and without MTP, on one
+    loaded model, measured in turn at each concurrency, who goes first rotating."""
+    llms = {"with_mtp": llm}
+    if llm.speculative.adaptive:
+        llms["fixed_mtp"] = llm.with_speculative(dataclasses.replace(llm.speculative, adaptive=False))
+    llms["without_mtp"] = llm.with_speculative(None)
+    names = list(llms)
+    out: dict = {"concurrency": list(args.concurrency), **{k: [] for k in names}, "speedup": []}
+    if "fixed_mtp" in llms:
+        out["fixed_speedup"] = []
+    with ExitStack() as stack:
+        urls = {k: stack.enter_context(_serving(x, args)) for k, x in llms.items()}
         for i, c in enumerate(args.concurrency):
-            order = [("with_mtp", a), ("without_mtp", b)]
-            for key, url in order if i % 2 == 0 else order[::-1]:  # alternate who goes first: drift hits both
-                out[key].append(measure(load, url, bodies, args, c))
+            shift = i % len(names)  # rotate who goes first: drift hits all alike
+            for key in names[shift:] + names[:shift]:
+                out[key].append(measure(load, urls[key], bodies, args, c))
                 r = out[key][-1]
                 print(f"concurrency {c}, {key.replace('_', ' ')}: {r['output_throughput']:.1f} tok/s", flush=True)
-            out["speedup"].append(out["with_mtp"][-1]["output_throughput"]
-                                  / max(out["without_mtp"][-1]["output_throughput"], 1e-12))
+            plain = max(out["without_mtp"][-1]["output_throughput"], 1e-12)
+            out["speedup"].append(out["with_mtp"][-1]["output_throughput"] / plain)
+            if "fixed_mtp" in llms:
+                out["fixed_speedup"].append(out["fixed_mtp"][-1]["output_throughput"] / plain)
     return out
 
 
@@ -224,8 +260,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-warmups", type=int, default=1, metavar="N",
                    help="untimed requests before each run (default 1)")
     p.add_argument("--compare-mtp", action="store_true",
-                   help="start servers with and without MTP on one loaded model and measure both at each "
-                        "--concurrency")
+                   help="start servers with MTP, with its fixed shape (adaptive only) and without MTP on one loaded "
+                        "model and measure each at each --concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], metavar="N",
                    help="--compare-mtp: the concurrency levels (default 1 4 16)")
     p.add_argument("--plot", default=None, metavar="OUT.png",

@@ -97,11 +97,16 @@ def add_spec_args(p: argparse.ArgumentParser, no_mtp: bool = True) -> None:
                    help=f"relaxed acceptance: candidates among the target's top N (default {d.relaxed_topk})")
     p.add_argument("--relaxed-delta", type=float, default=None, metavar="D",
                    help=f"relaxed acceptance: log-prob margin to the top-1 (default {d.relaxed_delta})")
+    p.add_argument("--speculative-adaptive", dest="adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="the draft shape is a cap: each step drafts, per request, only the tokens whose estimated "
+                        "acceptance outweighs their measured cost, and none where verifying more does not pay "
+                        "(default on; --no-speculative-adaptive drafts the whole shape at every step)")
 
 
 SPEC_FLAGS = {"num_speculative_tokens": "--num-speculative-tokens", "topk": "--topk",
               "num_draft_tokens": "--num-draft-tokens", "acceptance": "--acceptance",
-              "relaxed_topk": "--relaxed-topk", "relaxed_delta": "--relaxed-delta"}
+              "relaxed_topk": "--relaxed-topk", "relaxed_delta": "--relaxed-delta",
+              "adaptive": "--speculative-adaptive"}
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -154,11 +159,12 @@ def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParam
 
 
 def describe(spec: SpecConfig | None) -> str:
-    """'MTP k=3 topk=1 budget=3' or 'no MTP'."""
+    """'adaptive MTP k=3 topk=1 budget=3', 'fixed MTP k=3 ...' or 'no MTP'."""
     if spec is None:
         return "no MTP"
     relaxed = " relaxed" if spec.acceptance == "relaxed" else ""
-    return f"MTP k={spec.num_speculative_tokens} topk={spec.topk} budget={spec.budget}{relaxed}"
+    return (f"{'adaptive' if spec.adaptive else 'fixed'} MTP k={spec.num_speculative_tokens} topk={spec.topk} "
+            f"budget={spec.budget}{relaxed}")
 
 
 def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -> LLM:

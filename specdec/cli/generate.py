@@ -43,7 +43,7 @@ def stream_text(llm: LLM, prompt: str | list[int], params: SamplingParams,
 
 
 def stats_line(spec_desc: str, metrics: list[Metrics], seconds: float) -> str:
-    """'[MTP k=3 topk=1 budget=3] 64 tokens in 0.52 s, 123.1 tokens/s | mean accepted length 2.46 | ...'."""
+    """'[adaptive MTP k=3 topk=1 budget=3] 64 tokens in 0.52 s, 123.1 tokens/s | mean accepted length 2.46 | ...'."""
     tokens = sum(m.num_generated for m in metrics)
     steps = sum(m.num_steps for m in metrics)
     drafted, accepted = sum(m.num_drafted for m in metrics), sum(m.num_accepted for m in metrics)

@@ -7,13 +7,16 @@ prefill verifies none), so the acceptance length over an interval is
 is increase(spec_decode_num_accepted_tokens_per_pos{position="d"}) / increase(spec_decode_num_drafts). Request
 counters and histograms move when a request ends (finished, stopped or aborted), so they add up to the figures its
 response carried: prompt_tokens counts each prompt once as usage does (not once per choice of an n > 1 request),
-while the prefix-cache counters count every lookup (each choice looks its prompt up)."""
+while the prefix-cache counters count every lookup (each choice looks its prompt up). With MTP, adaptive
+speculation's choices and the cost model's estimates by batch size are read from the engine at each scrape
+(DraftingCollector)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .loop import EngineStats, Job
 
@@ -35,6 +38,45 @@ def spec_decode(jobs: list[Job], speculative: bool) -> dict:
             "num_drafts": sum(m.num_decode_steps for m in ms) if speculative else 0,
             "num_draft_tokens": sum(m.num_drafted for m in ms), "num_accepted_tokens": sum(m.num_accepted for m in ms),
             "num_accepted_tokens_per_pos": [sum(c) for c in zip(*(m.accepted_per_position for m in ms))]}
+
+
+class DraftingCollector:
+    """Adaptive speculation by load (draft_policy.DraftingStats), per batch-size bucket `batch` (requests decoding
+    together: "1", "2", "3-4", ...): the decode steps run there, the draft depth its last step chose (0: plain
+    decoding) and its acceptance floor, the draft tokens verified per request and step, and the cost model's
+    estimates (seconds: a plain step, each further verified token, drafting's fixed part, each draft step; the
+    tokens per second of drafting steps). Nothing for an engine without MTP."""
+
+    def __init__(self, stats: Callable[[], EngineStats]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.stats().drafting
+        if d is None:
+            return
+        g = lambda name, doc, labels=("batch",): GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+        adaptive = GaugeMetricFamily(PREFIX + "spec_decode_adaptive", "1: adaptive speculation, 0: a fixed shape",
+                                     value=float(d.adaptive))
+        acceptance = GaugeMetricFamily(PREFIX + "spec_decode_acceptance_estimate",
+                                       "Recent acceptance of verified draft tokens (decayed)", value=d.acceptance)
+        steps = CounterMetricFamily(PREFIX + "spec_decode_batch_steps", "Decode steps by batch size", labels=["batch"])
+        depth = g("spec_decode_draft_depth", "Draft depth the last step of this batch size chose (0: plain)")
+        floor = g("spec_decode_draft_floor", "Estimated path acceptance a draft token needed (last step; gated only)")
+        budget = g("spec_decode_draft_tokens_per_request_step", "Draft tokens verified per request and decode step")
+        cost = g("spec_decode_cost_seconds", "The cost model's estimates", ("batch", "part"))
+        rate = g("spec_decode_drafting_throughput", "Tokens per second of recent drafting steps (estimate)")
+        for b in d.buckets:
+            steps.add_metric([b.batch], b.steps)
+            depth.add_metric([b.batch], b.depth)
+            if b.floor is not None:
+                floor.add_metric([b.batch], b.floor)
+            budget.add_metric([b.batch], b.drafted / b.request_steps)
+            if (e := b.estimates) is not None:
+                for part, x in (("plain_step", e.plain_step), ("per_verified_token", e.per_token),
+                                ("draft_base", e.draft_base), ("per_draft_step", e.draft_step)):
+                    cost.add_metric([b.batch, part], x)
+                rate.add_metric([b.batch], e.throughput)
+        yield from (adaptive, acceptance, steps, depth, floor, budget, cost, rate)
 
 
 class ServerMetrics:
@@ -65,6 +107,7 @@ class ServerMetrics:
                             ("kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1)",
                              lambda: stats().kv_usage)):
             Gauge(PREFIX + g, doc, registry=r).set_function(get)
+        r.register(DraftingCollector(stats))
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS,
                               registry=r)
         self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time per output token after the first",

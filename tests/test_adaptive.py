@@ -1,0 +1,192 @@
+"""Adaptive speculation (issue 18): the cost model's fits and calibration, the policy's choices from them, and end
+to end: whatever the policy chooses (gated, ragged, some steps plain), greedy output is the main model's alone, and
+the engine, /metrics and the CLI expose its estimates and choices (a ragged chain's acceptance: test_verify.py)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from specdec import LLM, SamplingParams, SpecConfig
+from specdec.cost_model import BUCKETS, CALIBRATION_SIZE, Calibration, CostModel, LinearFit, bucket, gate_code
+from specdec.draft_policy import EXPLORE, WARMUP, DraftPolicy
+from specdec.step_plan import DraftShape
+
+
+def test_linear_fit_recovers_a_line_and_forgets() -> None:
+    f = LinearFit(decay=0.9)
+    assert f.line() == (0.0, 0.0) and not f.seen
+    f.add(3, 2.5)
+    assert f.line() == (2.5, 0.0)  # x has not varied: no slope
+    for x in (1, 2, 4, 8):
+        f.add(x, 1.0 + 0.5 * x)
+    assert f.line() == pytest.approx((1.0, 0.5)) and f.at(6) == pytest.approx(4.0)
+    for _ in range(200):  # the machine got slower: the old points fade
+        for x in (1, 4):
+            f.add(x, 2.0 + x)
+    assert f.line() == pytest.approx((2.0, 1.0), abs=1e-3)
+    f2 = LinearFit(0.9)
+    for x, y in ((1, 3.0), (2, 1.0)):
+        f2.add(x, y)
+    assert f2.line()[1] == 0.0  # never a negative slope
+
+
+def test_cost_model_estimates() -> None:
+    cm = CostModel(decay=1.0)
+    assert [bucket(b) for b in (1, 2, 3, 4, 5, 16, 17, 64, 65, 1000)] == [0, 1, 2, 2, 3, 4, 5, 6, 7, 7]
+    assert len(BUCKETS) == 8
+    for _ in range(3):
+        cm.add_plain(4, 0.010)
+    assert not cm.measured(4)
+    for tokens, steps in ((8, 1), (12, 2), (16, 3)):  # verify 10 ms + 1 ms a token beyond the plain step's 4
+        cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.002 + 0.001 * steps, verify_s=0.006 + 0.001 * tokens)
+    assert cm.measured(4) and not cm.measured(1)
+    e = cm.estimates(4, acceptance=0.7)
+    assert e.per_token == pytest.approx(0.001, rel=0.2) and e.draft_step == pytest.approx(0.001)
+    assert e.draft_base == pytest.approx(0.002) and e.acceptance == 0.7
+    assert e.throughput == pytest.approx(30 / (0.006 * 3 + 0.036 + 0.012))
+
+
+def test_calibration_shrinks_unseen_cells_to_the_mean() -> None:
+    c = Calibration(decay=1.0)
+    assert c.mean() == 0.5 and set(c.table()) == {0.5}
+    hi, lo = gate_code(0, 10), gate_code(0, 0)  # greedy first sibling: a wide margin, a narrow one
+    c.add([(0, hi, True)] * 30 + [(0, lo, False)] * 30 + [(0, lo, True)] * 10)
+    t = c.table()
+    assert len(t) == CALIBRATION_SIZE
+    assert t[hi] > 0.9 and t[lo] < 0.3
+    assert t[gate_code(1, 5)] == pytest.approx(c.mean(0))  # never seen: its mode's mean
+    assert t[CALIBRATION_SIZE // 2] == pytest.approx(0.5)  # no sampled outcome yet
+
+
+def _req(max_tokens: int = 100, generated: int = 0, greedy: bool = True, seed: int | None = None):
+    params = SimpleNamespace(max_tokens=max_tokens, greedy=greedy, seed=seed)
+    return SimpleNamespace(params=params, generated=[0] * generated)
+
+
+def test_policy_warms_up_then_decides_from_its_costs() -> None:
+    shape = DraftShape(3, 1, 3)
+    p = DraftPolicy(shape, adaptive=True)
+    reqs = [_req(), _req()]
+    seen = []
+    for _ in range(WARMUP):  # depths 1..k in turn, ungated, so the fits see the tokens verified vary
+        s, depth, floor = p.plan(reqs, [False, False])
+        seen.append(depth[0])
+        assert s.gate is not None and floor == [None, None]
+    assert seen == [1 + i % 3 for i in range(WARMUP)]
+    # verifying costs 1 ms a token over a plain step of 10 ms; drafting steps yield 5 tokens in 15 ms: 333 tok/s
+    for tokens in (2, 4, 6, 8):
+        p.costs.add_plain(2, 0.010)
+        p.costs.add_drafting(2, tokens, tokens // 2, emitted=5, draft_s=0.003, verify_s=0.008 + 0.001 * tokens)
+    s, depth, floor = p.plan(reqs, [False, False])
+    assert depth == [3, 3] and floor[0] == floor[1] and 0 < floor[0] < 1
+    assert floor[0] == pytest.approx(max(2 / 0.010, p.costs.estimates(2, 0.5).throughput) * 0.001, rel=0.05)
+    # verification got expensive: a plain step (200 tok/s) now beats drafting
+    for _ in range(100):
+        p.costs.add_drafting(2, 8, 3, emitted=3, draft_s=0.01, verify_s=0.05)
+    assert p.plan(reqs, [False, False]) == (None, None, None)
+
+
+def test_policy_explores_caps_and_leaves_seeded_sampling_alone() -> None:
+    shape = DraftShape(3, 2, 6)
+    p = DraftPolicy(shape, adaptive=True)
+    for _ in range(3):
+        p.costs.add_plain(3, 0.010)
+        p.costs.add_drafting(3, 3, 1, emitted=3, draft_s=0.01, verify_s=0.05)  # drafting never pays
+    p.costs.add_drafting(3, 9, 2, emitted=3, draft_s=0.01, verify_s=0.06)
+    seeded = _req(max_tokens=5, generated=4, greedy=False, seed=7)  # one token left, drafts the whole shape
+    reqs = [_req(max_tokens=10, generated=8), _req(), seeded]
+    choices = [p.plan(reqs, [False] * 3) for _ in range(2 * EXPLORE)]
+    for i, (s, depth, floor) in enumerate(choices):
+        assert s is not None and depth[2] == 3 and floor[2] is None  # seeded sampling: its seed decides alone
+        if i < WARMUP:
+            assert depth[:2] == [min(1 + i % 3, 1), 1 + i % 3]  # max_tokens caps the first: 2 left, depth 1
+        elif i % EXPLORE == 0:
+            assert depth[:2] == [1, 3] and floor[:2] == [None, None]  # explore: full depth, ungated
+        else:
+            assert depth[:2] == [0, 0]  # plain for the others
+    fixed = DraftPolicy(shape, adaptive=False)
+    assert fixed.plan(reqs, [False] * 3) == (shape, None, None)
+    assert fixed.stats().buckets[0].depth == 3 and not fixed.stats().adaptive
+
+
+def _pin(monkeypatch: pytest.MonkeyPatch, floor: float, plain_every: int = 0) -> None:
+    """Pin the policy's timing-driven choice: full depth gated at `floor`, and every plain_every-th step plain."""
+    def choose(self: DraftPolicy, b: int, step: int) -> tuple[int, float | None, float]:
+        return (0, None, 0.0) if plain_every and step % plain_every == 1 else (self.shape.k, floor, 0.5)
+
+    monkeypatch.setattr(DraftPolicy, "_choose", choose)
+
+
+@pytest.mark.parametrize("topk", [1, 2], ids=["chain", "tree"])
+def test_gated_ragged_drafts_decode_as_the_main_model(shared_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      topk: int) -> None:
+    """Requests of one batch draft what their confidence allows (ragged), some steps decode plainly: the greedy
+    output is the main model's alone, and the drafts really were ragged (fewer nodes than the shape, unequal)."""
+    _pin(monkeypatch, floor=0.45, plain_every=4)
+    spec = SpecConfig(num_speculative_tokens=3, topk=topk)
+    llm = LLM(shared_ckpt, dtype="float32", speculative=spec)
+    plain = llm.with_speculative(None)
+    prompts = [[5, 6, 7], [100], [9, 8, 7, 6, 5, 4], [42, 43]]
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    out = llm.generate(prompts, p)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain.generate(prompts, p)]
+    drafted = [o.metrics.num_drafted for o in out]
+    steps = [o.metrics.num_decode_steps for o in out]
+    assert sum(drafted) < sum(steps) * spec.budget and len(set(drafted)) > 1, (drafted, steps)
+    assert sum(o.metrics.num_accepted for o in out) > 0
+
+
+def test_stats_expose_estimates_and_choices(shared_ckpt: Path) -> None:
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=3))
+    llm.generate([[5, 6, 7], [100]], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    d = llm.engine.stats().drafting
+    assert d.adaptive and len(d.calibration) == CALIBRATION_SIZE and 0 < d.acceptance < 1
+    rows = {r.batch: r for r in d.buckets}
+    assert set(rows) <= {"1", "2"} and rows["2"].steps >= WARMUP
+    e = rows["2"].estimates
+    assert e is not None and e.plain_step > 0 and e.throughput > 0
+    assert rows["2"].drafted > 0 and 0 <= rows["2"].accepted <= rows["2"].drafted
+    assert LLM(shared_ckpt, dtype="float32", speculative=None).engine.stats().drafting is None
+
+
+def test_metrics_show_the_choices_and_estimates_by_load(shared_ckpt: Path) -> None:
+    """/metrics: adaptive on, the decode steps per batch size add up to the engine's, and the buckets that drafted
+    show the cost model's estimates."""
+    import httpx
+    from serving import scrape, serving
+
+    with serving(shared_ckpt, speculative=SpecConfig(3)) as u, httpx.Client(timeout=60) as client:
+        for n in (1, 2):  # one request, then two at once
+            bodies = [{"prompt": [5 + i, 6, 7], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+                      for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:
+                assert all(r.status_code == 200 for r in pool.map(
+                    lambda b: client.post(f"{u}/v1/completions", json=b), bodies))
+        m = scrape(u)
+    p = "specdec:spec_decode_"
+    assert m[p + "adaptive"] == 1 and 0 < m[p + "acceptance_estimate"] < 1
+    steps = {k: v for k, v in m.items() if k.startswith(p + "batch_steps_total")}
+    assert steps[p + "batch_steps_total{batch=1}"] >= WARMUP and sum(steps.values()) >= 39
+    for b in ("1",):
+        assert m[f"{p}draft_depth{{batch={b}}}"] in range(4)
+        assert 0 <= m[f"{p}draft_tokens_per_request_step{{batch={b}}}"] <= 3
+        assert m[f"{p}cost_seconds{{batch={b},part=plain_step}}"] > 0
+        assert m[f"{p}drafting_throughput{{batch={b}}}"] > 0
+
+
+@pytest.mark.parametrize("flags, adaptive", [([], True), (["--speculative-adaptive"], True),
+                                             (["--no-speculative-adaptive"], False)])
+def test_cli_flag(flags: list[str], adaptive: bool) -> None:
+    import argparse
+
+    from specdec.cli import common
+
+    p = argparse.ArgumentParser()
+    common.add_spec_args(p)
+    assert common.spec_config(p.parse_args(flags)).adaptive is adaptive
+    with pytest.raises(ValueError, match="drop --speculative-adaptive"):
+        common.spec_config(p.parse_args(["--no-mtp", "--no-speculative-adaptive"]))
