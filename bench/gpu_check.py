@@ -11,13 +11,19 @@ Sections, in order; one that would start after --budget seconds is recorded as s
   model    a random-weight DeepSeek-V3 with the release's per-layer dimensions, 4 layers (1 dense, 3 MoE) and the
            MTP layer, decoded greedily without and with MTP: equal tokens, tokens/s, host syncs per step (counted
            with torch.cuda.set_sync_debug_mode), the load-time warm-up's seconds; for triton and flashinfer
-Exit status 1 when a kernel disagrees with its reference or MTP decoding changes the greedy tokens.
+  graphs   the same model decoded greedily, plain and with MTP (k=3 at every step), at batch sizes 1 to 64, by
+           an engine that replays CUDA graphs and by an eager one (specdec/cuda_graphs.py): equal tokens, tokens/s
+           of both (after a first pass that captures), the graphs replayed per bucket, host syncs per step;
+           --smoke runs the padded graph path eagerly on the CPU, under the host-read guard
+Exit status 1 when a kernel disagrees with its reference, MTP decoding changes the greedy tokens, or graph replay
+changes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -143,15 +149,27 @@ def random_model(config: dict[str, Any], dev: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
-def decode(model: Any, spec: Any, prompts: list[list[int]], max_tokens: int, dev: torch.device,
-           dtype: torch.dtype, **extra: Any) -> tuple[list[list[int]], float, int]:
-    """Greedy decoding through the engine (extra: more SamplingParams): (generated tokens per prompt, seconds,
-    engine steps). The one function that knows the engine's API."""
+def make_engine(model: Any, spec: Any, prompts: list[list[int]], max_tokens: int, dev: torch.device,
+                dtype: torch.dtype, graphs: bool = False) -> Any:
+    """An engine with room for the prompts at once; graphs: its decode forwards from CUDA graphs (on a CPU, the
+    padded graph path run eagerly under the host-read guard)."""
     from specdec.engine import Engine
-    from specdec.params import SamplingParams
 
     need = sum(len(p) + max_tokens + 64 for p in prompts)
-    engine = Engine(model, spec, dev, dtype, seed=0, kv_cache_tokens=64 * (need // 64 + len(prompts) + 1))
+    e = Engine(model, spec, dev, dtype, seed=0, kv_cache_tokens=64 * (need // 64 + len(prompts) + 1),
+               max_num_seqs=max(len(prompts), 1))
+    if graphs:
+        e.runner.use_graphs(e.scheduler.max_num_seqs)
+    return e
+
+
+def decode(model: Any, spec: Any, prompts: list[list[int]], max_tokens: int, dev: torch.device,
+           dtype: torch.dtype, engine: Any = None, **extra: Any) -> tuple[list[list[int]], float, int]:
+    """Greedy decoding through `engine` (default: a new one; extra: more SamplingParams): (generated tokens per
+    prompt, seconds, engine steps). With make_engine, the functions that know the engine's API."""
+    from specdec.params import SamplingParams
+
+    engine = engine or make_engine(model, spec, prompts, max_tokens, dev, dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)
     t0 = time.perf_counter()
     reqs = [engine.add(p, params) for p in prompts]
@@ -178,32 +196,49 @@ def count_syncs(dev: torch.device, fn: Callable[[], Any]) -> tuple[Any, int | No
     return out, sum("synchroniz" in str(w.message) for w in seen)
 
 
+@functools.cache
+def release_model(dev: torch.device, smoke: bool) -> tuple[Any, dict[str, Any], torch.dtype, float]:
+    """The random-weight model that the model and graphs sections decode, built once: (model, its config.json
+    dict, dtype, seconds to build). The release's per-layer dimensions, 4 layers (2 small ones with --smoke)."""
+    from specdec.kernels.backend import Backend
+    from specdec.model.checkpoint import tiny_config
+
+    fp8 = {**FP8_BLOCKS, "weight_block_size": [32, 32] if smoke else [128, 128]}
+    config = tiny_config(**({"num_hidden_layers": 2} if smoke else RELEASE_DIMS), quantization_config=fp8)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    t0 = time.perf_counter()
+    model = random_model(config, dev, dtype, Backend.resolve("triton", dev))
+    return model, config, dtype, time.perf_counter() - t0
+
+
+def use_backend(model: Any, backend: Any) -> None:
+    for m in model.modules():  # every layer holds the backend it was built with
+        if hasattr(m, "backend"):
+            m.backend = backend
+
+
+def random_prompts(config: dict[str, Any], n: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, config["vocab_size"], (length,), generator=g).tolist() for _ in range(n)]
+
+
 def section_model(dev: torch.device, smoke: bool, backends: list[str]) -> dict[str, Any]:
     from specdec.kernels.backend import Backend
     from specdec.kernels.warmup import ModelShape, model_cases, warmup
-    from specdec.model.checkpoint import tiny_config
     from specdec.params import SpecConfig
 
-    fp8 = {**FP8_BLOCKS, "weight_block_size": [32, 32] if smoke else [128, 128]}
-    dims = {"num_hidden_layers": 2} if smoke else RELEASE_DIMS
-    config = tiny_config(**dims, quantization_config=fp8)
-    dtype = torch.float32 if smoke else torch.bfloat16
+    model, config, dtype, build_s = release_model(dev, smoke)
     n_prompts, prompt_len, max_tokens = (2, 8, 4) if smoke else (2, 32, 32)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, config["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
+    prompts = random_prompts(config, n_prompts, prompt_len)
     spec = SpecConfig(num_speculative_tokens=3)
-    t0 = time.perf_counter()
-    model = random_model(config, dev, dtype, Backend.resolve(backends[0], dev))
     out: dict[str, Any] = {"config": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "n_routed_experts")},
-                           "build_s": time.perf_counter() - t0, "runs": {}}
+                           "build_s": build_s, "runs": {}}
     shape = ModelShape.of(model.cfg)
     steps = [(n_prompts, 1, prompt_len + max_tokens), (n_prompts, spec.num_speculative_tokens + 1,
                                                        prompt_len + max_tokens), (1, prompt_len, 0)]
     for name in backends:
         backend = Backend.resolve(name, dev)
-        for m in model.modules():  # every layer holds the backend it was built with
-            if hasattr(m, "backend"):
-                m.backend = backend
+        use_backend(model, backend)
         run: dict[str, Any] = {}
         if dev.type == "cuda":
             run["warmup_s"] = warmup(backend, model_cases(shape, 1, steps, fp8=backend.keep_fp8), dev, dtype)
@@ -225,12 +260,46 @@ def section_model(dev: torch.device, smoke: bool, backends: list[str]) -> dict[s
     return out
 
 
+def section_graphs(dev: torch.device, smoke: bool) -> dict[str, Any]:
+    """Per batch size, plain and MTP (k=3): an eager engine and one replaying graphs, each decoding the prompts
+    twice (the first pass compiles, and captures each bucket it meets; the second is timed; --smoke: once)."""
+    from specdec.kernels.backend import Backend
+    from specdec.params import SpecConfig
+
+    model, config, dtype, _ = release_model(dev, smoke)
+    use_backend(model, Backend.resolve("triton", dev))
+    prompt_len, max_tokens = (8, 4) if smoke else (32, 32)
+    out: dict[str, Any] = {"batches": []}
+    for batch in [3] if smoke else [1, 2, 3, 8, 16, 32, 64]:  # 3: a padded bucket (4)
+        prompts = random_prompts(config, batch, prompt_len)
+        row: dict[str, Any] = {"batch": batch}
+        # k=3 at every step (adaptive speculation would pick each step's drafts from its measured costs)
+        for label, spec in (("plain", None), ("mtp", SpecConfig(num_speculative_tokens=3, adaptive=False))):
+            runs, tokens = {}, {}
+            for mode in ("eager", "graphs"):
+                e = make_engine(model, spec, prompts, max_tokens, dev, dtype, graphs=mode == "graphs")
+                run = functools.partial(decode, model, spec, prompts, max_tokens, dev, dtype, e)
+                first = None if smoke else run()[1]  # --smoke: one pass, which times nothing that matters
+                (tokens[mode], seconds, steps), syncs = count_syncs(dev, run)
+                runs[mode] = {"first_pass_s": first, "seconds": seconds, "steps": steps,
+                              "tokens_per_s": batch * max_tokens / seconds,
+                              "syncs_per_step": syncs / steps if syncs is not None else None}
+                if e.runner.graphs is not None:
+                    runs[mode]["replays"] = {f"{'main' if k.layer is None else f'mtp{k.layer}'} seqs={k.seqs} n={k.n}":
+                                             v for k, v in e.runner.graphs.replays.items()}
+            row[label] = {**runs, "equal": tokens["eager"] == tokens["graphs"],
+                          "speedup": runs["graphs"]["tokens_per_s"] / runs["eager"]["tokens_per_s"]}
+        out["batches"].append(row)
+    out["equal"] = all(r[label]["equal"] for r in out["batches"] for label in ("plain", "mtp"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; without a GPU in Triton's interpreter")
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON report (default %(default)s)")
     ap.add_argument("--budget", type=float, default=420, help="seconds after which no new section starts")
-    ap.add_argument("--only", default="kernels,gemm,mla,model", help="comma list of sections")
+    ap.add_argument("--only", default="kernels,gemm,mla,model,graphs", help="comma list of sections")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     if not gpu and not args.smoke:
@@ -253,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"kernels": lambda: section_kernels(dev, args.smoke, fi_version is not None),
                 "gemm": lambda: section_gemm(dev, args.smoke),
                 "mla": lambda: section_mla(dev, args.smoke, fi_version is not None),
-                "model": lambda: section_model(dev, args.smoke, ["triton"] + ["flashinfer"] * (fi_version is not None))}
+                "model": lambda: section_model(dev, args.smoke, ["triton"] + ["flashinfer"] * (fi_version is not None)),
+                "graphs": lambda: section_graphs(dev, args.smoke)}
     for name in args.only.split(","):
         if time.perf_counter() - t0 > args.budget:
             report["skipped"].append(name)
@@ -265,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.perf_counter() - t0
     rows = [r for k in ("kernels", "gemm", "mla") for r in report["sections"].get(k, [])]
     runs = report["sections"].get("model", {}).get("runs", {})
-    report["ok"] = all(r["ok"] for r in rows) and all(r["lossless"] for r in runs.values())
+    report["ok"] = all(r["ok"] for r in rows) and all(r["lossless"] for r in runs.values()) and \
+        report["sections"].get("graphs", {}).get("equal", True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"{args.out}: ok={report['ok']} in {report['elapsed_s']:.0f} s; skipped {report['skipped'] or 'none'}")
     return 0 if report["ok"] else 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .cuda_graphs import graphs_wanted
 from .engine import Engine
 from .engine_config import BUNDLED_MODEL, DTYPES, EngineConfig, resolve_device, resolve_dtype
 from .inputs import Prompt, as_prompt_list, check_text, check_token_ids
@@ -110,6 +111,11 @@ class LLM:
     with more MTP layers prompts are recomputed). warmup (default: on CUDA with Triton) compiles and
     tunes the kernels for the decode, verify and prefill shapes at load, not in the first request.
 
+    CUDA graphs (specdec/cuda_graphs.py): on a GPU a decode step's forwards (plain, verify, each MTP draft step) run
+    as graphs, captured per batch bucket on first use and replayed with the batch padded to its bucket;
+    enforce_eager=True (vLLM's name) runs them eagerly, the reference and the fallback. A CPU always runs eager, as
+    do mla_mode="naive" (its attention reads lengths on the host) and backend="torch" (the reference).
+
     Weights: an FP8 checkpoint's weights stay as released where kernels read them: the Triton W8A8 kernels on a GPU
     with FP8, and on a CPU our C++ kernels (kernels/cpu_ops.py: FP8 linears and experts, BF16 embedding, head and
     eh_proj, about a quarter of the float32 bytes). dequantize_fp8=True dequantizes them to `dtype` at load instead:
@@ -125,10 +131,10 @@ class LLM:
                  backend: str = "auto", tensor_parallel_size: int = 1, mla_mode: str = "auto", seed: int = 0,
                  threads: int | None = None, kv_cache_tokens: int | None = None, max_num_seqs: int = 64,
                  prefill_chunk: int = 512, enable_prefix_caching: bool = True, warmup: bool | None = None,
-                 dequantize_fp8: bool = False, progress: bool = False):
+                 dequantize_fp8: bool = False, enforce_eager: bool = False, progress: bool = False):
         config = EngineConfig(model, dtype, device, speculative, backend, tensor_parallel_size, mla_mode, seed,
                               threads, kv_cache_tokens, max_num_seqs, prefill_chunk, enable_prefix_caching, warmup,
-                              dequantize_fp8)
+                              dequantize_fp8, enforce_eager)
         if threads is not None and threads > usable_cores():  # more only wait at barriers (170x slower at 1000)
             warnings.warn(f"threads={threads} exceeds the {usable_cores()} CPU cores this process may use; using "
                           f"{usable_cores()}", stacklevel=2)
@@ -177,6 +183,7 @@ class LLM:
                 mtp = self.speculative is not None
                 self.runner = Runner(self.model, *latent_caches(self.config, tokens, self.dtype, self.device, mtp),
                                      BLOCK_SIZE, DraftShape.of(self.speculative) if mtp else None, self.device)
+                self._use_graphs(self.runner)
             r = self.runner
             r.channel = self.tp.channel()
             self.tp.check_same({"KV pool slots": r.main.num_slots, "rows a decode step writes": r.step_rows,
@@ -217,9 +224,17 @@ class LLM:
 
     def _engine(self, speculative: SpecConfig | None, seed: int, kv_tokens: int | None) -> Engine:
         c = self.engine_config
-        return Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer, kv_cache_tokens=kv_tokens,
-                      max_num_seqs=c.max_num_seqs, prefill_chunk=c.prefill_chunk,
-                      enable_prefix_caching=c.enable_prefix_caching)
+        engine = Engine(self.model, speculative, self.device, self.dtype, seed, self.tokenizer,
+                        kv_cache_tokens=kv_tokens, max_num_seqs=c.max_num_seqs, prefill_chunk=c.prefill_chunk,
+                        enable_prefix_caching=c.enable_prefix_caching)
+        self._use_graphs(engine.runner)
+        return engine
+
+    def _use_graphs(self, runner: Runner) -> None:
+        """CUDA graphs for the runner's decode forwards where they are the default (cuda_graphs.graphs_wanted)."""
+        c = self.engine_config
+        if graphs_wanted(self.device, c.enforce_eager, c.mla_mode, self.backend.name):
+            runner.use_graphs(c.max_num_seqs)
 
     def _warmup(self) -> float:
         """Compile and tune the Triton kernels for decode, verify and prefill shapes (kernels/warmup.py); seconds."""

@@ -52,8 +52,9 @@ class EngineConfig:
     """model: the checkpoint directory (None: the bundled model); dtype: a torch dtype or its name; device: "cpu",
     "cuda" or "cuda:N" (None: cuda when available; under tensor parallelism each rank takes its local GPU);
     threads: CPU intra-op threads (None: the default for the model's size); kv_cache_tokens: the KV pool (None:
-    sized from free memory, the smallest over the ranks); warmup: None = on CUDA with Triton. The rest are LLM's
-    keyword arguments of the same names. Normalized at construction: model becomes a Path, device a string."""
+    sized from free memory, the smallest over the ranks); warmup: None = on CUDA with Triton; enforce_eager: no CUDA
+    graphs (a CPU never captures any). The rest are LLM's keyword arguments of the same names. Normalized at
+    construction: model becomes a Path, device a string."""
 
     model: str | os.PathLike | None = None
     dtype: str | torch.dtype = "bfloat16"
@@ -70,6 +71,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     warmup: bool | None = None
     dequantize_fp8: bool = False
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
@@ -85,7 +87,7 @@ class EngineConfig:
         for name in ("threads", "kv_cache_tokens"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        for name in ("enable_prefix_caching", "dequantize_fp8"):
+        for name in ("enable_prefix_caching", "dequantize_fp8", "enforce_eager"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.warmup is not None and type(self.warmup) is not bool:

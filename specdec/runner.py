@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .cuda_graphs import GraphedModel, StepGraphs
 from .drafter import Draft, Drafter
 from .kernels.attn_meta import AttnMeta
 from .kv_pool import BlockTable, Rows
@@ -74,19 +75,32 @@ class StepTimes:
 class Runner:
     """Runs step plans on `model` (this rank's shard) with the main and MTP caches `main` and `mtp` (None without a
     drafter), in blocks of block_size slots. shape: the largest draft a step may ask for (None: plain decoding),
-    which fixes step_rows, the rows a decode step may write past a request's committed ones."""
+    which fixes step_rows, the rows a decode step may write past a request's committed ones. A decode step's
+    forwards run eager, or from CUDA graphs once `use_graphs` was called."""
 
     def __init__(self, model: DeepseekV3, main: LatentCache, mtp: LatentCache | None, block_size: int,
                  shape: DraftShape | None, device: torch.device):
         self.model, self.main, self.mtp, self.device = model, main, mtp, device
         self.block_size = block_size
         self.step_rows = shape.rows if shape is not None else 1
+        self.draft_width = shape.topk if shape is not None else 1
         self.drafter = Drafter(model) if mtp is not None else None
         self.dist = model.dist
         self.clock = StepClock(device)
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None  # to (rank 0) or from the other ranks of a group; None on one rank
         self.broken = False  # rank 0: a step failed midway, leaving the other ranks waiting in it
+        self.graphs: StepGraphs | None = None
+
+    def use_graphs(self, max_num_seqs: int) -> None:
+        """Run the decode step's forwards (plain, verify, each draft step) from graphs per batch bucket, up to
+        max_num_seqs requests (cuda_graphs.py): captured on a CUDA device; elsewhere run eagerly on the same padded
+        buffers under the host-read guard (what the CPU tests check). Every rank of a group calls it alike."""
+        width = min(self.model.cfg.max_position_embeddings, self.main.num_slots)  # the most rows a request holds
+        self.graphs = StepGraphs(self.model, self.main, self.mtp, max_num_seqs, self.step_rows, self.draft_width,
+                                 width, self.device)
+        if self.drafter is not None:
+            self.drafter = Drafter(GraphedModel(self.model, self.graphs))
 
     # --- plans from rank 0 ------------------------------------------------------------------------------------
 
@@ -201,11 +215,11 @@ class Runner:
         sb = sampling_batch(d.sampling.take(pick) if d.sampling is not None else None, len(reqs), draws, dev)
         if self.drafter is None or d.draft is None:
             meta = rows.meta(n_main, [1] * len(reqs), _ones(len(reqs), dev))
-            hidden = self.model(root, torch.tensor(n_main, device=dev), meta, self.main)
-            logits = self.model.logits(hidden)
+            hidden, logits = self._forward(root, meta.ctx_lens, meta)  # a root's position is its request's length
             if leader is not None:
                 leader.decoded(reqs, logits, sb)
             if self.drafter is not None:  # adaptive speculation decoded plainly: the MTP rows wait (_catch_up)
+                hidden = hidden.clone()
                 for i, r in enumerate(reqs):
                     self.seqs[r].lag.append(hidden[i])
                     self.seqs[r].lag_roots.append(roots[i])
@@ -219,9 +233,7 @@ class Runner:
         tree = draft.tree
         b, n = tree.tokens.shape
         meta = rows.meta(n_main, draft.num_nodes, draft.attn_mask())  # a ragged batch: its real nodes only
-        pos = draft.pack(meta.ctx_lens[:, None] + tree.depth)
-        hidden = self.model(draft.pack(tree.tokens), pos, meta, self.main)
-        logits = self.model.logits(hidden)
+        hidden, logits = self._forward(draft.pack(tree.tokens), draft.pack(meta.ctx_lens[:, None] + tree.depth), meta)
         hidden, logits = draft.unpack(hidden).view(b, n, -1), draft.unpack(logits)
         decided = leader.verified(reqs, draft, logits, sb) if leader is not None else None
         commit = Commit.share(self.channel, decided)
@@ -244,6 +256,16 @@ class Runner:
                      [n_main[i] - len(s.lag) for s, i in zip(seqs, behind)], [torch.stack(s.lag) for s in seqs], width)
         for s in seqs:
             s.lag, s.lag_roots = [], []
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode or verify step's main forward: final hidden states [T, D] and logits [T, V] at every token, from
+        a graph where one fits, else eager."""
+        out = self.graphs.main(tokens, positions, meta) if self.graphs is not None else None
+        if out is not None:
+            return out
+        hidden = self.model(tokens, positions, meta, self.main)
+        return hidden, self.model.logits(hidden)
 
     def _move_accepted(self, reqs: list[int], n_main: list[int], commit: Commit, keep: list[int]) -> None:
         """Move each kept request's accepted path's main-cache rows to the rows right after its prefix."""

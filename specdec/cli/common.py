@@ -54,6 +54,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize-fp8", action="store_true",
                    help="dequantize an FP8 checkpoint's weights to --dtype at load (the reference path); by default "
                         "they stay as released where kernels read them (GPUs with FP8; CPUs, with our C++ kernels)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run a GPU's decode steps eagerly, without CUDA graphs (a CPU always runs eager)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 for models under 1B parameters on CPU, where more only "
                         "wait at barriers; else torch's default); more than the cores this process may use are "
@@ -179,7 +181,7 @@ def load_llm(args: argparse.Namespace, spec: SpecConfig | None, **engine: Any) -
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     llm = LLM(path, dtype=dtype, device=args.device, speculative=spec, backend=args.backend,
               tensor_parallel_size=args.tp, seed=args.seed, threads=args.threads,
-              dequantize_fp8=args.dequantize_fp8, **engine)
+              dequantize_fp8=args.dequantize_fp8, enforce_eager=args.enforce_eager, **engine)
     if not llm.tp.leads:
         llm.follow()
         shutdown_distributed()
