@@ -68,9 +68,9 @@ class LinearFit:
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
-    bucket's batch; per_token, each further token verified; draft_base and draft_step, drafting's fixed part (the
-    MTP cache extend, the first head) and each MTP forward after it; throughput, the tokens per second of recent
-    drafting steps (draft and verify phases); acceptance, the mean acceptance of verified draft nodes."""
+    bucket's batch; per_token, each further token verified; draft_base and draft_step, proposing's fixed part (the
+    first head) and each MTP forward after it; throughput, the tokens per second of recent drafting steps (propose,
+    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes."""
 
     plain_step: float
     per_token: float
@@ -96,15 +96,17 @@ class CostModel:
         """A step without drafts: `batch` tokens verified (one a request)."""
         self.verify[bucket(batch)].add(batch, seconds)
 
-    def add_drafting(self, batch: int, tokens: int, steps: int, emitted: int, draft_s: float,
-                     verify_s: float) -> None:
-        """A drafting step: `tokens` verified over the batch (roots included) in verify_s seconds, `steps` MTP
-        forwards in draft_s seconds, `emitted` tokens committed."""
+    def add_drafting(self, batch: int, tokens: int, steps: int, emitted: int, draft_s: float, verify_s: float,
+                     extend_s: float = 0.0) -> None:
+        """A drafting step: `steps` MTP forwards after the first head in draft_s seconds (the propose phase),
+        `tokens` verified over the batch (roots included) in verify_s, `emitted` tokens committed and their MTP
+        rows extended in extend_s. The extend follows what was accepted, not what was drafted, so it counts in the
+        throughput only: in the draft fit it would credit acceptance's cost to the draft steps."""
         i = bucket(batch)
         self.verify[i].add(tokens, verify_s)
         self.draft[i].add(steps, draft_s)
         self.tokens[i] = self.decay * self.tokens[i] + emitted
-        self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s
+        self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s + extend_s
 
     def measured(self, batch: int) -> bool:
         """Whether batch's bucket has seen drafting steps."""

@@ -128,7 +128,7 @@ class DraftPolicy:
         if len(marks) == 2:
             clock.then(lambda d: self.costs.add_plain(batch, d[0]), marks)
         else:
-            clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, d[0] + d[2], d[1]), marks)
+            clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks)
 
     def verified(self, greedy: Sequence[bool], sizes: Sequence[int], codes: Sequence[Sequence[int]] | None,
                  parents: Sequence[Sequence[int]] | None, paths: Sequence[Sequence[int]]) -> None:
