@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from specdec import LLM, SamplingParams, SpecConfig
 from specdec.cost_model import BUCKETS, CALIBRATION_SIZE, Calibration, CostModel, LinearFit, bucket, gate_code
@@ -190,3 +191,21 @@ def test_cli_flag(flags: list[str], adaptive: bool) -> None:
     assert common.spec_config(p.parse_args(flags)).adaptive is adaptive
     with pytest.raises(ValueError, match="drop --speculative-adaptive"):
         common.spec_config(p.parse_args(["--no-mtp", "--no-speculative-adaptive"]))
+
+
+def test_phase_marks_feed_the_fits() -> None:
+    """A drafting step's marks (start, after propose, after commit, after the MTP extend): the draft fit sees the
+    propose phase alone (the extend follows acceptance, not drafting), the throughput every phase; a plain step's
+    two marks feed the plain fit."""
+    from specdec.step_clock import StepClock
+
+    p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
+    clock = StepClock(torch.device("cpu"))
+    for steps in (0, 1, 2):  # propose 1 + 2 ms a step; the extend grows with the draft steps here, as acceptance does
+        t1 = 0.001 + 0.002 * steps
+        p.timed(clock, 1, (0.0, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps)
+    p.timed(clock, 1, (0.0, 0.005), 1, 0, 1)
+    e = p.costs.estimates(1, 0.5)
+    assert e.draft_base == pytest.approx(0.001) and e.draft_step == pytest.approx(0.002)
+    assert e.plain_step == pytest.approx(0.005, rel=0.3)
+    assert e.throughput == pytest.approx(6 / (0.003 + 0.012 + 0.006 + 0.009), rel=0.05)
