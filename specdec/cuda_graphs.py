@@ -178,7 +178,8 @@ class StepGraphs:
         if g is None:
             g = self.graphs[key] = self._capture(key)
         elif g.graph is not None:
-            g.graph.replay()
+            with torch.cuda.device(self.device):  # the graph's device, which need not be the current one
+                g.graph.replay()
         else:
             with no_host_reads():
                 g.run()
@@ -208,15 +209,16 @@ class StepGraphs:
             with no_host_reads():
                 run()
             return _Graph(run, None)
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):  # compiles and tunes the kernels (the autotuner times on the host)
-            run()
-        main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with no_host_reads(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            run()
+        with torch.cuda.device(self.device):  # capture streams are the current device's (LLM(device="cuda:1"))
+            main = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):  # compiles and tunes the kernels (the autotuner times on the host)
+                run()
+            main.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with no_host_reads(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                run()
         return _Graph(run, graph)
 
 

@@ -110,7 +110,7 @@ def test_padded_graph_path_samples_as_eager(torch_model: DeepseekV3) -> None:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("run", ["plain", "chain k=3"])
+@pytest.mark.parametrize("run", ["plain", "chain k=3", "adaptive"])
 def test_padded_graph_path_decodes_as_eager_triton(shared_ckpt: Path, run: str) -> None:
     model = model_for(shared_ckpt, "triton")
     spec, keys = RUNS[run]
@@ -161,25 +161,30 @@ def test_padding_rows_write_only_the_spare_slot(torch_model: DeepseekV3, seed: i
     _matches_eager(torch_model, cache, before, tokens, pos, meta, hidden, logits)
 
 
-def test_a_ragged_verify_batch_pads_each_sequence(torch_model: DeepseekV3, seed: int) -> None:
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_ragged_verify_batch_pads_each_sequence(shared_ckpt: Path, torch_model: DeepseekV3, seed: int,
+                                                  backend: str) -> None:
     """Three sequences of 2, 1 and 3 new tokens (a tree, a root alone, a chain) run in the graph of four sequences
     of three: each short sequence's padding tokens write only the spare slot, and its real tokens' hidden states,
     logits and cache rows are the eager forward's."""
+    model = torch_model if backend == "torch" else model_for(shared_ckpt, backend)
     g = torch.Generator().manual_seed(seed)
-    cfg = torch_model.cfg
+    cfg = model.cfg
     cache = LatentCache(cfg.num_hidden_layers, 256, cfg.kv_cache_dim, torch.float32, DEVICE)
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     before = cache.kv.clone()
-    graphs = StepGraphs(torch_model, cache, None, max_num_seqs=4, rows=4, draft_width=1, width=64, device=DEVICE)
-    ctx, n_new = [9, 30, 4], [2, 1, 3]
+    graphs = StepGraphs(model, cache, None, max_num_seqs=4, rows=4, draft_width=1, width=64, device=DEVICE)
+    # the second sequence's padding tokens' keys lie past the caller's table: the static one's spare-slot entries,
+    # which the padding sequence's tokens wrote (finite: each sees at least itself; 0 * NaN would reach real rows)
+    ctx, n_new = [9, 32, 4], [2, 1, 3]
     table = torch.randperm(256, generator=g)[:3 * 64].view(3, 64).to(DEVICE)
     mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    meta = AttnMeta.build(table[:, :34], ctx, n_new, mask)
+    meta = AttnMeta.build(table[:, :33], ctx, n_new, mask)
     tokens = torch.randint(0, cfg.vocab_size, (6,), generator=g).to(DEVICE)
-    pos = torch.tensor([9, 10, 30, 4, 5, 6], device=DEVICE)
+    pos = torch.tensor([9, 10, 32, 4, 5, 6], device=DEVICE)
     hidden, logits = graphs.main(tokens, pos, meta)
     assert graphs.replays == {Key(None, 4, 3): 1}
-    _matches_eager(torch_model, cache, before, tokens, pos, meta, hidden, logits)
+    _matches_eager(model, cache, before, tokens, pos, meta, hidden, logits)
 
 
 def _matches_eager(model: DeepseekV3, cache: LatentCache, before: torch.Tensor, tokens: torch.Tensor,
