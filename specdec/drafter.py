@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cost_model import MARGIN_EDGES, MODES, NUM_BINS, RANKS
+from .draft_gate import ChainGate, TreeGate
 from .kernels.attn_meta import AttnMeta
 from .kv_pool import Rows
 from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
 from .sampling import SamplingBatch, gumbel_topk
-from .step_plan import DraftShape, Gate
+from .step_plan import DraftShape
 from .tree import Candidates, TokenTree, chain_tree, monotone_scores, rank_candidates, tree_of
 
 
@@ -91,45 +91,6 @@ class Draft:
         return out
 
 
-class _Gate:
-    """One step's gate on the device: the calibration table [mode, cell], each row's mode, depth, floor and its log
-    (-1 and -inf where the request has none: every path passes) and whether it is fixed (no floor), and the step
-    cost."""
-
-    def __init__(self, gate: Gate, depth: list[int], floor: list[float | None], sb: SamplingBatch,
-                 device: torch.device):
-        self.table = torch.tensor(gate.calibration, dtype=torch.float64, device=device).view(len(MODES), -1)
-        self.mode = (~sb.greedy).long()
-        self.depth = torch.tensor(depth, device=device)
-        self.fixed = torch.tensor([f is None for f in floor], device=device)
-        self.floor = torch.tensor([-1.0 if f is None else f for f in floor], dtype=torch.float64, device=device)
-        self.log_floor = torch.where(self.fixed, float("-inf"), self.floor.clamp(min=0).log())
-        self.step_cost = gate.step_cost
-        self.edges = torch.tensor(MARGIN_EDGES, device=device)
-
-    def cells(self, top: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """top [B, r, w+1]: each draft distribution's w+1 best log-probabilities (its rank scores) -> each of its
-        w children's calibration cell and estimated acceptance ([B, r * w] each; 0 for a child it cannot draw)."""
-        b = top.shape[0]
-        margin = (top[..., :w] - top[..., 1:]).float().nan_to_num(nan=float("inf"))  # -inf - -inf: none drawable
-        rank = torch.arange(w, device=top.device).clamp(max=RANKS - 1)
-        codes = (rank * NUM_BINS + torch.bucketize(margin, self.edges)).reshape(b, -1)
-        alpha = self.table[self.mode].gather(1, codes)
-        return codes, torch.where(torch.isfinite(top[..., :w]).reshape(b, -1), alpha, 0.0)
-
-    def score(self, lq: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """A tree node's own ranking score [B, n]: log of its estimated acceptance, or (a request without a floor)
-        its draft log-probability, as an ungated tree ranks, so that its tree never depends on the calibration."""
-        return torch.where(self.fixed[:, None], lq.double(), alpha.log())
-
-    def go(self, can: torch.Tensor, p: torch.Tensor) -> bool:
-        """Whether another draft step pays, given which chains (or frontier nodes) can go on (can [B] or [B, F])
-        and their path acceptance p: some fixed request can, or the gated ones' summed p reaches step_cost. One
-        host read."""
-        fixed = self.fixed.view(-1, *[1] * (can.dim() - 1))
-        return bool(((can & fixed).any() | ((p * (can & ~fixed)).sum() >= self.step_cost)).item())
-
-
 class Drafter:
     def __init__(self, model: DeepseekV3):
         self.model = model
@@ -191,10 +152,11 @@ class Drafter:
         shape: the chain or tree to build (rank 0's choice, from the step plan); with shape.gate, each request's
         depth and floor (Decode's). A sampled row's drafting takes shape.draft_draws uniforms whatever it drafts,
         so the uniforms of its acceptance sit where they would at the full shape."""
-        gate = _Gate(shape.gate, depth, floor, sb, root.device) if shape.gate is not None else None
         if shape.topk == 1:
+            gate = ChainGate(shape.gate, depth, floor, sb.greedy.tolist()) if shape.gate is not None else None
             out = self._draft_chain(root, g, n_rows, rows, cache, sb, min(shape.k, shape.budget), gate)
         else:
+            gate = TreeGate(shape.gate, depth, floor, sb, root.device) if shape.gate is not None else None
             out = self._draft_tree(root, g, n_rows, rows, cache, sb, shape, gate)
         rest = shape.draft_draws(self.model.cfg.vocab_size) - sb.used
         if sb.any_sampled and rest:
@@ -202,12 +164,13 @@ class Drafter:
         return out
 
     def _draft_tree(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-                    sb: SamplingBatch, shape: DraftShape, gate: _Gate | None) -> Draft:
+                    sb: SamplingBatch, shape: DraftShape, gate: TreeGate | None) -> Draft:
         k, w = shape.k, shape.topk
         b = root.shape[0]
         dev = root.device
         q_rows: list[torch.Tensor] = []
-        tokens, lq, cells = self._children(self.model.logits(g), sb, w, q_rows, gate=gate)
+        tokens, lq, top = self._children(self.model.logits(g), sb, w, q_rows, ranked=gate is not None)
+        cells = gate.cells(top, w) if gate is not None else None
         cand_t = [tokens]
         cand_p = [torch.full((b, w), -1, dtype=torch.long, device=dev)]
         cand_s = [monotone_scores(lq if gate is None else gate.score(lq, cells[1]), torch.zeros(b, device=dev))]
@@ -243,8 +206,9 @@ class Drafter:
             pos = (n_t[:, None] + j).expand(b, f).reshape(-1)
             out = self.model.mtp_forward(layer, x.reshape(-1), h.reshape(b * f, -1), pos, meta, cache)
             exp_row = exp_row.scatter(1, front, 1 + e_idx[None, :].expand(b, f))  # q row of its children
-            child_t, child_lq, cells = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f,
-                                                      gate=gate)
+            child_t, child_lq, top = self._children(self.model.logits(out), sb, w, q_rows, rows_per_request=f,
+                                                    ranked=gate is not None)
+            cells = gate.cells(top, w) if gate is not None else None
             raw = child_lq if gate is None else gate.score(child_lq, cells[1])
             child_t, raw = child_t.view(b, f * w), raw.view(b, f, w)
             parent_score = torch.cat(cand_s, 1).gather(1, front)  # [B, F]
@@ -285,44 +249,41 @@ class Drafter:
         return self._ragged(tree_of(root, cands, idx, levels, w), q, False, levels - 1, sizes, codes, parents)
 
     def _draft_chain(self, root: torch.Tensor, g: torch.Tensor, n_rows: list[int], rows: Rows, cache: LatentCache,
-                     sb: SamplingBatch, k: int, gate: _Gate | None) -> Draft:
+                     sb: SamplingBatch, k: int, gate: ChainGate | None) -> Draft:
         """topk=1: each of k steps drafts one token from the previous step's output. A step's draft row goes right
         after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
         is causal. Gated: request b's chain ends at its depth or at the first node whose path acceptance falls
-        below its floor, and a step runs only while the chains it extends pay for it."""
+        below its floor, and a step runs only while the chains it extends pay for it (draft_gate.ChainGate, on
+        the host: one read of the step's two best log-probabilities a request)."""
         q_rows: list[torch.Tensor] = []
-        tok, _, cells = self._children(self.model.logits(g), sb, 1, q_rows, gate=gate)
+        ranked = gate is not None
+        tok, _, top = self._children(self.model.logits(g), sb, 1, q_rows, ranked=ranked)
         drafts = [tok]
+        if gate is not None:
+            gate.add(top[:, 0].tolist())
         dev = root.device
         n_t = torch.tensor(n_rows, device=dev)
         ones = torch.ones(len(n_rows), 1, dtype=torch.bool, device=dev)
-        if gate is not None:
-            p = cells[1][:, 0]
-            live = (gate.depth > 0) & (p >= gate.floor)
-            lens, codes = live.long(), [cells[0]]
         for j in range(1, k):
-            if gate is not None and not gate.go(live & (gate.depth > j), p):
+            if gate is not None and not gate.go():
                 break
             layer = self._layer(j)
             ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
             meta = rows.meta(ctx, [1] * len(n_rows), ones)
             g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
-            tok, _, cells = self._children(self.model.logits(g), sb, 1, q_rows, gate=gate)
+            tok, _, top = self._children(self.model.logits(g), sb, 1, q_rows, ranked=ranked)
             drafts.append(tok)
             if gate is not None:
-                p = p * cells[1][:, 0]
-                live = live & (gate.depth > j) & (p >= gate.floor)
-                lens, codes = lens + live, codes + [cells[0]]
+                gate.add(top[:, 0].tolist())
         q = torch.stack(q_rows, 1) if q_rows else None
         steps = len(drafts) - 1
         if gate is None:
             return Draft(chain_tree(root, torch.cat(drafts, 1)), q, chain=True, steps=steps)
-        host = torch.cat([lens[:, None], *codes], 1).tolist()  # the step's one read of the chains
-        sizes = [1 + row[0] for row in host]
-        m = max(sizes) - 1
-        tree = chain_tree(root, torch.cat(drafts, 1)[:, :m], lens)
-        return self._ragged(tree, q, True, steps, sizes, [row[1:1 + row[0]] for row in host],
-                            [list(range(row[0])) for row in host])
+        lens = gate.lens
+        m = max(lens)
+        ragged = torch.tensor(lens, device=dev) if min(lens) < m else None
+        tree = chain_tree(root, torch.cat(drafts, 1)[:, :m], ragged)
+        return self._ragged(tree, q, True, steps, [1 + x for x in lens], gate.codes, [list(range(x)) for x in lens])
 
     @staticmethod
     def _ragged(tree: TokenTree, q: torch.Tensor | None, chain: bool, steps: int, sizes: list[int],
@@ -336,29 +297,33 @@ class Drafter:
         return Draft(tree, q, chain, steps, sizes, codes, parents, index)
 
     def _children(self, logits: torch.Tensor, sb: SamplingBatch, w: int, q_rows: list[torch.Tensor],
-                  rows_per_request: int = 1, gate: _Gate | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """logits [B * r, V] -> children ids [B, r * w] in draw order, their log q [B, r * w], and with a gate each
-        child's calibration cell and estimated acceptance ([B, r * w] each; else None).
+                  rows_per_request: int = 1, ranked: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """logits [B * r, V] -> children ids [B, r * w] in draw order, their log q [B, r * w], and (ranked) each
+        distribution's w + 1 best log-probabilities [B, r, w + 1] (-inf past the vocabulary; else None), from which
+        a gate reads its children's confidence: the rank-th score, never the drawn token's own (gumbel_topk), so
+        that what a sampled row drafts never depends on which token it drew.
         Greedy rows take the top-w of the raw distribution; sampled rows draw w without replacement from the
-        processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r). A child's rank score,
-        and so its confidence, is the rank-th best log q, never the drawn token's own (gumbel_topk)."""
+        processed draft distribution q (whose rows are appended to q_rows, one [B, V] per r)."""
         b = logits.shape[0] // rows_per_request
         v = logits.shape[-1]
-        n = w + 1 if gate is not None else w  # the next rank's score gives the last child's margin
-        lq, ids = logits.log_softmax(-1).topk(min(n, v), dim=-1)
+        n = min(w + 1 if ranked else w, v)
+        lq, ids = logits.log_softmax(-1).topk(n, dim=-1)
+        top = lq
+        ids, lq = ids[:, :w], lq[:, :w]
         if sb.any_sampled:
             qp = sb.probs(logits, rows_per_request)
             logq_s = qp.log()
             u = sb.uniform((rows_per_request, v)).reshape(b * rows_per_request, -1)
-            ids_s, _ = gumbel_topk(logq_s, u, w)
+            ids_s, lq_s = gumbel_topk(logq_s, u, w)
             g = sb.greedy.repeat_interleave(rows_per_request)[:, None]
-            ids, lq = torch.where(g, ids[:, :w], ids_s), torch.where(g, lq, logq_s.topk(min(n, v), dim=-1).values)
+            ids, lq = torch.where(g, ids, ids_s), torch.where(g, lq, lq_s)
+            if ranked:
+                top = torch.where(g, top, logq_s.topk(n, dim=-1).values)
             q_rows.extend(qp.view(b, rows_per_request, -1).unbind(1))
-        cells = None
-        if gate is not None:
-            cells = gate.cells(F.pad(lq, (0, n - lq.shape[1]), value=float("-inf")).view(b, rows_per_request, n), w)
-        return ids[:, :w].reshape(b, -1), lq[:, :w].reshape(b, -1), cells
+        if ranked:
+            top = F.pad(top, (0, w + 1 - n), value=float("-inf")).view(b, rows_per_request, w + 1)
+        return ids.reshape(b, -1), lq.reshape(b, -1), top if ranked else None
 
     @staticmethod
     def _first_step(layer: int) -> int:

@@ -209,3 +209,26 @@ def test_phase_marks_feed_the_fits() -> None:
     assert e.draft_base == pytest.approx(0.001) and e.draft_step == pytest.approx(0.002)
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
     assert e.throughput == pytest.approx(6 / (0.003 + 0.012 + 0.006 + 0.009), rel=0.05)
+
+
+def test_chain_gate_keeps_what_pays() -> None:
+    """Three chains: gated at 0.5 (its second node's path falls to 0.4), capped at depth 1, and without a floor;
+    the cells follow the margins (greedy rows: mode 0), a step runs while a chain without a floor goes on or the
+    gated ones' path acceptance reaches the step cost."""
+    from specdec.cost_model import MARGIN_EDGES, NUM_BINS
+    from specdec.draft_gate import ChainGate
+    from specdec.step_plan import Gate
+
+    table = [0.5] * CALIBRATION_SIZE
+    wide, narrow = gate_code(0, NUM_BINS - 1), gate_code(0, 0)
+    table[wide], table[narrow] = 0.8, 0.5
+    g = ChainGate(Gate(tuple(table), step_cost=0.7), depth=[3, 1, 3], floor=[0.5, 0.5, None],
+                  greedy=[True, True, True])
+    big, small = MARGIN_EDGES[-1] + 1, MARGIN_EDGES[0] / 2
+    g.add([[-0.1, -0.1 - big], [-0.1, -0.1 - big], [-1.0, -1.0 - small]])
+    assert g.lens == [1, 1, 1] and g.live == [True, False, True] and g.p == pytest.approx([0.8, 0.8, 0.5])
+    assert g.go()  # the chain without a floor goes on
+    g.add([[-0.2, -0.2 - small], [-0.2, -0.2], [-0.2, -0.2 - small]])
+    assert g.lens == [1, 1, 2] and g.codes == [[wide], [wide], [narrow, narrow]] and g.live == [False, False, True]
+    g.floor[2] = 0.1  # now gated: its path (0.25) no longer reaches the step cost
+    assert not g.go()
