@@ -121,14 +121,16 @@ class DraftPolicy:
 
     def timed(self, clock: StepClock, batch: int, marks: tuple[Any, ...], tokens: int, steps: int,
               emitted: int) -> None:
-        """A decode step's phase marks (runner.StepTimes.decode: start and end of a plain step; start, after
-        propose, after commit, after the MTP extend of a drafting one) into the cost model, once their durations
-        are known (StepClock: no sync). tokens: verified over the batch; steps: MTP forwards after the first head;
-        emitted: tokens committed."""
+        """A decode step's phase marks (runner.StepTimes.decode: start and end of a plain step; start, after the
+        catch-up, after propose, after commit, after the MTP extend of a drafting one) into the cost model, once
+        their durations are known (StepClock: no sync). tokens: verified over the batch; steps: MTP forwards after
+        the first head; emitted: tokens committed. The catch-up (the MTP rows of earlier plain steps, extended in
+        one batch) is left out: it follows how many plain steps came before, not this step's drafting, and in the
+        draft fit it would make drafting look dearer the longer a bucket decodes plainly."""
         if len(marks) == 2:
             clock.then(lambda d: self.costs.add_plain(batch, d[0]), marks)
         else:
-            clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks)
+            clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks[1:])
 
     def verified(self, greedy: Sequence[bool], sizes: Sequence[int], codes: Sequence[Sequence[int]] | None,
                  parents: Sequence[Sequence[int]] | None, paths: Sequence[Sequence[int]]) -> None:

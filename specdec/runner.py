@@ -64,8 +64,9 @@ class Seq:
 @dataclass
 class StepTimes:
     """When a step's phases ran, for rank 0's metrics: prefill (perf_counter before the forward, after the
-    first tokens were decided, after the MTP extend); decode (StepClock marks at its start, after propose, after
-    commit, after the MTP extend; plain decoding: start and end only) and its batch (request ids)."""
+    first tokens were decided, after the MTP extend); decode (StepClock marks at its start, after catching up the
+    MTP rows of earlier plain steps, after propose, after commit, after the MTP extend; plain decoding: start and
+    end only) and its batch (request ids)."""
 
     prefill: tuple[float, float, float] | None = None
     decode: tuple[Any, ...] | None = None
@@ -226,6 +227,7 @@ class Runner:
             times.decode = (t0, self.clock.mark())
             return
         self._catch_up(reqs, n_main, roots, rows.maps.shape[1])
+        tc = self.clock.mark()
         g = torch.stack([self.seqs[r].mtp_hidden for r in reqs])
         take = (lambda xs: None if xs is None else [xs[b] for b in pick])
         draft = self.drafter.draft(root, g, n_main, rows, self.mtp, sb, d.draft, take(d.depth), take(d.floor))
@@ -243,7 +245,7 @@ class Runner:
         if keep:  # the MTP cache gets the accepted tokens' rows; their last output seeds the next draft
             self._extend([reqs[i] for i in keep], [commit.tokens[i] for i in keep], [n_main[i] for i in keep],
                          [hidden[i, commit.path[i]] for i in keep], rows.maps.shape[1])
-        times.decode = (t0, t1, t2, self.clock.mark())
+        times.decode = (t0, tc, t1, t2, self.clock.mark())
 
     def _catch_up(self, reqs: list[int], n_main: list[int], roots: list[int], width: int) -> None:
         """Extend the MTP cache with the rows plain steps decoded (each paired with the next root), so that a

@@ -194,16 +194,17 @@ def test_cli_flag(flags: list[str], adaptive: bool) -> None:
 
 
 def test_phase_marks_feed_the_fits() -> None:
-    """A drafting step's marks (start, after propose, after commit, after the MTP extend): the draft fit sees the
-    propose phase alone (the extend follows acceptance, not drafting), the throughput every phase; a plain step's
-    two marks feed the plain fit."""
+    """A drafting step's marks (start, after the catch-up, after propose, after commit, after the MTP extend): the
+    draft fit sees the propose phase alone (the extend follows acceptance, the catch-up earlier plain steps, not
+    drafting), the throughput every phase but the catch-up; a plain step's two marks feed the plain fit."""
     from specdec.step_clock import StepClock
 
     p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
     clock = StepClock(torch.device("cpu"))
     for steps in (0, 1, 2):  # propose 1 + 2 ms a step; the extend grows with the draft steps here, as acceptance does
-        t1 = 0.001 + 0.002 * steps
-        p.timed(clock, 1, (0.0, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps)
+        c = 0.01 * (2 - steps)  # a catch-up, longest where the fewest steps ran: left out of every fit
+        t1 = c + 0.001 + 0.002 * steps
+        p.timed(clock, 1, (0.0, c, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps)
     p.timed(clock, 1, (0.0, 0.005), 1, 0, 1)
     e = p.costs.estimates(1, 0.5)
     assert e.draft_base == pytest.approx(0.001) and e.draft_step == pytest.approx(0.002)
