@@ -1,8 +1,9 @@
 """The cost model of a decode step, measured by the engine itself (issue 18): running estimates, per batch-size
 bucket, of what a step's verify phase costs as a function of the tokens it verifies, of what its drafting costs as
-a function of the draft steps it runs, and of the throughput drafting steps reach; and the calibration of the
-MTP's confidence into acceptance. Rank 0 keeps it, fed from StepClock's phase timings (no sync of its own) and from
-each verify step's outcome; draft_policy.py decides from it.
+a function of the draft steps it runs, and of the throughput drafting steps reach; what catching up the MTP rows
+that plain steps left costs a row; and the calibration of the MTP's confidence into acceptance. Rank 0 keeps it,
+fed from StepClock's phase timings (no sync of its own) and from each verify step's outcome; draft_policy.py
+decides from it.
 
 A draft node's confidence is its margin: the draft distribution's log-probability of the node minus that of the
 next-ranked token (for sampled rows, of the processed distribution, ranked as gumbel_topk ranks draws, so that it
@@ -40,10 +41,12 @@ class LinearFit:
 
     def __init__(self, decay: float):
         self.decay = decay
+        self.n = 0  # observations, undiscounted
         self.w = self.x = self.y = self.xx = self.xy = 0.0
 
     def add(self, x: float, y: float) -> None:
         d = self.decay
+        self.n += 1
         self.w, self.x, self.y = d * self.w + 1, d * self.x + x, d * self.y + y
         self.xx, self.xy = d * self.xx + x * x, d * self.xy + x * y
 
@@ -70,7 +73,8 @@ class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
     bucket's batch; per_token, each further token verified; draft_base and draft_step, proposing's fixed part (the
     first head) and each MTP forward after it; throughput, the tokens per second of recent drafting steps (propose,
-    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes."""
+    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes; catch_up, each MTP row
+    that a plain step leaves to the next drafting step's catch-up (any bucket's)."""
 
     plain_step: float
     per_token: float
@@ -78,17 +82,20 @@ class Estimates:
     draft_step: float
     throughput: float
     acceptance: float
+    catch_up: float = 0.0
 
 
 class CostModel:
     """Per batch-size bucket: verify seconds against tokens verified (a plain step verifies one a request) and
     draft seconds against draft steps run (linear fits), and the emitted tokens and seconds of drafting steps
-    (exponentially weighted sums); the fits forget at `decay` per step of their bucket."""
+    (exponentially weighted sums); the fits forget at `decay` per step of their bucket. One fit over every bucket:
+    catch-up seconds against MTP rows caught up."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
         self.verify = [LinearFit(decay) for _ in BUCKETS]
         self.draft = [LinearFit(decay) for _ in BUCKETS]
+        self.catch_up = LinearFit(decay)
         self.tokens = [0.0] * len(BUCKETS)
         self.seconds = [0.0] * len(BUCKETS)
 
@@ -108,6 +115,10 @@ class CostModel:
         self.tokens[i] = self.decay * self.tokens[i] + emitted
         self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s + extend_s
 
+    def add_catch_up(self, rows: int, seconds: float) -> None:
+        """A drafting step's catch-up: `rows` MTP rows that earlier plain steps left, extended in `seconds`."""
+        self.catch_up.add(rows, seconds)
+
     def measured(self, batch: int) -> bool:
         """Whether batch's bucket has seen drafting steps."""
         return self.draft[bucket(batch)].seen
@@ -117,7 +128,7 @@ class CostModel:
         _, per_token = self.verify[i].line()
         base, step = self.draft[i].line()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
-        return Estimates(self.verify[i].at(batch), per_token, base, step, rate, acceptance)
+        return Estimates(self.verify[i].at(batch), per_token, base, step, rate, acceptance, self.catch_up.line()[1])
 
 
 class Calibration:

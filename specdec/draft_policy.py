@@ -2,20 +2,28 @@
 costs and acceptance (cost_model.py), shipped in the step plan (DraftShape.gate, Decode.depth and Decode.floor).
 
 For a batch of B requests, with its bucket's estimates (verify seconds per token c_v, seconds per draft step c_d,
-the tokens per second R of recent drafting steps, the mean acceptance a):
+the tokens per second R of recent drafting steps, the mean acceptance a, the seconds c_u a plain step's MTP row
+costs the catch-up):
   - plain decoding when a step of one token per request is estimated to yield more tokens per second than drafting
-    steps did (B / plain_step > R): verifying more tokens no longer pays (a large batch, compute-bound);
+    steps did, P = B / (plain_step + B c_u) > R: verifying more tokens no longer pays (a large batch,
+    compute-bound). The MTP rows a plain step leaves count in its cost (the drafting step after it extends them),
+    and the choice has a margin: a bucket that drafts turns plain only when P > R (1 + MARGIN), one that decodes
+    plainly drafts again only when R > P (1 + MARGIN), so timing noise between two near rates cannot flip it step
+    by step (each return from plain steps pays a catch-up), and steps' untimed share (scheduling, emitting), which
+    a drafting step spreads over more tokens, does not tip it towards plain;
   - else each request may draft the configured depth, gated: a node is verified when its estimated path
     acceptance reaches the floor R' c_v (the tokens its verification costs at the best rate known,
-    R' = max(R, B / plain_step)), and a draft step runs while the chains it extends sum to R' (c_d + c_v) / a of path
+    R' = max(R, P)), and a draft step runs while the chains it extends sum to R' (c_d + c_v) / a of path
     acceptance. Adding whatever yields more than the current rate is Dinkelbach's rule for maximizing a ratio, so
     the rate climbs to the best these estimates allow;
   - a request drafts at most max_tokens - 1 more than it has; a seeded sampled request drafts the whole shape
     without a floor at every step, as a fixed shape does, so that its output depends on its seed alone, not on
     load, timings or how near its end it is.
-A bucket's first WARMUP steps sweep the depths 1..k ungated (the fits need the tokens verified and the draft steps
-to vary), and every EXPLORE-th step of a bucket drafts ungated at full depth: deep positions stay measured, and a
-bucket that decodes plainly measures drafting again.
+The first bucket to decode sweeps the depths 1..k ungated until WARMUP of its drafting steps were timed (the fits
+need the tokens verified and the draft steps to vary); a bucket with fewer decides as the nearest bucket with that
+many would, at that bucket's mean batch (a batch that wanders between sizes does not warm up each), while its own
+steps fill its fits. Every EXPLORE-th step of a bucket drafts ungated at full depth: deep positions stay measured,
+and a bucket that decodes plainly measures drafting again.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from .step_plan import DraftShape, Gate
 
 WARMUP = 8
 EXPLORE = 32
+MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class _Bucket:
     accepted: int = 0
     depth: int = 0
     floor: float | None = None
+    plain: bool = False  # its last decision from the estimates was plain decoding
 
 
 class DraftPolicy:
@@ -108,29 +118,44 @@ class DraftPolicy:
     def _choose(self, b: int, step: int) -> tuple[int, float | None, float]:
         """(depth, floor, step cost) for the step-th step of a batch of b (module docstring)."""
         k = self.shape.k
-        if step < WARMUP or not self.costs.measured(b):
+        src = self._source(bucket(b))
+        if src is None:
             return 1 + step % k, None, 0.0
         if step % EXPLORE == 0:
             return k, None, 0.0
-        e = self.costs.estimates(b, self.calibration.mean())
-        plain = b / e.plain_step if e.plain_step > 0 else 0.0
-        if plain > e.throughput:
+        s = self._buckets[src]
+        batch = b if src == bucket(b) else round(s.request_steps / s.steps)
+        e = self.costs.estimates(batch, self.calibration.mean())
+        cost = e.plain_step + batch * e.catch_up
+        plain = batch / cost if cost > 0 else 0.0
+        stats = self._buckets[bucket(b)]
+        stats.plain = plain > e.throughput * (1 + MARGIN) if not stats.plain else plain * (1 + MARGIN) >= e.throughput
+        if stats.plain:
             return 0, None, 0.0
         rate = max(plain, e.throughput)
         return k, rate * e.per_token, rate * (e.draft_step + e.per_token) / e.acceptance
 
+    def _source(self, i: int) -> int | None:
+        """The bucket whose estimates decide for bucket i: i once WARMUP of its drafting steps were timed, else the
+        nearest that has (the larger of two as near); None before any has."""
+        warm = [j for j, f in enumerate(self.costs.draft) if f.n >= WARMUP]
+        return i if i in warm else min(warm, key=lambda j: (abs(j - i), -j), default=None)
+
     def timed(self, clock: StepClock, batch: int, marks: tuple[Any, ...], tokens: int, steps: int,
-              emitted: int) -> None:
+              emitted: int, caught_up: int) -> None:
         """A decode step's phase marks (runner.StepTimes.decode: start and end of a plain step; start, after the
         catch-up, after propose, after commit, after the MTP extend of a drafting one) into the cost model, once
         their durations are known (StepClock: no sync). tokens: verified over the batch; steps: MTP forwards after
-        the first head; emitted: tokens committed. The catch-up (the MTP rows of earlier plain steps, extended in
-        one batch) is left out: it follows how many plain steps came before, not this step's drafting, and in the
-        draft fit it would make drafting look dearer the longer a bucket decodes plainly."""
+        the first head; emitted: tokens committed; caught_up: MTP rows the catch-up extended (those of earlier
+        plain steps). The catch-up has a fit of its own: it follows how many plain steps came before, not this
+        step's drafting, and in the draft fit it would make drafting look dearer the longer a bucket decodes
+        plainly; it counts in the cost of plain steps instead."""
         if len(marks) == 2:
             clock.then(lambda d: self.costs.add_plain(batch, d[0]), marks)
-        else:
-            clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks[1:])
+            return
+        if caught_up:
+            clock.then(lambda d: self.costs.add_catch_up(caught_up, d[0]), marks[:2])
+        clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks[1:])
 
     def verified(self, greedy: Sequence[bool], sizes: Sequence[int], codes: Sequence[Sequence[int]] | None,
                  parents: Sequence[Sequence[int]] | None, paths: Sequence[Sequence[int]]) -> None:

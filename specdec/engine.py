@@ -88,7 +88,7 @@ class Engine:
         self._step: dict[int, Request] = {}  # the running requests of the step in progress, by id
         self._first_seeds: dict[int, int] = {}  # this step's first-token seeds, by request id
         self._lag: dict[int, int] = {}  # requests whose last rows plain steps left out of the MTP cache: how many
-        self._work: tuple[int, int, int] = (0, 0, 0)  # the decode step's tokens verified, draft steps and emitted
+        self._work = (0, 0, 0, 0)  # the decode step's tokens verified, draft steps, emitted and MTP rows caught up
 
     @property
     def drafter(self) -> Drafter | None:
@@ -270,7 +270,7 @@ class Engine:
         host = res.host()
         self.clock.synced()
         self._emit_sampled(active, host, step_logprobs(active, logits, res.tokens[:, 0], 1))
-        self._work = (len(active), 0, len(active))
+        self._work = (len(active), 0, len(active), 0)
         for r in active:
             r.n_main += 1
             if self.policy is not None:
@@ -295,9 +295,8 @@ class Engine:
         self.clock.synced()
         self.policy.verified([r.params.greedy for r in active], draft.num_nodes, draft.codes, draft.parents,
                              host.path)
-        self._work = (sum(draft.num_nodes), draft.steps, sum(map(len, host.tokens)))
-        for r in active:  # the runner catches up its MTP rows before it drafts
-            self._lag.pop(r.id, None)
+        lag = sum(self._lag.pop(r.id, 0) for r in active)  # rows the runner caught up before it drafted
+        self._work = (sum(draft.num_nodes), draft.steps, sum(map(len, host.tokens)), lag)
         lps = None
         if any(r.params.logprobs is not None for r in active):
             # emitted token j (accepted drafts, then the bonus) is the main model's choice at path node j

@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from specdec import LLM, SamplingParams, SpecConfig
-from specdec.cost_model import BUCKETS, CALIBRATION_SIZE, Calibration, CostModel, LinearFit, bucket, gate_code
-from specdec.draft_policy import EXPLORE, WARMUP, DraftPolicy
+from specdec.cost_model import (
+    BUCKETS,
+    CALIBRATION_SIZE,
+    Calibration,
+    CostModel,
+    Estimates,
+    LinearFit,
+    bucket,
+    gate_code,
+)
+from specdec.draft_policy import EXPLORE, MARGIN, WARMUP, DraftPolicy
 from specdec.step_plan import DraftShape
 
 
@@ -73,13 +82,13 @@ def test_policy_warms_up_then_decides_from_its_costs() -> None:
     p = DraftPolicy(shape, adaptive=True)
     reqs = [_req(), _req()]
     seen = []
-    for _ in range(WARMUP):  # depths 1..k in turn, ungated, so the fits see the tokens verified vary
+    for _ in range(2 * WARMUP):  # depths 1..k in turn, ungated, until WARMUP drafting steps were timed
         s, depth, floor = p.plan(reqs, [False, False])
         seen.append(depth[0])
         assert s.gate is not None and floor == [None, None]
-    assert seen == [1 + i % 3 for i in range(WARMUP)]
+    assert seen == [1 + i % 3 for i in range(2 * WARMUP)]
     # verifying costs 1 ms a token over a plain step of 10 ms; drafting steps yield 5 tokens in 15 ms: 333 tok/s
-    for tokens in (2, 4, 6, 8):
+    for tokens in (2, 4, 6, 8) * (WARMUP // 4):
         p.costs.add_plain(2, 0.010)
         p.costs.add_drafting(2, tokens, tokens // 2, emitted=5, draft_s=0.003, verify_s=0.008 + 0.001 * tokens)
     s, depth, floor = p.plan(reqs, [False, False])
@@ -91,10 +100,53 @@ def test_policy_warms_up_then_decides_from_its_costs() -> None:
     assert p.plan(reqs, [False, False]) == (None, None, None)
 
 
+def _warm(p: DraftPolicy, b: int) -> None:
+    """WARMUP timed drafting steps (and planned ones) in b's bucket: its estimates decide there from now on."""
+    for steps in range(WARMUP):
+        p.plan([_req()] * b, [False] * b)
+        p.costs.add_drafting(b, 2 * b + steps, steps % 3, emitted=2 * b, draft_s=0.002, verify_s=0.01)
+
+
+def _estimates(monkeypatch: pytest.MonkeyPatch, **kw: float) -> None:
+    """Pin what the cost model estimates, at any batch."""
+    base = dict(plain_step=0.01, per_token=0.001, draft_base=0.001, draft_step=0.001, throughput=0.0, acceptance=0.7)
+    monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance: Estimates(**{**base, **kw}))
+
+
+def test_cold_bucket_decides_as_its_warm_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket without WARMUP timed drafting steps of its own decides as the nearest one with them would, at that
+    one's mean batch, instead of sweeping depths (a batch that wanders between small sizes kept warming up)."""
+    p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
+    _warm(p, 4)
+    asked = []
+    _estimates(monkeypatch, throughput=500.0)
+    monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance, f=CostModel.estimates:
+                        asked.append(batch) or f(self, batch, acceptance))
+    p.plan([_req()] * 2, [False] * 2)  # a bucket's first step explores: full depth, ungated
+    s, depth, floor = p.plan([_req()] * 2, [False] * 2)
+    assert depth == [3, 3] and floor == [pytest.approx(0.5)] * 2 and asked == [4]  # 500 tok/s x 1 ms a token
+    _estimates(monkeypatch, throughput=300.0)  # the neighbour's 4 requests in 10 ms (400 tok/s) beat drafting
+    assert p.plan([_req()] * 2, [False] * 2) == (None, None, None)
+
+
+@pytest.mark.parametrize("catch_up", [0.0, 0.002])
+def test_plain_decoding_needs_a_margin_both_ways(monkeypatch: pytest.MonkeyPatch, catch_up: float) -> None:
+    """A drafting bucket turns plain only when plain steps beat drafting by MARGIN, and drafts again only when
+    drafting beats them by MARGIN; a plain step's cost counts the catch-up of the MTP row it leaves per request."""
+    p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
+    _warm(p, 4)
+    reqs = [_req()] * 4
+    plain = 4 / (0.01 + 4 * catch_up)  # tokens/s of plain steps, their catch-up counted
+    for rate, drafts in ((plain / (1 + MARGIN / 2), True), (plain / (1 + 2 * MARGIN), False),
+                         (plain * (1 + MARGIN / 2), False), (plain * (1 + 2 * MARGIN), True)):
+        _estimates(monkeypatch, throughput=rate, catch_up=catch_up)
+        assert (p.plan(reqs, [False] * 4)[0] is not None) is drafts, (rate, plain)
+
+
 def test_policy_explores_caps_and_leaves_seeded_sampling_alone() -> None:
     shape = DraftShape(3, 2, 6)
     p = DraftPolicy(shape, adaptive=True)
-    for _ in range(3):
+    for _ in range(WARMUP):
         p.costs.add_plain(3, 0.010)
         p.costs.add_drafting(3, 3, 1, emitted=3, draft_s=0.01, verify_s=0.05)  # drafting never pays
     p.costs.add_drafting(3, 9, 2, emitted=3, draft_s=0.01, verify_s=0.06)
@@ -103,10 +155,8 @@ def test_policy_explores_caps_and_leaves_seeded_sampling_alone() -> None:
     choices = [p.plan(reqs, [False] * 3) for _ in range(2 * EXPLORE)]
     for i, (s, depth, floor) in enumerate(choices):
         assert s is not None and depth[2] == 3 and floor[2] is None  # seeded sampling: its seed decides alone
-        if i < WARMUP:
-            assert depth[:2] == [min(1 + i % 3, 1), 1 + i % 3]  # max_tokens caps the first: 2 left, depth 1
-        elif i % EXPLORE == 0:
-            assert depth[:2] == [1, 3] and floor[:2] == [None, None]  # explore: full depth, ungated
+        if i % EXPLORE == 0:
+            assert depth[:2] == [1, 3] and floor[:2] == [None, None]  # explore: full depth (max_tokens caps the first)
         else:
             assert depth[:2] == [0, 0]  # plain for the others
     fixed = DraftPolicy(shape, adaptive=False)
@@ -126,7 +176,8 @@ def _pin(monkeypatch: pytest.MonkeyPatch, floor: float, plain_every: int = 0) ->
 def test_gated_ragged_drafts_decode_as_the_main_model(shared_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                       topk: int) -> None:
     """Requests of one batch draft what their confidence allows (ragged), some steps decode plainly: the greedy
-    output is the main model's alone, and the drafts really were ragged (fewer nodes than the shape, unequal)."""
+    output is the main model's alone, the drafts really were ragged (fewer nodes than the shape, unequal), and the
+    catch-ups after plain steps were timed."""
     _pin(monkeypatch, floor=0.45, plain_every=4)
     spec = SpecConfig(num_speculative_tokens=3, topk=topk)
     llm = LLM(shared_ckpt, dtype="float32", speculative=spec)
@@ -139,6 +190,7 @@ def test_gated_ragged_drafts_decode_as_the_main_model(shared_ckpt: Path, monkeyp
     steps = [o.metrics.num_decode_steps for o in out]
     assert sum(drafted) < sum(steps) * spec.budget and len(set(drafted)) > 1, (drafted, steps)
     assert sum(o.metrics.num_accepted for o in out) > 0
+    assert llm.engine.policy.costs.catch_up.n > 0  # the engine told the policy what the catch-ups extended
 
 
 def test_stats_expose_estimates_and_choices(shared_ckpt: Path) -> None:
@@ -196,18 +248,21 @@ def test_cli_flag(flags: list[str], adaptive: bool) -> None:
 def test_phase_marks_feed_the_fits() -> None:
     """A drafting step's marks (start, after the catch-up, after propose, after commit, after the MTP extend): the
     draft fit sees the propose phase alone (the extend follows acceptance, the catch-up earlier plain steps, not
-    drafting), the throughput every phase but the catch-up; a plain step's two marks feed the plain fit."""
+    drafting), the throughput every phase but the catch-up, the catch-up fit the catch-up against the rows it
+    extended; a plain step's two marks feed the plain fit."""
     from specdec.step_clock import StepClock
 
     p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
     clock = StepClock(torch.device("cpu"))
     for steps in (0, 1, 2):  # propose 1 + 2 ms a step; the extend grows with the draft steps here, as acceptance does
-        c = 0.01 * (2 - steps)  # a catch-up, longest where the fewest steps ran: left out of every fit
+        c = 0.001 + 0.005 * (2 - steps)  # a catch-up of 2 - steps rows, longest where the fewest steps ran
         t1 = c + 0.001 + 0.002 * steps
-        p.timed(clock, 1, (0.0, c, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps)
-    p.timed(clock, 1, (0.0, 0.005), 1, 0, 1)
+        p.timed(clock, 1, (0.0, c, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps,
+                2 - steps)
+    p.timed(clock, 1, (0.0, 0.005), 1, 0, 1, 0)
     e = p.costs.estimates(1, 0.5)
     assert e.draft_base == pytest.approx(0.001) and e.draft_step == pytest.approx(0.002)
+    assert e.catch_up == pytest.approx(0.005) and p.costs.catch_up.n == 2  # a step without a catch-up: no point
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
     assert e.throughput == pytest.approx(6 / (0.003 + 0.012 + 0.006 + 0.009), rel=0.05)
 
