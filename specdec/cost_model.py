@@ -136,8 +136,13 @@ class CostModel:
         self.seconds = [0.0] * len(BUCKETS)
 
     def add_plain(self, batch: int, seconds: float) -> None:
-        """A step without drafts: `batch` tokens verified (one a request)."""
-        self.verify[bucket(batch)].add(batch, 0, seconds)
+        """A step without drafts: `batch` tokens verified (one a request). The drafting steps' throughput forgets
+        here too, so that through a stretch of plain steps the explore steps' rate takes over from the rate drafting
+        had before it (which would otherwise keep the bucket plain long after drafting pays again)."""
+        i = bucket(batch)
+        self.verify[i].add(batch, 0, seconds)
+        self.tokens[i] *= self.decay
+        self.seconds[i] *= self.decay
 
     def add_drafting(self, batch: int, tokens: int, steps: int, emitted: int, draft_s: float, verify_s: float,
                      extend_s: float = 0.0) -> None:

@@ -9,8 +9,8 @@ costs the catch-up):
     compute-bound). The MTP rows a plain step leaves count in its cost (the drafting step after it extends them),
     and the choice has a margin: a bucket that drafts turns plain only when P > R (1 + MARGIN), one that decodes
     plainly drafts again only when R > P (1 + MARGIN), so timing noise between two near rates cannot flip it step
-    by step (each return from plain steps pays a catch-up), and steps' untimed share (scheduling, emitting), which
-    a drafting step spreads over more tokens, does not tip it towards plain;
+    by step (each return from plain steps pays a catch-up); it also leaves room for steps' untimed share
+    (scheduling, emitting), which a drafting step spreads over more tokens;
   - else each request may draft the configured depth, gated: a node is verified when its estimated path
     acceptance reaches the floor R' c_v (the tokens its verification costs at the best rate known,
     R' = max(R, P)), and a draft step runs while the chains it extends sum to R' (c_d + c_v) / a of path

@@ -83,6 +83,18 @@ def test_verify_cost_apart_per_request_and_per_draft_token() -> None:
     assert f.plane() == pytest.approx((1.0, 1.0, 0.0))
 
 
+def test_drafting_rate_forgets_through_plain_steps() -> None:
+    """Drafting steps once yielded 1000 tok/s, then the bucket decoded plainly; an explore step at 400 tok/s after
+    32 plain steps carries a fifth of the rate's weight (forgotten per drafting step alone, a twentieth: 967)."""
+    cm = CostModel(decay=0.95)
+    for _ in range(50):
+        cm.add_drafting(4, 12, 2, emitted=10, draft_s=0.002, verify_s=0.008)
+    for _ in range(32):
+        cm.add_plain(4, 0.01)
+    cm.add_drafting(4, 12, 2, emitted=4, draft_s=0.002, verify_s=0.008)
+    assert cm.estimates(4, 0.7).throughput == pytest.approx(38.0 / 0.044, rel=0.01)
+
+
 def test_calibration_shrinks_unseen_cells_to_the_mean() -> None:
     c = Calibration(decay=1.0)
     assert c.mean() == 0.5 and set(c.table()) == {0.5}
