@@ -68,40 +68,6 @@ class LinearFit:
         return a + b * x
 
 
-class PlaneFit:
-    """y ~ a + b u + c v by exponentially weighted least squares, as LinearFit with two variables: the slopes are
-    never negative (one that would be is 0, the other then fitted alone) and a variable's slope is 0 until it has
-    varied apart from the other."""
-
-    def __init__(self, decay: float):
-        self.decay = decay
-        self.sums = [0.0] * 9  # weight, u, v, y, uu, uv, vv, uy, vy
-
-    def add(self, u: float, v: float, y: float) -> None:
-        d = self.decay
-        self.sums = [d * s + x for s, x in zip(self.sums, (1, u, v, y, u * u, u * v, v * v, u * y, v * y))]
-
-    def plane(self) -> tuple[float, float, float]:
-        """(a, b, c) of the fit; (0, 0, 0) before any observation."""
-        w, u, v, y, uu, uv, vv, uy, vy = self.sums
-        if not w:
-            return 0.0, 0.0, 0.0
-        mu, mv, my = u / w, v / w, y / w
-        suu, suv, svv = uu / w - mu * mu, uv / w - mu * mv, vv / w - mv * mv
-        suy, svy = uy / w - mu * my, vy / w - mv * my
-        varies_u, varies_v = suu > 1e-9 * max(1.0, mu * mu), svv > 1e-9 * max(1.0, mv * mv)
-        b1 = max(suy / suu, 0.0) if varies_u else 0.0  # each fitted alone
-        c1 = max(svy / svv, 0.0) if varies_v else 0.0
-        det = suu * svv - suv * suv
-        if not (varies_u and varies_v and det > 1e-6 * suu * svv):
-            b, c = (0.0, c1) if varies_v else (b1, 0.0)
-        else:
-            b, c = (svv * suy - suv * svy) / det, (suu * svy - suv * suy) / det
-            if b < 0 or c < 0:
-                b, c = (0.0, c1 if c >= 0 else 0.0) if b < 0 else (b1, 0.0)
-        return my - b * mu - c * mv, b, c
-
-
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
@@ -120,16 +86,14 @@ class Estimates:
 
 
 class CostModel:
-    """Per batch-size bucket: verify seconds against the requests and the draft tokens verified (a plain step
-    verifies none; apart, so that a batch whose size wanders within its bucket does not credit each request's cost
-    to the draft tokens, which made a draft token look dearer and a plain step cheaper), draft seconds against
-    draft steps run (linear fits), and the emitted tokens and seconds of drafting steps (exponentially weighted
-    sums); the fits forget at `decay` per step of their bucket. One fit over every bucket: catch-up seconds against
-    MTP rows caught up."""
+    """Per batch-size bucket: verify seconds against tokens verified (a plain step verifies one a request) and
+    draft seconds against draft steps run (linear fits), and the emitted tokens and seconds of drafting steps
+    (exponentially weighted sums); the fits forget at `decay` per step of their bucket (the throughput at plain
+    steps too). One fit over every bucket: catch-up seconds against MTP rows caught up."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
-        self.verify = [PlaneFit(decay) for _ in BUCKETS]
+        self.verify = [LinearFit(decay) for _ in BUCKETS]
         self.draft = [LinearFit(decay) for _ in BUCKETS]
         self.catch_up = LinearFit(decay)
         self.tokens = [0.0] * len(BUCKETS)
@@ -140,7 +104,7 @@ class CostModel:
         here too, so that through a stretch of plain steps the explore steps' rate takes over from the rate drafting
         had before it (which would otherwise keep the bucket plain long after drafting pays again)."""
         i = bucket(batch)
-        self.verify[i].add(batch, 0, seconds)
+        self.verify[i].add(batch, seconds)
         self.tokens[i] *= self.decay
         self.seconds[i] *= self.decay
 
@@ -151,7 +115,7 @@ class CostModel:
         rows extended in extend_s. The extend follows what was accepted, not what was drafted, so it counts in the
         throughput only: in the draft fit it would credit acceptance's cost to the draft steps."""
         i = bucket(batch)
-        self.verify[i].add(batch, tokens - batch, verify_s)
+        self.verify[i].add(tokens, verify_s)
         self.draft[i].add(steps, draft_s)
         self.tokens[i] = self.decay * self.tokens[i] + emitted
         self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s + extend_s
@@ -162,10 +126,10 @@ class CostModel:
 
     def estimates(self, batch: int, acceptance: float) -> Estimates:
         i = bucket(batch)
-        a, per_request, per_token = self.verify[i].plane()
+        _, per_token = self.verify[i].line()
         base, step = self.draft[i].line()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
-        return Estimates(a + per_request * batch, per_token, base, step, rate, acceptance, self.catch_up.line()[1])
+        return Estimates(self.verify[i].at(batch), per_token, base, step, rate, acceptance, self.catch_up.line()[1])
 
 
 class Calibration:
