@@ -63,6 +63,10 @@ class LinearFit:
         slope = max((self.xy / self.w - mx * my) / vx, 0.0) if vx > 1e-9 * max(1.0, mx * mx) else 0.0
         return my - slope * mx, slope
 
+    def ratio(self) -> float:
+        """The slope of the fit through the origin (y ~ b x); 0 before any observation."""
+        return self.xy / self.xx if self.xx else 0.0
+
     def at(self, x: float) -> float:
         a, b = self.line()
         return a + b * x
@@ -71,10 +75,11 @@ class LinearFit:
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
-    bucket's batch; per_token, each further token verified; draft_base and draft_step, proposing's fixed part (the
-    first head) and each MTP forward after it; throughput, the tokens per second of recent drafting steps (propose,
-    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes; catch_up, each MTP row
-    that a plain step leaves to the next drafting step's catch-up (any bucket's)."""
+    bucket's batch; per_token, each further token verified; draft_base and draft_step, proposing's first head and
+    each MTP forward after it (one estimate: what an MTP forward of the propose phase costs); throughput, the tokens
+    per second of recent drafting steps (propose, verify and the MTP extend); acceptance, the mean acceptance of
+    verified draft nodes; catch_up, each MTP row that a plain step leaves to the next drafting step's catch-up (any
+    bucket's)."""
 
     plain_step: float
     per_token: float
@@ -86,10 +91,13 @@ class Estimates:
 
 
 class CostModel:
-    """Per batch-size bucket: verify seconds against tokens verified (a plain step verifies one a request) and
-    draft seconds against draft steps run (linear fits), and the emitted tokens and seconds of drafting steps
-    (exponentially weighted sums); the fits forget at `decay` per step of their bucket (the throughput at plain
-    steps too). One fit over every bucket: catch-up seconds against MTP rows caught up."""
+    """Per batch-size bucket: verify seconds against tokens verified (a plain step verifies one a request; a linear
+    fit) and draft seconds against the MTP forwards run (through the origin: the gate keeps a batch's draft steps
+    nearly constant, so an intercept and a slope were not both identified, and the slope, clamped at 0 or lost in
+    noise, read 0 ms a draft step at batch 1, 4 and 16 where each costs 1-3 ms: the gate then took another draft
+    step for free), and the emitted tokens and seconds of drafting steps (exponentially weighted sums); the fits
+    forget at `decay` per step of their bucket (the throughput at plain steps too). One fit over every bucket:
+    catch-up seconds against MTP rows caught up."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
@@ -116,7 +124,7 @@ class CostModel:
         throughput only: in the draft fit it would credit acceptance's cost to the draft steps."""
         i = bucket(batch)
         self.verify[i].add(tokens, verify_s)
-        self.draft[i].add(steps, draft_s)
+        self.draft[i].add(1 + steps, draft_s)
         self.tokens[i] = self.decay * self.tokens[i] + emitted
         self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s + extend_s
 
@@ -127,7 +135,7 @@ class CostModel:
     def estimates(self, batch: int, acceptance: float) -> Estimates:
         i = bucket(batch)
         _, per_token = self.verify[i].line()
-        base, step = self.draft[i].line()
+        base = step = self.draft[i].ratio()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
         return Estimates(self.verify[i].at(batch), per_token, base, step, rate, acceptance, self.catch_up.line()[1])
 

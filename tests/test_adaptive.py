@@ -52,12 +52,16 @@ def test_cost_model_estimates() -> None:
         cm.add_plain(4, 0.010)
     assert not cm.draft[bucket(4)].seen
     for tokens, steps in ((8, 1), (12, 2), (16, 3)):  # verify 10 ms + 1 ms a token beyond the plain step's 4
-        cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.002 + 0.001 * steps, verify_s=0.006 + 0.001 * tokens)
+        cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.001 * (1 + steps), verify_s=0.006 + 0.001 * tokens)
     assert cm.draft[bucket(4)].seen and not cm.draft[bucket(1)].seen
     e = cm.estimates(4, acceptance=0.7)
     assert e.per_token == pytest.approx(0.001, rel=0.2) and e.draft_step == pytest.approx(0.001)
-    assert e.draft_base == pytest.approx(0.002) and e.acceptance == 0.7
-    assert e.throughput == pytest.approx(30 / (0.006 * 3 + 0.036 + 0.012))
+    assert e.draft_base == pytest.approx(0.001) and e.acceptance == 0.7
+    assert e.throughput == pytest.approx(30 / (0.001 * 9 + 0.036 + 0.018))
+    cm = CostModel()
+    for _ in range(50):  # the gate kept 3 draft steps: a line had no slope (0 ms a step); through the origin, 1 ms
+        cm.add_drafting(4, 12, 3, emitted=10, draft_s=0.004, verify_s=0.018)
+    assert cm.estimates(4, 0.7).draft_step == pytest.approx(0.001)
 
 
 def test_drafting_rate_forgets_through_plain_steps() -> None:
@@ -266,17 +270,17 @@ def test_phase_marks_feed_the_fits() -> None:
 
     p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
     clock = StepClock(torch.device("cpu"))
-    for steps in (0, 1, 2):  # propose 1 + 2 ms a step; the extend grows with the draft steps here, as acceptance does
+    for steps in (0, 1, 2):  # propose 2 ms an MTP forward; the extend grows with the draft steps, as acceptance does
         c = 0.001 + 0.005 * (2 - steps)  # a catch-up of 2 - steps rows, longest where the fewest steps ran
-        t1 = c + 0.001 + 0.002 * steps
+        t1 = c + 0.002 * (1 + steps)
         p.timed(clock, 1, (0.0, c, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps,
                 2 - steps)
     p.timed(clock, 1, (0.0, 0.005), 1, 0, 1, 0)
     e = p.costs.estimates(1, 0.5)
-    assert e.draft_base == pytest.approx(0.001) and e.draft_step == pytest.approx(0.002)
+    assert e.draft_base == e.draft_step == pytest.approx(0.002)
     assert e.catch_up == pytest.approx(0.005) and p.costs.catch_up.n == 2  # a step without a catch-up: no point
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
-    assert e.throughput == pytest.approx(6 / (0.003 + 0.012 + 0.006 + 0.009), rel=0.05)
+    assert e.throughput == pytest.approx(6 / (0.012 + 0.012 + 0.009), rel=0.05)
 
 
 def test_chain_gate_keeps_what_pays() -> None:
