@@ -41,7 +41,8 @@ def accept(tree: TokenTree, target_logits: torch.Tensor, p: torch.Tensor | None,
     greedy [B] bool; u_accept [B, D, W] and u_bonus [B] uniforms in [0, 1)."""
     if p is None and relaxed is None:
         return accept_greedy(tree, target_logits, max_depth)
-    if relaxed is None and q is not None and tree.children.shape[-1] == 1 and tree.num_nodes == max_depth + 1:
+    # a gated chain batch whose every draft fell below its floor is its roots alone: the walk takes it
+    if relaxed is None and q is not None and tree.children.shape[-1] == 1 and tree.num_nodes == max_depth + 1 > 1:
         return accept_chain(tree, target_logits, p, q, greedy, u_accept[:, :, 0], u_bonus)
     return accept_walk(tree, target_logits, p, q, greedy, u_accept, u_bonus, max_depth, relaxed)
 

@@ -209,6 +209,20 @@ def test_gated_ragged_drafts_decode_as_the_main_model(shared_ckpt: Path, monkeyp
     assert llm.engine.policy.costs.catch_up.n > 0  # the engine told the policy what the catch-ups extended
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_every_draft_gated_out(shared_ckpt: Path, monkeypatch: pytest.MonkeyPatch, temperature: float) -> None:
+    """A floor above any node's acceptance: every chain of the batch is its root alone, which verifies as a plain
+    step does (a sampled batch crashed in the chain acceptance, which assumed at least one draft)."""
+    _pin(monkeypatch, floor=1.01)
+    llm = LLM(shared_ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=3))
+    p = SamplingParams(max_tokens=12, temperature=temperature, ignore_eos=True, seed=None)
+    out = llm.generate([[5, 6, 7], [100]], p)
+    assert [len(o.token_ids) for o in out] == [12, 12] and sum(o.metrics.num_drafted for o in out) == 0
+    if temperature == 0:
+        assert [o.token_ids for o in out] == [o.token_ids for o in llm.with_speculative(None).generate(
+            [[5, 6, 7], [100]], p)]
+
+
 def test_stats_expose_estimates_and_choices(shared_ckpt: Path) -> None:
     llm = LLM(shared_ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=3))
     llm.generate([[5, 6, 7], [100]], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
