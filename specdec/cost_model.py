@@ -75,15 +75,14 @@ class LinearFit:
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
-    bucket's batch; per_token, each further token verified; draft_base and draft_step, proposing's first head and
-    each MTP forward after it (one estimate: what an MTP forward of the propose phase costs); throughput, the tokens
+    bucket's batch; per_token, each further token verified; draft_step, each MTP forward of the propose phase (its
+    first head and every draft step after it cost alike: one fit through the origin); throughput, the tokens
     per second of recent drafting steps (propose, verify and the MTP extend); acceptance, the mean acceptance of
     verified draft nodes; catch_up, each MTP row that a plain step leaves to the next drafting step's catch-up (any
     bucket's)."""
 
     plain_step: float
     per_token: float
-    draft_base: float
     draft_step: float
     throughput: float
     acceptance: float
@@ -135,9 +134,9 @@ class CostModel:
     def estimates(self, batch: int, acceptance: float) -> Estimates:
         i = bucket(batch)
         _, per_token = self.verify[i].line()
-        base = step = self.draft[i].ratio()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
-        return Estimates(self.verify[i].at(batch), per_token, base, step, rate, acceptance, self.catch_up.line()[1])
+        return Estimates(self.verify[i].at(batch), per_token, self.draft[i].ratio(), rate, acceptance,
+                         self.catch_up.line()[1])
 
 
 class Calibration:

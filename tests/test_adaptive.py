@@ -56,7 +56,7 @@ def test_cost_model_estimates() -> None:
     assert cm.draft[bucket(4)].seen and not cm.draft[bucket(1)].seen
     e = cm.estimates(4, acceptance=0.7)
     assert e.per_token == pytest.approx(0.001, rel=0.2) and e.draft_step == pytest.approx(0.001)
-    assert e.draft_base == pytest.approx(0.001) and e.acceptance == 0.7
+    assert e.acceptance == 0.7
     assert e.throughput == pytest.approx(30 / (0.001 * 9 + 0.036 + 0.018))
     cm = CostModel()
     for _ in range(50):  # the gate kept 3 draft steps: a line had no slope (0 ms a step); through the origin, 1 ms
@@ -125,7 +125,7 @@ def _warm(p: DraftPolicy, b: int) -> None:
 
 def _estimates(monkeypatch: pytest.MonkeyPatch, **kw: float) -> None:
     """Pin what the cost model estimates, at any batch."""
-    base = dict(plain_step=0.01, per_token=0.001, draft_base=0.001, draft_step=0.001, throughput=0.0, acceptance=0.7)
+    base = dict(plain_step=0.01, per_token=0.001, draft_step=0.001, throughput=0.0, acceptance=0.7)
     monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance: Estimates(**{**base, **kw}))
 
 
@@ -258,6 +258,8 @@ def test_metrics_show_the_choices_and_estimates_by_load(shared_ckpt: Path) -> No
         assert m[f"{p}draft_depth{{batch={b}}}"] in range(4)
         assert 0 <= m[f"{p}draft_tokens_per_request_step{{batch={b}}}"] <= 3
         assert m[f"{p}cost_seconds{{batch={b},part=plain_step}}"] > 0
+        assert m[f"{p}cost_seconds{{batch={b},part=per_draft_step}}"] > 0
+        assert m[f"{p}cost_seconds{{batch={b},part=per_caught_up_row}}"] >= 0
         assert m[f"{p}drafting_throughput{{batch={b}}}"] > 0
 
 
@@ -291,7 +293,7 @@ def test_phase_marks_feed_the_fits() -> None:
                 2 - steps)
     p.timed(clock, 1, (0.0, 0.005), 1, 0, 1, 0)
     e = p.costs.estimates(1, 0.5)
-    assert e.draft_base == e.draft_step == pytest.approx(0.002)
+    assert e.draft_step == pytest.approx(0.002)
     assert e.catch_up == pytest.approx(0.005) and p.costs.catch_up.n == 2  # a step without a catch-up: no point
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
     assert e.throughput == pytest.approx(6 / (0.012 + 0.012 + 0.009), rel=0.05)

@@ -41,10 +41,10 @@ def format_costs(d: DraftingStats) -> str:
     """The cost model's current estimates and the last choice, per batch-size bucket (draft_policy.BucketStats)."""
     ms = lambda x: f"{1e3 * x:.3f}"
     rows = [[b.batch, str(b.steps), str(b.depth), "-" if b.floor is None else f"{b.floor:.3f}",
-             *((ms(e.plain_step), ms(e.per_token), ms(e.draft_base), ms(e.draft_step), f"{e.throughput:.1f}")
+             *((ms(e.plain_step), ms(e.per_token), ms(e.draft_step), ms(e.catch_up), f"{e.throughput:.1f}")
                if (e := b.estimates) is not None else ["-"] * 5)] for b in d.buckets]
-    head = ["batch", "steps", "depth", "floor", "plain step ms", "ms/verified token", "draft base ms",
-            "ms/draft step", "drafting tok/s"]
+    head = ["batch", "steps", "depth", "floor", "plain step ms", "ms/verified token", "ms/draft step",
+            "ms/caught-up row", "drafting tok/s"]
     return (f"cost model ({'adaptive' if d.adaptive else 'fixed shape'}; acceptance of verified drafts "
             f"{d.acceptance:.1%}); the last step's choice per batch size (depth 0: plain)\n"
             + common.format_table(head, rows))

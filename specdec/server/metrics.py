@@ -73,7 +73,7 @@ class DraftingCollector:
             budget.add_metric([b.batch], b.drafted / b.request_steps)
             if (e := b.estimates) is not None:
                 for part, x in (("plain_step", e.plain_step), ("per_verified_token", e.per_token),
-                                ("draft_base", e.draft_base), ("per_draft_step", e.draft_step)):
+                                ("per_draft_step", e.draft_step), ("per_caught_up_row", e.catch_up)):
                     cost.add_metric([b.batch, part], x)
                 rate.add_metric([b.batch], e.throughput)
         yield from (adaptive, acceptance, steps, depth, floor, budget, cost, rate)
