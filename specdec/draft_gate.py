@@ -64,8 +64,8 @@ class ChainGate:
 
 
 class TreeGate:
-    """One step's gate for a tree, on the device: the calibration table [mode, cell], each row's mode, depth, floor
-    and its log (-1 and -inf where the request has none: every path passes) and whether it is fixed (no floor), and
+    """One step's gate for a tree, on the device: the calibration table [mode, cell], each row's mode, depth, the
+    log of its floor (-inf where the request has none: every path passes) and whether it is fixed (no floor), and
     the step cost."""
 
     def __init__(self, gate: Gate, depth: list[int], floor: list[float | None], sb: SamplingBatch,
@@ -74,8 +74,8 @@ class TreeGate:
         self.mode = (~sb.greedy).long()
         self.depth = torch.tensor(depth, device=device)
         self.fixed = torch.tensor([f is None for f in floor], device=device)
-        self.floor = torch.tensor([-1.0 if f is None else f for f in floor], dtype=torch.float64, device=device)
-        self.log_floor = torch.where(self.fixed, float("-inf"), self.floor.clamp(min=0).log())
+        floors = torch.tensor([-1.0 if f is None else f for f in floor], dtype=torch.float64, device=device)
+        self.log_floor = torch.where(self.fixed, float("-inf"), floors.clamp(min=0).log())
         self.step_cost = gate.step_cost
         self.edges = torch.tensor(MARGIN_EDGES, device=device)
 
