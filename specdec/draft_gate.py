@@ -27,7 +27,7 @@ class ChainGate:
     node's calibration cell) are what it kept. greedy[b]: the request's row is greedy."""
 
     def __init__(self, gate: Gate, depth: list[int], floor: list[float | None], greedy: list[bool]):
-        self.table, self.step_cost = gate.calibration, gate.step_cost
+        self.table, self.acceptance, self.step_cost = gate.calibration, gate.acceptance, gate.step_cost
         self.depth, self.floor = depth, floor
         self.base = [(0 if g else 1) * RANKS * NUM_BINS for g in greedy]
         self.p = [1.0] * len(depth)
@@ -52,14 +52,16 @@ class ChainGate:
             self.live[b] = self.lens[b] < self.depth[b]
 
     def go(self) -> bool:
-        """Whether another draft step pays: some chain without a floor goes on, or the path acceptance of the gated
-        ones that go on sums to the step cost."""
+        """Whether another draft step pays: some chain without a floor goes on, or the gated ones that go on are
+        expected to yield the step cost beyond their nodes' floors: each next node's path acceptance is its chain's
+        times the mean acceptance, and it pays its own verification where it clears its floor."""
         total = 0.0
         for b, on in enumerate(self.live):
             if on:
-                if self.floor[b] is None:
+                f = self.floor[b]
+                if f is None:
                     return True
-                total += self.p[b]
+                total += max(self.p[b] * self.acceptance - f, 0.0)
         return total >= self.step_cost
 
 
@@ -75,8 +77,9 @@ class TreeGate:
         self.depth = torch.tensor(depth, device=device)
         self.fixed = torch.tensor([f is None for f in floor], device=device)
         floors = torch.tensor([-1.0 if f is None else f for f in floor], dtype=torch.float64, device=device)
+        self.floor = torch.where(self.fixed, 0.0, floors)
         self.log_floor = torch.where(self.fixed, float("-inf"), floors.clamp(min=0).log())
-        self.step_cost = gate.step_cost
+        self.acceptance, self.step_cost = gate.acceptance, gate.step_cost
         self.edges = torch.tensor(MARGIN_EDGES, device=device)
 
     def cells(self, top: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +99,9 @@ class TreeGate:
 
     def go(self, can: torch.Tensor, p: torch.Tensor) -> bool:
         """Whether another draft step pays, given which chains (or frontier nodes) can go on (can [B] or [B, F])
-        and their path acceptance p: some fixed request can, or the gated ones' summed p reaches step_cost. One
-        host read."""
-        fixed = self.fixed.view(-1, *[1] * (can.dim() - 1))
-        return bool(((can & fixed).any() | ((p * (can & ~fixed)).sum() >= self.step_cost)).item())
+        and their path acceptance p: some fixed request can, or the gated ones are expected to yield step_cost
+        beyond their children's floors (ChainGate.go). One host read."""
+        shape = (-1, *[1] * (can.dim() - 1))
+        fixed, floor = self.fixed.view(shape), self.floor.view(shape)
+        surplus = ((p * self.acceptance - floor).clamp(min=0) * (can & ~fixed)).sum()
+        return bool(((can & fixed).any() | (surplus >= self.step_cost)).item())

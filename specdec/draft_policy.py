@@ -113,7 +113,8 @@ class DraftPolicy:
             floors.append(None if fixed else floor)
         if not any(depths):
             return None, None, None
-        return replace(self.shape, gate=Gate(self.calibration.table(), step_cost)), depths, floors
+        gate = Gate(self.calibration.table(), self.calibration.mean(), step_cost)
+        return replace(self.shape, gate=gate), depths, floors
 
     def _choose(self, b: int, step: int) -> tuple[int, float | None, float]:
         """(depth, floor, step cost) for the step-th step of a batch of b (module docstring)."""
@@ -133,7 +134,7 @@ class DraftPolicy:
         if stats.plain:
             return 0, None, 0.0
         rate = max(plain, e.throughput)
-        return k, rate * e.per_token, rate * (e.draft_step + e.per_token) / e.acceptance
+        return k, rate * e.per_token, rate * e.draft_step
 
     def _source(self, i: int) -> int | None:
         """The bucket whose estimates decide for bucket i: i once WARMUP of its drafting steps were timed, else the

@@ -35,10 +35,12 @@ class Gate:
     """Adaptive speculation's parameters for one step, decided on rank 0 from its measured costs and acceptance
     (draft_policy.py) and shipped, so that every rank drafts alike. calibration: the estimated acceptance of a
     draft node given its parent was accepted, flattened [mode (greedy, sampled), sibling rank, margin bin]
-    (cost_model.Calibration); step_cost: the summed path acceptance of the chains a draft step extends below which
-    the step is not run (it would cost more than it is expected to yield)."""
+    (cost_model.Calibration); acceptance: the mean of that estimate (what a node not yet drafted is expected to
+    be accepted with); step_cost: the tokens a draft step must be expected to yield beyond what verifying its nodes
+    costs (each node's share is its request's floor), or it is not run."""
 
     calibration: tuple[float, ...]
+    acceptance: float
     step_cost: float
 
 

@@ -302,7 +302,8 @@ def test_phase_marks_feed_the_fits() -> None:
 def test_chain_gate_keeps_what_pays() -> None:
     """Three chains: gated at 0.5 (its second node's path falls to 0.4), capped at depth 1, and without a floor;
     the cells follow the margins (greedy rows: mode 0), a step runs while a chain without a floor goes on or the
-    gated ones' path acceptance reaches the step cost."""
+    gated ones' next nodes are expected to yield the step cost beyond their floors (path times mean acceptance,
+    less the floor, summed where positive)."""
     from specdec.cost_model import MARGIN_EDGES, NUM_BINS
     from specdec.draft_gate import ChainGate
     from specdec.step_plan import Gate
@@ -310,13 +311,43 @@ def test_chain_gate_keeps_what_pays() -> None:
     table = [0.5] * CALIBRATION_SIZE
     wide, narrow = gate_code(0, NUM_BINS - 1), gate_code(0, 0)
     table[wide], table[narrow] = 0.8, 0.5
-    g = ChainGate(Gate(tuple(table), step_cost=0.7), depth=[3, 1, 3], floor=[0.5, 0.5, None],
+    g = ChainGate(Gate(tuple(table), acceptance=0.6, step_cost=0.15), depth=[3, 1, 3], floor=[0.5, 0.5, None],
                   greedy=[True, True, True])
     big, small = MARGIN_EDGES[-1] + 1, MARGIN_EDGES[0] / 2
     g.add([[-0.1, -0.1 - big], [-0.1, -0.1 - big], [-1.0, -1.0 - small]])
     assert g.lens == [1, 1, 1] and g.live == [True, False, True] and g.p == pytest.approx([0.8, 0.8, 0.5])
     assert g.go()  # the chain without a floor goes on
+    g.floor[2] = 0.2  # all gated: chain 0's next node (0.8 * 0.6 = 0.48) misses its floor 0.5, chain 2's
+    assert not g.go()  # (0.5 * 0.6 = 0.3) clears its 0.2 by 0.1: short of the step cost 0.15
+    g.step_cost = 0.09
+    assert g.go()
+    g.floor[2] = None
     g.add([[-0.2, -0.2 - small], [-0.2, -0.2], [-0.2, -0.2 - small]])
     assert g.lens == [1, 1, 2] and g.codes == [[wide], [wide], [narrow, narrow]] and g.live == [False, False, True]
-    g.floor[2] = 0.1  # now gated: its path (0.25) no longer reaches the step cost
+    g.floor[2] = 0.1  # now gated: its next node (0.25 * 0.6 = 0.15) clears 0.1 by 0.05, short of 0.09
     assert not g.go()
+
+
+def test_tree_gate_go_matches_the_chain_rule(seed: int) -> None:
+    """TreeGate.go on the device: over random frontiers, path acceptances and floors, a step runs exactly when a
+    request without a floor can go on or the gated frontier's surplus (ChainGate.go's sum) reaches the step cost."""
+    from types import SimpleNamespace
+
+    from specdec.draft_gate import TreeGate
+    from specdec.step_plan import Gate
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        b, f = 3, 2
+        floor = [float(x) for x in torch.rand(b, generator=gen) * 0.5]
+        if torch.rand(1, generator=gen) < 0.3:
+            floor[0] = None
+        gate = Gate((0.5,) * CALIBRATION_SIZE, acceptance=0.7, step_cost=float(torch.rand(1, generator=gen)) * 0.5)
+        tg = TreeGate(gate, [3] * b, floor, SimpleNamespace(greedy=torch.ones(b, dtype=torch.bool)),
+                      torch.device("cpu"))
+        p = torch.rand(b, f, generator=gen, dtype=torch.float64)
+        can = torch.rand(b, f, generator=gen) < 0.7
+        want = any(floor[i] is None and bool(can[i].any()) for i in range(b)) or sum(
+            max(float(p[i, j]) * 0.7 - floor[i], 0.0) for i in range(b) for j in range(f)
+            if can[i, j] and floor[i] is not None) >= gate.step_cost
+        assert tg.go(can, p) == want
