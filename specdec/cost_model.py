@@ -75,11 +75,10 @@ class LinearFit:
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
-    bucket's batch; per_token, each further token verified; draft_step, each MTP forward of the propose phase (its
-    first head and every draft step after it cost alike: one fit through the origin); throughput, the tokens
-    per second of recent drafting steps (propose, verify and the MTP extend); acceptance, the mean acceptance of
-    verified draft nodes; catch_up, each MTP row that a plain step leaves to the next drafting step's catch-up (any
-    bucket's)."""
+    bucket's batch; per_token, each further token verified; draft_step, each MTP forward of the propose phase after
+    its first head (a fit through the origin); throughput, the tokens per second of recent drafting steps (propose,
+    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes; catch_up, each MTP row that
+    a plain step leaves to the next drafting step's catch-up (any bucket's)."""
 
     plain_step: float
     per_token: float
@@ -91,12 +90,12 @@ class Estimates:
 
 class CostModel:
     """Per batch-size bucket: verify seconds against tokens verified (a plain step verifies one a request; a linear
-    fit) and draft seconds against the MTP forwards run (through the origin: the gate keeps a batch's draft steps
-    nearly constant, so an intercept and a slope were not both identified, and the slope, clamped at 0 or lost in
-    noise, read 0 ms a draft step at batch 1, 4 and 16 where each costs 1-3 ms: the gate then took another draft
-    step for free), and the emitted tokens and seconds of drafting steps (exponentially weighted sums); the fits
-    forget at `decay` per step of their bucket (the throughput at plain steps too). One fit over every bucket:
-    catch-up seconds against MTP rows caught up."""
+    fit) and draft seconds against the MTP forwards run after the first head (through the origin: the gate keeps a
+    batch's draft steps nearly constant, so an intercept and a slope were not both identified, and the slope,
+    clamped at 0 or lost in noise, read 0 ms a draft step at batch 1, 4 and 16 where each costs 1-3 ms: the gate
+    then took another draft step for free), and the emitted tokens and seconds of drafting steps (exponentially
+    weighted sums); the fits forget at `decay` per step of their bucket (the throughput at plain steps too). One fit
+    over every bucket: catch-up seconds against MTP rows caught up."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
@@ -116,16 +115,19 @@ class CostModel:
         self.seconds[i] *= self.decay
 
     def add_drafting(self, batch: int, tokens: int, steps: int, emitted: int, draft_s: float, verify_s: float,
-                     extend_s: float = 0.0) -> None:
-        """A drafting step: `steps` MTP forwards after the first head in draft_s seconds (the propose phase),
-        `tokens` verified over the batch (roots included) in verify_s, `emitted` tokens committed and their MTP
-        rows extended in extend_s. The extend follows what was accepted, not what was drafted, so it counts in the
-        throughput only: in the draft fit it would credit acceptance's cost to the draft steps."""
+                     extend_s: float = 0.0, head_s: float = 0.0) -> None:
+        """A drafting step: the first head's draft in head_s seconds and `steps` MTP forwards after it in draft_s
+        (the propose phase), `tokens` verified over the batch (roots included) in verify_s, `emitted` tokens
+        committed and their MTP rows extended in extend_s. The first head runs whenever a step drafts, so only the
+        steps after it enter the draft fit (a head is a logits pass, cheaper than an MTP forward: counted as one, it
+        made each further draft step look 35% cheaper at batch 16). The extend follows what was accepted, not what
+        was drafted, so it counts in the throughput only: in the draft fit it would credit acceptance's cost to the
+        draft steps."""
         i = bucket(batch)
         self.verify[i].add(tokens, verify_s)
-        self.draft[i].add(1 + steps, draft_s)
+        self.draft[i].add(steps, draft_s)
         self.tokens[i] = self.decay * self.tokens[i] + emitted
-        self.seconds[i] = self.decay * self.seconds[i] + draft_s + verify_s + extend_s
+        self.seconds[i] = self.decay * self.seconds[i] + head_s + draft_s + verify_s + extend_s
 
     def add_catch_up(self, rows: int, seconds: float) -> None:
         """A drafting step's catch-up: `rows` MTP rows that earlier plain steps left, extended in `seconds`."""

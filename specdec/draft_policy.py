@@ -22,8 +22,11 @@ costs the catch-up):
 The first bucket to decode sweeps the depths 1..k ungated until WARMUP of its drafting steps were timed (the fits
 need the tokens verified and the draft steps to vary); a bucket with fewer decides as the nearest bucket with that
 many would, at that bucket's mean batch (a batch that wanders between sizes does not warm up each), while its own
-steps fill its fits. Every EXPLORE-th step of a bucket drafts ungated at full depth: deep positions stay measured,
-and a bucket that decodes plainly measures drafting again.
+steps fill its fits. A bucket that decodes plainly drafts every EXPLORE-th step as it would if drafting paid (gated),
+so that the drafting rate it weighs is what gated drafting reaches now (an ungated step at full depth, the worst
+shape under load, kept a batch of 16 plain once it had turned plain). A calibration cell whose nodes the floors keep
+from being verified drifts back to its mode's mean as its counts decay, and is verified again once that clears the
+floor, so the gated steps need no ungated ones to stay calibrated.
 """
 
 from __future__ import annotations
@@ -122,8 +125,6 @@ class DraftPolicy:
         src = self._source(bucket(b))
         if src is None:
             return 1 + step % k, None, 0.0
-        if step % EXPLORE == 0:
-            return k, None, 0.0
         s = self._buckets[src]
         batch = b if src == bucket(b) else round(s.request_steps / s.steps)
         e = self.costs.estimates(batch, self.calibration.mean())
@@ -131,7 +132,7 @@ class DraftPolicy:
         plain = batch / cost if cost > 0 else 0.0
         stats = self._buckets[bucket(b)]
         stats.plain = plain > e.throughput * (1 + MARGIN) if not stats.plain else plain * (1 + MARGIN) >= e.throughput
-        if stats.plain:
+        if stats.plain and step % EXPLORE:
             return 0, None, 0.0
         rate = max(plain, e.throughput)
         return k, rate * e.per_token, rate * e.draft_step
@@ -145,18 +146,18 @@ class DraftPolicy:
     def timed(self, clock: StepClock, batch: int, marks: tuple[Any, ...], tokens: int, steps: int,
               emitted: int, caught_up: int) -> None:
         """A decode step's phase marks (runner.StepTimes.decode: start and end of a plain step; start, after the
-        catch-up, after propose, after commit, after the MTP extend of a drafting one) into the cost model, once
-        their durations are known (StepClock: no sync). tokens: verified over the batch; steps: MTP forwards after
-        the first head; emitted: tokens committed; caught_up: MTP rows the catch-up extended (those of earlier
-        plain steps). The catch-up has a fit of its own: it follows how many plain steps came before, not this
-        step's drafting, and in the draft fit it would make drafting look dearer the longer a bucket decodes
-        plainly; it counts in the cost of plain steps instead."""
+        catch-up, after the first head's draft, after propose, after commit, after the MTP extend of a drafting one)
+        into the cost model, once their durations are known (StepClock: no sync). tokens: verified over the batch;
+        steps: MTP forwards after the first head; emitted: tokens committed; caught_up: MTP rows the catch-up
+        extended (those of earlier plain steps). The catch-up has a fit of its own: it follows how many plain steps
+        came before, not this step's drafting, and in the draft fit it would make drafting look dearer the longer a
+        bucket decodes plainly; it counts in the cost of plain steps instead."""
         if len(marks) == 2:
             clock.then(lambda d: self.costs.add_plain(batch, d[0]), marks)
             return
         if caught_up:
             clock.then(lambda d: self.costs.add_catch_up(caught_up, d[0]), marks[:2])
-        clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d), marks[1:])
+        clock.then(lambda d: self.costs.add_drafting(batch, tokens, steps, emitted, *d[1:], head_s=d[0]), marks[1:])
 
     def verified(self, greedy: Sequence[bool], sizes: Sequence[int], codes: Sequence[Sequence[int]] | None,
                  parents: Sequence[Sequence[int]] | None, paths: Sequence[Sequence[int]]) -> None:

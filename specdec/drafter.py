@@ -16,6 +16,7 @@ every rank drafts the same ragged batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .kv_pool import Rows
 from .model.cache import LatentCache
 from .model.transformer import DeepseekV3
 from .sampling import SamplingBatch, gumbel_topk
+from .step_clock import StepClock
 from .step_plan import DraftShape
 from .tree import Candidates, TokenTree, chain_tree, monotone_scores, rank_candidates, tree_of
 
@@ -92,8 +94,16 @@ class Draft:
 
 
 class Drafter:
-    def __init__(self, model: DeepseekV3):
-        self.model = model
+    """Drafts with the MTP layers of `model`; with a clock, each draft marks when its first head's children were
+    drawn (head_mark: the cost model times the first head apart from the draft steps after it)."""
+
+    def __init__(self, model: DeepseekV3, clock: StepClock | None = None):
+        self.model, self.clock = model, clock
+        self.head_mark: Any = None
+
+    def _mark_head(self) -> None:
+        if self.clock is not None:
+            self.head_mark = self.clock.mark()
 
     def extend(self, nexts: list[list[int]], n_before: list[int], hidden: list[torch.Tensor],
                carry: list[list[torch.Tensor | None]], rows: Rows, cache: LatentCache) -> torch.Tensor:
@@ -170,6 +180,7 @@ class Drafter:
         dev = root.device
         q_rows: list[torch.Tensor] = []
         tokens, lq, top = self._children(self.model.logits(g), sb, w, q_rows, ranked=gate is not None)
+        self._mark_head()
         cells = gate.cells(top, w) if gate is not None else None
         cand_t = [tokens]
         cand_p = [torch.full((b, w), -1, dtype=torch.long, device=dev)]
@@ -258,6 +269,7 @@ class Drafter:
         q_rows: list[torch.Tensor] = []
         ranked = gate is not None
         tok, _, top = self._children(self.model.logits(g), sb, 1, q_rows, ranked=ranked)
+        self._mark_head()
         drafts = [tok]
         if gate is not None:
             gate.add(top[:, 0].tolist())

@@ -384,7 +384,7 @@ class Engine:
         if len(times.decode) == 2:
             self.clock.add([r.metrics for r in batch], "verify_time", *times.decode)
             return
-        t0, _, t1, t2, t3 = times.decode  # the catch-up of earlier plain steps' MTP rows counts as drafting
+        t0, _, _, t1, t2, t3 = times.decode  # the catch-up of earlier plain steps' MTP rows counts as drafting
         timed = [r.metrics for r in batch if r.finish_reason != "error"]
         self.clock.add(timed, "draft_time", t0, t1)
         self.clock.add(timed, "verify_time", t1, t2)

@@ -65,8 +65,8 @@ class Seq:
 class StepTimes:
     """When a step's phases ran, for rank 0's metrics: prefill (perf_counter before the forward, after the
     first tokens were decided, after the MTP extend); decode (StepClock marks at its start, after catching up the
-    MTP rows of earlier plain steps, after propose, after commit, after the MTP extend; plain decoding: start and
-    end only) and its batch (request ids)."""
+    MTP rows of earlier plain steps, after the first head's draft, after propose, after commit, after the MTP
+    extend; plain decoding: start and end only) and its batch (request ids)."""
 
     prefill: tuple[float, float, float] | None = None
     decode: tuple[Any, ...] | None = None
@@ -85,9 +85,9 @@ class Runner:
         self.block_size = block_size
         self.step_rows = shape.rows if shape is not None else 1
         self.draft_width = shape.topk if shape is not None else 1
-        self.drafter = Drafter(model) if mtp is not None else None
-        self.dist = model.dist
         self.clock = StepClock(device)
+        self.drafter = Drafter(model, self.clock) if mtp is not None else None
+        self.dist = model.dist
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None  # to (rank 0) or from the other ranks of a group; None on one rank
         self.broken = False  # rank 0: a step failed midway, leaving the other ranks waiting in it
@@ -101,7 +101,7 @@ class Runner:
         self.graphs = StepGraphs(self.model, self.main, self.mtp, max_num_seqs, self.step_rows, self.draft_width,
                                  width, self.device)
         if self.drafter is not None:
-            self.drafter = Drafter(GraphedModel(self.model, self.graphs))
+            self.drafter = Drafter(GraphedModel(self.model, self.graphs), self.clock)
 
     # --- plans from rank 0 ------------------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ class Runner:
         if keep:  # the MTP cache gets the accepted tokens' rows; their last output seeds the next draft
             self._extend([reqs[i] for i in keep], [commit.tokens[i] for i in keep], [n_main[i] for i in keep],
                          [hidden[i, commit.path[i]] for i in keep], rows.maps.shape[1])
-        times.decode = (t0, tc, t1, t2, self.clock.mark())
+        times.decode = (t0, tc, self.drafter.head_mark, t1, t2, self.clock.mark())
 
     def _catch_up(self, reqs: list[int], n_main: list[int], roots: list[int], width: int) -> None:
         """Extend the MTP cache with the rows plain steps decoded (each paired with the next root), so that a

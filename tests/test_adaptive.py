@@ -52,15 +52,16 @@ def test_cost_model_estimates() -> None:
         cm.add_plain(4, 0.010)
     assert not cm.draft[bucket(4)].seen
     for tokens, steps in ((8, 1), (12, 2), (16, 3)):  # verify 10 ms + 1 ms a token beyond the plain step's 4
-        cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.001 * (1 + steps), verify_s=0.006 + 0.001 * tokens)
+        cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.001 * steps, verify_s=0.006 + 0.001 * tokens,
+                        head_s=0.002)  # the head, apart: not a draft step
     assert cm.draft[bucket(4)].seen and not cm.draft[bucket(1)].seen
     e = cm.estimates(4, acceptance=0.7)
     assert e.per_token == pytest.approx(0.001, rel=0.2) and e.draft_step == pytest.approx(0.001)
     assert e.acceptance == 0.7
-    assert e.throughput == pytest.approx(30 / (0.001 * 9 + 0.036 + 0.018))
+    assert e.throughput == pytest.approx(30 / (0.001 * 6 + 0.006 + 0.036 + 0.018))
     cm = CostModel()
     for _ in range(50):  # the gate kept 3 draft steps: a line had no slope (0 ms a step); through the origin, 1 ms
-        cm.add_drafting(4, 12, 3, emitted=10, draft_s=0.004, verify_s=0.018)
+        cm.add_drafting(4, 12, 3, emitted=10, draft_s=0.003, verify_s=0.018)
     assert cm.estimates(4, 0.7).draft_step == pytest.approx(0.001)
 
 
@@ -138,7 +139,6 @@ def test_cold_bucket_decides_as_its_warm_neighbour(monkeypatch: pytest.MonkeyPat
     _estimates(monkeypatch, throughput=500.0)
     monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance, f=CostModel.estimates:
                         asked.append(batch) or f(self, batch, acceptance))
-    p.plan([_req()] * 2, [False] * 2)  # a bucket's first step explores: full depth, ungated
     s, depth, floor = p.plan([_req()] * 2, [False] * 2)
     assert depth == [3, 3] and floor == [pytest.approx(0.5)] * 2 and asked == [4]  # 500 tok/s x 1 ms a token
     _estimates(monkeypatch, throughput=300.0)  # the neighbour's 4 requests in 10 ms (400 tok/s) beat drafting
@@ -159,7 +159,9 @@ def test_plain_decoding_needs_a_margin_both_ways(monkeypatch: pytest.MonkeyPatch
         assert (p.plan(reqs, [False] * 4)[0] is not None) is drafts, (rate, plain)
 
 
-def test_policy_explores_caps_and_leaves_seeded_sampling_alone() -> None:
+def test_policy_explores_gated_and_leaves_seeded_sampling_alone() -> None:
+    """A bucket where drafting never pays decodes plainly but drafts every EXPLORE-th step, gated as drafting
+    would be (so its drafting rate stays measured); a seeded sampled request drafts the whole shape every step."""
     shape = DraftShape(3, 2, 6)
     p = DraftPolicy(shape, adaptive=True)
     for _ in range(WARMUP):
@@ -169,10 +171,12 @@ def test_policy_explores_caps_and_leaves_seeded_sampling_alone() -> None:
     seeded = _req(max_tokens=5, generated=4, greedy=False, seed=7)  # one token left, drafts the whole shape
     reqs = [_req(max_tokens=10, generated=8), _req(), seeded]
     choices = [p.plan(reqs, [False] * 3) for _ in range(2 * EXPLORE)]
+    e = p.costs.estimates(3, p.calibration.mean())
+    gated = max(3 / e.plain_step, e.throughput) * e.per_token  # the floor at the best rate known (plain's)
     for i, (s, depth, floor) in enumerate(choices):
         assert s is not None and depth[2] == 3 and floor[2] is None  # seeded sampling: its seed decides alone
-        if i % EXPLORE == 0:
-            assert depth[:2] == [1, 3] and floor[:2] == [None, None]  # explore: full depth (max_tokens caps the first)
+        if i % EXPLORE == 0:  # explore: gated at the cap (max_tokens caps the first), the floor from the plain rate
+            assert depth[:2] == [1, 3] and floor[:2] == [pytest.approx(gated)] * 2 and gated > 0
         else:
             assert depth[:2] == [0, 0]  # plain for the others
     fixed = DraftPolicy(shape, adaptive=False)
@@ -278,25 +282,27 @@ def test_cli_flag(flags: list[str], adaptive: bool) -> None:
 
 
 def test_phase_marks_feed_the_fits() -> None:
-    """A drafting step's marks (start, after the catch-up, after propose, after commit, after the MTP extend): the
-    draft fit sees the propose phase alone (the extend follows acceptance, the catch-up earlier plain steps, not
-    drafting), the throughput every phase but the catch-up, the catch-up fit the catch-up against the rows it
-    extended; a plain step's two marks feed the plain fit."""
+    """A drafting step's marks (start, after the catch-up, after the first head, after propose, after commit, after
+    the MTP extend): the draft fit sees the propose phase after the first head alone (the head runs whenever a step
+    drafts; the extend follows acceptance, the catch-up earlier plain steps, not drafting), the throughput every
+    phase but the catch-up, the catch-up fit the catch-up against the rows it extended; a plain step's two marks
+    feed the plain fit."""
     from specdec.step_clock import StepClock
 
     p = DraftPolicy(DraftShape(3, 1, 3), adaptive=True)
     clock = StepClock(torch.device("cpu"))
-    for steps in (0, 1, 2):  # propose 2 ms an MTP forward; the extend grows with the draft steps, as acceptance does
+    for steps in (0, 1, 2):  # a 1 ms head, 2 ms an MTP forward after it; the extend grows as acceptance does
         c = 0.001 + 0.005 * (2 - steps)  # a catch-up of 2 - steps rows, longest where the fewest steps ran
-        t1 = c + 0.002 * (1 + steps)
-        p.timed(clock, 1, (0.0, c, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps,
+        h = c + 0.001
+        t1 = h + 0.002 * steps
+        p.timed(clock, 1, (0.0, c, h, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps,
                 2 - steps)
     p.timed(clock, 1, (0.0, 0.005), 1, 0, 1, 0)
     e = p.costs.estimates(1, 0.5)
     assert e.draft_step == pytest.approx(0.002)
     assert e.catch_up == pytest.approx(0.005) and p.costs.catch_up.n == 2  # a step without a catch-up: no point
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
-    assert e.throughput == pytest.approx(6 / (0.012 + 0.012 + 0.009), rel=0.05)
+    assert e.throughput == pytest.approx(6 / (0.005 + 0.010 + 0.015), rel=0.05)
 
 
 def test_chain_gate_keeps_what_pays() -> None:

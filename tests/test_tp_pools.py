@@ -16,6 +16,7 @@ from staggered import run_staggered
 from test_tp import SHAPE, TREE
 
 from specdec import LLM, SamplingParams
+from specdec.draft_policy import DraftPolicy
 from specdec.kv_pool import CPU_KV_SHARE, FREE_MEMORY_ENV, KVPool, kv_bytes_per_token
 from specdec.model.checkpoint import tiny_config
 from specdec.model.config import ModelConfig
@@ -70,7 +71,11 @@ def test_ranks_with_different_memory_run_rank_0s_schedule(ckpt: Path, monkeypatc
     a different pool, and rank 0 would hand out blocks rank 1 lacks. The group takes the smaller pool, and 16
     staggered greedy requests sharing prompt prefixes queue, get preempted and evict cached blocks exactly as on
     one rank with that pool: the same tokens, acceptance, preemptions, cache hits and evictions. (Greedy: a sampled
-    token can flip where two ranks' float rounding moves a CDF boundary past its uniform; the test above samples.)"""
+    token can flip where two ranks' float rounding moves a CDF boundary past its uniform; the test above samples.)
+    Adaptive speculation's timing-driven choice is pinned (some steps plain, the others gated), as in test_tp: two
+    engines' own timings would choose differently."""
+    monkeypatch.setattr(DraftPolicy, "_choose",
+                        lambda self, b, step: (0, None, 0.0) if step % 3 == 1 else (self.shape.k, 0.3, 0.5))
     per_token = kv_bytes_per_token(ModelConfig.from_dict(tiny_config(**SHAPE)), torch.float32, mtp=True)
     small = BLOCKS * 64 * per_token / CPU_KV_SHARE
     monkeypatch.setenv(FREE_MEMORY_ENV, f"{10 * small:.0f},{small:.0f}")
