@@ -1,9 +1,9 @@
 """Adaptive speculation (issue 18): rank 0's draft decisions for each decode step, from the engine's own measured
 costs and acceptance (cost_model.py), shipped in the step plan (DraftShape.gate, Decode.depth and Decode.floor).
 
-For a batch of B requests, with its bucket's estimates (verify seconds per token c_v, seconds per draft step c_d,
-the tokens per second R of recent drafting steps, the mean acceptance a, the seconds c_u a plain step's MTP row
-costs the catch-up):
+For a batch of B requests, with its bucket's estimates (verify seconds per token c_v, seconds per draft step c_d
+after the first head, the tokens per second R of recent drafting steps, the mean acceptance a, the seconds c_u a
+plain step's MTP row costs the catch-up):
   - plain decoding when a step of one token per request is estimated to yield more tokens per second than drafting
     steps did, P = B / (plain_step + B c_u) > R: verifying more tokens no longer pays (a large batch,
     compute-bound). The MTP rows a plain step leaves count in its cost (the drafting step after it extends them),
@@ -13,9 +13,10 @@ costs the catch-up):
     (scheduling, emitting), which a drafting step spreads over more tokens;
   - else each request may draft the configured depth, gated: a node is verified when its estimated path
     acceptance reaches the floor R' c_v (the tokens its verification costs at the best rate known,
-    R' = max(R, P)), and a draft step runs while the chains it extends sum to R' (c_d + c_v) / a of path
-    acceptance. Adding whatever yields more than the current rate is Dinkelbach's rule for maximizing a ratio, so
-    the rate climbs to the best these estimates allow;
+    R' = max(R, P)), and a draft step runs while the nodes it would add are expected to pay for it beyond their
+    own verification: the sum over the chains it extends of p a - floor, where positive (p: the chain's path
+    acceptance, so p a its next node's), reaches R' c_d. Adding whatever yields more than the current rate is
+    Dinkelbach's rule for maximizing a ratio, so the rate climbs to the best these estimates allow;
   - a request drafts at most max_tokens - 1 more than it has; a seeded sampled request drafts the whole shape
     without a floor at every step, as a fixed shape does, so that its output depends on its seed alone, not on
     load, timings or how near its end it is.
