@@ -75,10 +75,11 @@ class LinearFit:
 @dataclass(frozen=True)
 class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
-    bucket's batch; per_token, each further token verified; draft_step, each MTP forward of the propose phase after
-    its first head (a fit through the origin); throughput, the tokens per second of recent drafting steps (propose,
-    verify and the MTP extend); acceptance, the mean acceptance of verified draft nodes; catch_up, each MTP row that
-    a plain step leaves to the next drafting step's catch-up (any bucket's)."""
+    bucket's batch (from its plain steps once it ran any, else from the verify line); per_token, each further token
+    verified; draft_step, each MTP forward of the propose phase after its first head (a fit through the origin);
+    throughput, the tokens per second of recent drafting steps (propose, verify and the MTP extend); acceptance, the
+    mean acceptance of verified draft nodes; catch_up, each MTP row that a plain step leaves to the next drafting
+    step's catch-up (any bucket's)."""
 
     plain_step: float
     per_token: float
@@ -94,12 +95,16 @@ class CostModel:
     batch's draft steps nearly constant, so an intercept and a slope were not both identified, and the slope,
     clamped at 0 or lost in noise, read 0 ms a draft step at batch 1, 4 and 16 where each costs 1-3 ms: the gate
     then took another draft step for free), and the emitted tokens and seconds of drafting steps (exponentially
-    weighted sums); the fits forget at `decay` per step of their bucket (the throughput at plain steps too). One fit
-    over every bucket: catch-up seconds against MTP rows caught up."""
+    weighted sums); the fits forget at `decay` per step of their bucket (the throughput at plain steps too). Plain
+    steps also have a fit of their own, seconds against batch: once a bucket ran one, its plain step is read there,
+    not from the verify line (at batch 32 that line, drawn through drafting steps of ~100 tokens, put a plain step
+    at 31 ms where they took 37, and sent the bucket plain while drafting yielded 30% more). One fit over every
+    bucket: catch-up seconds against MTP rows caught up."""
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
         self.verify = [LinearFit(decay) for _ in BUCKETS]
+        self.plain = [LinearFit(decay) for _ in BUCKETS]
         self.draft = [LinearFit(decay) for _ in BUCKETS]
         self.catch_up = LinearFit(decay)
         self.tokens = [0.0] * len(BUCKETS)
@@ -111,6 +116,7 @@ class CostModel:
         had before it (which would otherwise keep the bucket plain long after drafting pays again)."""
         i = bucket(batch)
         self.verify[i].add(batch, seconds)
+        self.plain[i].add(batch, seconds)
         self.tokens[i] *= self.decay
         self.seconds[i] *= self.decay
 
@@ -137,7 +143,8 @@ class CostModel:
         i = bucket(batch)
         _, per_token = self.verify[i].line()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
-        return Estimates(self.verify[i].at(batch), per_token, self.draft[i].ratio(), rate, acceptance,
+        plain = self.plain[i] if self.plain[i].seen else self.verify[i]
+        return Estimates(plain.at(batch), per_token, self.draft[i].ratio(), rate, acceptance,
                          self.catch_up.line()[1])
 
 

@@ -65,6 +65,18 @@ def test_cost_model_estimates() -> None:
     assert cm.estimates(4, 0.7).draft_step == pytest.approx(0.001)
 
 
+def test_plain_step_is_read_from_plain_steps() -> None:
+    """A bucket's plain step comes from the verify line until it runs plain steps, then from theirs: a line through
+    drafting steps of ~100 tokens (1 ms + 0.3 ms a token) puts 32 tokens at 10.6 ms where plain steps take 14."""
+    cm = CostModel(decay=1.0)
+    for tokens in (90, 100, 110):
+        cm.add_drafting(32, tokens, 1, emitted=80, draft_s=0.004, verify_s=0.001 + 0.0003 * tokens)
+    assert cm.estimates(32, 0.7).plain_step == pytest.approx(0.001 + 0.0003 * 32)
+    cm.add_plain(32, 0.014)
+    e = cm.estimates(32, 0.7)
+    assert e.plain_step == pytest.approx(0.014) and e.per_token < 0.0003  # the verify line saw the plain step too
+
+
 def test_drafting_rate_forgets_through_plain_steps() -> None:
     """Drafting steps once yielded 1000 tok/s, then the bucket decoded plainly; an explore step at 400 tok/s after
     32 plain steps carries a fifth of the rate's weight (forgotten per drafting step alone, a twentieth: 967)."""
