@@ -44,8 +44,9 @@ class DraftingCollector:
     """Adaptive speculation by load (draft_policy.DraftingStats), per batch-size bucket `batch` (requests decoding
     together: "1", "2", "3-4", ...): the decode steps run there, the draft depth its last step chose (0: plain
     decoding) and its acceptance floor, the draft tokens verified per request and step, and the cost model's
-    estimates (seconds: a plain step, each further verified token, drafting's fixed part, each draft step; the
-    tokens per second of drafting steps). Nothing for an engine without MTP."""
+    estimates (seconds: a plain step, each further verified token, each draft step's MTP forward after the first
+    head, each MTP row caught up after plain steps; the tokens per second of drafting steps). Nothing for an engine
+    without MTP."""
 
     def __init__(self, stats: Callable[[], EngineStats]):
         self.stats = stats
