@@ -40,7 +40,7 @@ def _check_run(r: dict, n: int, max_tokens: int, mtp: bool) -> None:
     if mtp:
         k = len(s["acceptance_rate_per_position"])
         # adaptive speculation (the default) drafts at most k a step, fewer or none where they would not pay
-        assert k == 3 and s["num_drafts"] > 0 and 0 < s["num_draft_tokens"] <= k * s["num_drafts"]
+        assert k == 3 and s["num_drafts"] > 0 and 0 <= s["num_draft_tokens"] <= k * s["num_drafts"]
         assert s["acceptance_length"] == pytest.approx(1 + s["num_accepted_tokens"] / s["num_drafts"])
         assert s["acceptance_rate_per_position"] == sorted(s["acceptance_rate_per_position"], reverse=True)
         # the prefill emits the first token, each verify step 1 + its accepted drafts (the last one cut at max_tokens)
@@ -59,6 +59,7 @@ def test_in_process_run(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         assert row in text, text
     r = json.loads(out.read_text())
     _check_run(r, 18, 8, mtp=True)
+    assert r["spec_decode"]["num_draft_tokens"] > 0  # a fresh engine's first steps sweep the depths ungated
     # the last 3 repeat the first 3 of the 15 held-out prompts: their full blocks come from the prefix cache
     assert 0 < r["total_cached_tokens"] < r["total_input_tokens"] and r["total_cached_tokens"] % 64 == 0
     assert r["max_concurrency"] == 3 and r["request_rate"] == 50
@@ -93,6 +94,8 @@ def test_compare_mtp_curve(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFix
         s = f["spec_decode"]
         assert s["num_draft_tokens"] == 3 * s["num_drafts"]
         assert a["spec_decode"]["num_draft_tokens"] <= 3 * a["spec_decode"]["num_drafts"]
+    # adaptive's first level sweeps the depths ungated (its warm-up); at the next, its estimates may say plain steps
+    assert c["with_mtp"][0]["spec_decode"]["num_draft_tokens"] > 0
     assert [r["max_concurrency"] for r in c["with_mtp"]] == [1, 2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
