@@ -18,6 +18,7 @@ ValueError naming the op and the argument.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 import warnings
@@ -28,8 +29,10 @@ import torch
 from .fp8 import weight_dequant_ref
 from .moe import moe_ref
 
-NAME = "specdec_cpu_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
+# one build folder per checkout (torch keys its cache by name alone): two checkouts on one machine, with the same
+# sources at other paths, otherwise rebuild it in turn, and one process can find the other's build half written
+NAME = f"specdec_cpu_ops_{hashlib.sha1(str(CSRC).encode()).hexdigest()[:8]}"
 SOURCES = ("ops.cpp", "linear.cpp", "moe.cpp", "fused.cpp", "mla.cpp")  # fused, mla: kernels/cpu_fused.py
 
 _build: dict[str, str | None] = {}  # "reason": None once loaded in this process, else why the build failed
