@@ -26,7 +26,7 @@ from specdec.model.moe import Gate
 # test_cpu_ops' fixtures serve here too: the build (autouse), each code path, two threads; and its helpers
 built, isa, two_threads = test_cpu_ops.built, test_cpu_ops.isa, test_cpu_ops.two_threads
 rel, quantized = test_cpu_ops.rel, test_cpu_ops.quantized
-TOL = 1e-6  # relative to the output's largest magnitude; these paths measure 1e-7..4e-7
+TOL = 2e-6  # relative error; these paths measure 1e-7..4e-7 typically, 1.0e-6 at worst over 9,000 random cases
 BF16_TOL = 8e-3  # a bfloat16 rounding
 
 
