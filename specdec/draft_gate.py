@@ -55,14 +55,15 @@ class ChainGate:
         """Whether another draft step pays: some chain without a floor goes on, or the gated ones that go on are
         expected to yield the step cost beyond their nodes' floors: each next node's path acceptance is its chain's
         times the mean acceptance, and it pays its own verification where it clears its floor."""
-        total = 0.0
+        total, gated = 0.0, False
         for b, on in enumerate(self.live):
             if on:
                 f = self.floor[b]
                 if f is None:
                     return True
+                gated = True
                 total += max(self.p[b] * self.acceptance - f, 0.0)
-        return total >= self.step_cost
+        return gated and total >= self.step_cost  # no chain left: nothing to extend
 
 
 class TreeGate:
@@ -103,5 +104,6 @@ class TreeGate:
         beyond their children's floors (ChainGate.go). One host read."""
         shape = (-1, *[1] * (can.dim() - 1))
         fixed, floor = self.fixed.view(shape), self.floor.view(shape)
-        surplus = ((p * self.acceptance - floor).clamp(min=0) * (can & ~fixed)).sum()
-        return bool(((can & fixed).any() | (surplus >= self.step_cost)).item())
+        gated = can & ~fixed
+        surplus = ((p * self.acceptance - floor).clamp(min=0) * gated).sum()
+        return bool(((can & fixed).any() | (gated.any() & (surplus >= self.step_cost))).item())

@@ -265,7 +265,9 @@ class Drafter:
         after its layer's committed rows and earlier draft rows (the next extend overwrites them), so attention
         is causal. Gated: request b's chain ends at its depth or at the first node whose path acceptance falls
         below its floor, and a step runs only while the chains it extends pay for it (draft_gate.ChainGate, on
-        the host: one read of the step's two best log-probabilities a request)."""
+        the host: one read of the step's two best log-probabilities a request); its MTP forward and logits run
+        over the chains still going on alone (the others' rows get placeholder logits, which keeps every row's
+        draws where they would be; their children are never kept)."""
         q_rows: list[torch.Tensor] = []
         ranked = gate is not None
         tok, _, top = self._children(self.model.logits(g), sb, 1, q_rows, ranked=ranked)
@@ -281,9 +283,19 @@ class Drafter:
                 break
             layer = self._layer(j)
             ctx = [max(n - layer, 0) + j - self._first_step(layer) for n in n_rows]  # + its earlier draft rows
-            meta = rows.meta(ctx, [1] * len(n_rows), ones)
-            g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
-            tok, _, top = self._children(self.model.logits(g), sb, 1, q_rows, ranked=ranked)
+            live = None if gate is None or all(gate.live) else [b for b, on in enumerate(gate.live) if on]
+            if live is None:
+                meta = rows.meta(ctx, [1] * len(n_rows), ones)
+                g = self.model.mtp_forward(layer, tok[:, 0], g, n_t + j, meta, cache)
+                logits = self.model.logits(g)
+            else:  # [L] live chains of the B
+                idx = torch.tensor(live, device=dev)
+                meta = rows.meta([ctx[b] for b in live], [1] * len(live), ones[:len(live)], keep=live)
+                g_live = self.model.mtp_forward(layer, tok[idx, 0], g[idx], (n_t + j)[idx], meta, cache)
+                g = g.index_copy(0, idx, g_live)
+                live_logits = self.model.logits(g_live)
+                logits = live_logits.new_zeros(len(n_rows), live_logits.shape[-1]).index_copy(0, idx, live_logits)
+            tok, _, top = self._children(logits, sb, 1, q_rows, ranked=ranked)
             drafts.append(tok)
             if gate is not None:
                 gate.add(top[:, 0].tolist())

@@ -344,6 +344,8 @@ def test_chain_gate_keeps_what_pays() -> None:
     assert g.lens == [1, 1, 2] and g.codes == [[wide], [wide], [narrow, narrow]] and g.live == [False, False, True]
     g.floor[2] = 0.1  # now gated: its next node (0.25 * 0.6 = 0.15) clears 0.1 by 0.05, short of 0.09
     assert not g.go()
+    g.step_cost, g.live = 0.0, [False] * 3
+    assert not g.go()  # a step with no chain to extend never pays, whatever its cost
 
 
 def test_tree_gate_go_matches_the_chain_rule(seed: int) -> None:
@@ -365,7 +367,7 @@ def test_tree_gate_go_matches_the_chain_rule(seed: int) -> None:
                       torch.device("cpu"))
         p = torch.rand(b, f, generator=gen, dtype=torch.float64)
         can = torch.rand(b, f, generator=gen) < 0.7
-        want = any(floor[i] is None and bool(can[i].any()) for i in range(b)) or sum(
-            max(float(p[i, j]) * 0.7 - floor[i], 0.0) for i in range(b) for j in range(f)
-            if can[i, j] and floor[i] is not None) >= gate.step_cost
+        gated = [(i, j) for i in range(b) for j in range(f) if can[i, j] and floor[i] is not None]
+        want = any(floor[i] is None and bool(can[i].any()) for i in range(b)) or bool(gated) and sum(
+            max(float(p[i, j]) * 0.7 - floor[i], 0.0) for i, j in gated) >= gate.step_cost
         assert tg.go(can, p) == want
