@@ -77,15 +77,13 @@ class Estimates:
     """One bucket's current estimates, in seconds: plain_step, a step verifying one token per request at the
     bucket's batch (from its plain steps once it ran any, else from the verify line); per_token, each further token
     verified; draft_step, each MTP forward of the propose phase after its first head (a fit through the origin);
-    throughput, the tokens per second of recent drafting steps (propose, verify and the MTP extend); acceptance, the
-    mean acceptance of verified draft nodes; catch_up, each MTP row that a plain step leaves to the next drafting
-    step's catch-up (any bucket's)."""
+    throughput, the tokens per second of recent drafting steps (propose, verify and the MTP extend); catch_up, each
+    MTP row that a plain step leaves to the next drafting step's catch-up (any bucket's)."""
 
     plain_step: float
     per_token: float
     draft_step: float
     throughput: float
-    acceptance: float
     catch_up: float = 0.0
 
 
@@ -139,13 +137,12 @@ class CostModel:
         """A drafting step's catch-up: `rows` MTP rows that earlier plain steps left, extended in `seconds`."""
         self.catch_up.add(rows, seconds)
 
-    def estimates(self, batch: int, acceptance: float) -> Estimates:
+    def estimates(self, batch: int) -> Estimates:
         i = bucket(batch)
         _, per_token = self.verify[i].line()
         rate = self.tokens[i] / self.seconds[i] if self.seconds[i] else 0.0
         plain = self.plain[i] if self.plain[i].seen else self.verify[i]
-        return Estimates(plain.at(batch), per_token, self.draft[i].ratio(), rate, acceptance,
-                         self.catch_up.line()[1])
+        return Estimates(plain.at(batch), per_token, self.draft[i].ratio(), rate, self.catch_up.line()[1])
 
 
 class Calibration:

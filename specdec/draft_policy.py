@@ -128,7 +128,7 @@ class DraftPolicy:
             return 1 + step % k, None, 0.0
         s = self._buckets[src]
         batch = b if src == bucket(b) else round(s.request_steps / s.steps)
-        e = self.costs.estimates(batch, self.calibration.mean())
+        e = self.costs.estimates(batch)
         cost = e.plain_step + batch * e.catch_up
         plain = batch / cost if cost > 0 else 0.0
         stats = self._buckets[bucket(b)]
@@ -179,7 +179,7 @@ class DraftPolicy:
     def stats(self) -> DraftingStats:
         acceptance = self.calibration.mean()
         rows = tuple(BucketStats(BUCKETS[i], s.steps, s.request_steps, s.drafted, s.accepted, s.depth, s.floor,
-                                 self.costs.estimates(round(s.request_steps / s.steps), acceptance)
+                                 self.costs.estimates(round(s.request_steps / s.steps))
                                  if self.costs.draft[i].seen else None)  # at the bucket's mean batch
                      for i, s in enumerate(self._buckets) if s.steps)
         return DraftingStats(self.adaptive, rows, self.calibration.table(), acceptance)

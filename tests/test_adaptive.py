@@ -55,14 +55,13 @@ def test_cost_model_estimates() -> None:
         cm.add_drafting(4, tokens, steps, emitted=10, draft_s=0.001 * steps, verify_s=0.006 + 0.001 * tokens,
                         head_s=0.002)  # the head, apart: not a draft step
     assert cm.draft[bucket(4)].seen and not cm.draft[bucket(1)].seen
-    e = cm.estimates(4, acceptance=0.7)
+    e = cm.estimates(4)
     assert e.per_token == pytest.approx(0.001, rel=0.2) and e.draft_step == pytest.approx(0.001)
-    assert e.acceptance == 0.7
     assert e.throughput == pytest.approx(30 / (0.001 * 6 + 0.006 + 0.036 + 0.018))
     cm = CostModel()
     for _ in range(50):  # the gate kept 3 draft steps: a line had no slope (0 ms a step); through the origin, 1 ms
         cm.add_drafting(4, 12, 3, emitted=10, draft_s=0.003, verify_s=0.018)
-    assert cm.estimates(4, 0.7).draft_step == pytest.approx(0.001)
+    assert cm.estimates(4).draft_step == pytest.approx(0.001)
 
 
 def test_plain_step_is_read_from_plain_steps() -> None:
@@ -71,9 +70,9 @@ def test_plain_step_is_read_from_plain_steps() -> None:
     cm = CostModel(decay=1.0)
     for tokens in (90, 100, 110):
         cm.add_drafting(32, tokens, 1, emitted=80, draft_s=0.004, verify_s=0.001 + 0.0003 * tokens)
-    assert cm.estimates(32, 0.7).plain_step == pytest.approx(0.001 + 0.0003 * 32)
+    assert cm.estimates(32).plain_step == pytest.approx(0.001 + 0.0003 * 32)
     cm.add_plain(32, 0.014)
-    e = cm.estimates(32, 0.7)
+    e = cm.estimates(32)
     assert e.plain_step == pytest.approx(0.014) and e.per_token < 0.0003  # the verify line saw the plain step too
 
 
@@ -86,7 +85,7 @@ def test_drafting_rate_forgets_through_plain_steps() -> None:
     for _ in range(32):
         cm.add_plain(4, 0.01)
     cm.add_drafting(4, 12, 2, emitted=4, draft_s=0.002, verify_s=0.008)
-    assert cm.estimates(4, 0.7).throughput == pytest.approx(38.0 / 0.044, rel=0.01)
+    assert cm.estimates(4).throughput == pytest.approx(38.0 / 0.044, rel=0.01)
 
 
 def test_calibration_shrinks_unseen_cells_to_the_mean() -> None:
@@ -122,7 +121,7 @@ def test_policy_warms_up_then_decides_from_its_costs() -> None:
         p.costs.add_drafting(2, tokens, tokens // 2, emitted=5, draft_s=0.003, verify_s=0.008 + 0.001 * tokens)
     s, depth, floor = p.plan(reqs, [False, False])
     assert depth == [3, 3] and floor[0] == floor[1] and 0 < floor[0] < 1
-    assert floor[0] == pytest.approx(max(2 / 0.010, p.costs.estimates(2, 0.5).throughput) * 0.001, rel=0.05)
+    assert floor[0] == pytest.approx(max(2 / 0.010, p.costs.estimates(2).throughput) * 0.001, rel=0.05)
     # verification got expensive: a plain step (200 tok/s) now beats drafting
     for _ in range(100):
         p.costs.add_drafting(2, 8, 3, emitted=3, draft_s=0.01, verify_s=0.05)
@@ -138,8 +137,8 @@ def _warm(p: DraftPolicy, b: int) -> None:
 
 def _estimates(monkeypatch: pytest.MonkeyPatch, **kw: float) -> None:
     """Pin what the cost model estimates, at any batch."""
-    base = dict(plain_step=0.01, per_token=0.001, draft_step=0.001, throughput=0.0, acceptance=0.7)
-    monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance: Estimates(**{**base, **kw}))
+    base = dict(plain_step=0.01, per_token=0.001, draft_step=0.001, throughput=0.0)
+    monkeypatch.setattr(CostModel, "estimates", lambda self, batch: Estimates(**{**base, **kw}))
 
 
 def test_cold_bucket_decides_as_its_warm_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,8 +148,8 @@ def test_cold_bucket_decides_as_its_warm_neighbour(monkeypatch: pytest.MonkeyPat
     _warm(p, 4)
     asked = []
     _estimates(monkeypatch, throughput=500.0)
-    monkeypatch.setattr(CostModel, "estimates", lambda self, batch, acceptance, f=CostModel.estimates:
-                        asked.append(batch) or f(self, batch, acceptance))
+    monkeypatch.setattr(CostModel, "estimates", lambda self, batch, f=CostModel.estimates:
+                        asked.append(batch) or f(self, batch))
     s, depth, floor = p.plan([_req()] * 2, [False] * 2)
     assert depth == [3, 3] and floor == [pytest.approx(0.5)] * 2 and asked == [4]  # 500 tok/s x 1 ms a token
     _estimates(monkeypatch, throughput=300.0)  # the neighbour's 4 requests in 10 ms (400 tok/s) beat drafting
@@ -183,7 +182,7 @@ def test_policy_explores_gated_and_leaves_seeded_sampling_alone() -> None:
     seeded = _req(max_tokens=5, generated=4, greedy=False, seed=7)  # one token left, drafts the whole shape
     reqs = [_req(max_tokens=10, generated=8), _req(), seeded]
     choices = [p.plan(reqs, [False] * 3) for _ in range(2 * EXPLORE)]
-    e = p.costs.estimates(3, p.calibration.mean())
+    e = p.costs.estimates(3)
     gated = max(3 / e.plain_step, e.throughput) * e.per_token  # the floor at the best rate known (plain's)
     for i, (s, depth, floor) in enumerate(choices):
         assert s is not None and depth[2] == 3 and floor[2] is None  # seeded sampling: its seed decides alone
@@ -310,7 +309,7 @@ def test_phase_marks_feed_the_fits() -> None:
         p.timed(clock, 1, (0.0, c, h, t1, t1 + 0.004, t1 + 0.004 + 0.003 * steps), 2 + steps, steps, 1 + steps,
                 2 - steps)
     p.timed(clock, 1, (0.0, 0.005), 1, 0, 1, 0)
-    e = p.costs.estimates(1, 0.5)
+    e = p.costs.estimates(1)
     assert e.draft_step == pytest.approx(0.002)
     assert e.catch_up == pytest.approx(0.005) and p.costs.catch_up.n == 2  # a step without a catch-up: no point
     assert e.plain_step == pytest.approx(0.005, rel=0.3)
