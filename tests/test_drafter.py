@@ -48,6 +48,49 @@ def test_drafts_after_plain_steps_equal_fresh_drafts(ckpt, monkeypatch):
     _check_fresh(ckpt, monkeypatch, SpecConfig(num_speculative_tokens=3))
 
 
+def test_gated_steps_over_live_chains_draft_as_alone(ckpt, monkeypatch):
+    """A gated chain batch runs each draft step over the chains still going on alone (drafter._draft_chain): a
+    request's kept nodes, and the draft logits each came from, equal what it drafts by itself from a fresh prefill
+    of the same tokens, up to the shorter of the two (alone, its chain's continuation weighs only its own surplus).
+    The calibration is pinned to one value per margin bin, so the gate follows the margins alone, and the floor
+    (0.5) ends chains at unequal depths."""
+    from specdec.cost_model import CALIBRATION_SIZE, NUM_BINS, Calibration
+    from specdec.draft_policy import DraftPolicy
+
+    table = tuple(0.45 + 0.05 * (i % NUM_BINS) for i in range(CALIBRATION_SIZE))
+    monkeypatch.setattr(Calibration, "table", lambda self: table)
+    monkeypatch.setattr(Calibration, "mean", lambda self, mode=None: 0.7)
+    monkeypatch.setattr(DraftPolicy, "_choose", lambda self, b, step: (self.shape.k, 0.5, 0.0))
+    llm = LLM(ckpt, dtype="float32", speculative=SpecConfig(num_speculative_tokens=4))
+    calls = _record(monkeypatch)
+    logits: list[list[torch.Tensor]] = []  # per draft call, each step's logits [B, V]
+    children, draft = Drafter._children, Drafter.draft
+    monkeypatch.setattr(Drafter, "draft", lambda self, *a, **kw: logits.append([]) or draft(self, *a, **kw))
+    monkeypatch.setattr(Drafter, "_children", lambda self, x, *a, **kw: logits[-1].append(x.clone())
+                        or children(self, x, *a, **kw))
+    prompts = [[5, 6, 7], [100], [9, 8, 7, 6], [40, 41]]
+    out = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+
+    def gapped(s: list[int]) -> bool:  # a step ran over a later chain after an earlier one had ended
+        return any(s[b2] >= s[b1] + 2 for b1 in range(len(s)) for b2 in range(b1 + 1, len(s)))
+
+    uneven = [i for i, c in enumerate(calls) if c["tokens"].shape[0] == len(prompts) and c["sizes"]
+              and gapped(c["sizes"])]
+    assert uneven, "no batch step ran over part of its chains"
+    for step in uneven:
+        c = calls[step]
+        for b, (p, o) in enumerate(zip(prompts, out)):
+            committed = (p + o.token_ids)[:c["n"][b]]
+            before = len(calls)
+            llm.generate([committed], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            f = calls[before]
+            n = min(c["sizes"][b], f["sizes"][0] if f["sizes"] else f["tokens"].shape[1])
+            assert torch.equal(c["tokens"][b, :n], f["tokens"][0, :n]), (step, b)
+            for j in range(n - 1):  # node j + 1 came from step j's logits
+                x, y = logits[step][j][b], logits[before][j][0]
+                assert ((x - y).norm() / y.norm()).item() < 1e-5, (step, b, j)
+
+
 def _check_fresh(ckpt, monkeypatch, spec: SpecConfig) -> None:
     llm = LLM(ckpt, dtype="float32", speculative=spec)
     calls = _record(monkeypatch)
